@@ -1,0 +1,166 @@
+"""The `selfreplay` command line: one subcommand per step of the data flow.
+
+Heavy imports (torch, tokenizers) happen inside the handlers so that `--help`
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from selfreplay.errors import SelfReplayError
+
+
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from selfreplay.tokenizer import train_tokenizer
+
+    domains = [d for d in args.domains.split(",") if d] if args.domains else []
+    tok = train_tokenizer(args.corpus, vocab_size=args.vocab_size, out_dir=args.out,
+                          domains=domains, text_field=args.text_field)
+    print(f"tokenizer: vocab {tok.vocab_size}, domains {tok.domain_ids}, eos {tok.eos_id} -> {args.out}")
+
+
+def _tokenize(args: argparse.Namespace) -> None:
+    from selfreplay.tokenizer import load_tokenizer
+    from selfreplay.tokens import write_token_file
+
+    tok = load_tokenizer(args.tokenizer)
+    meta = write_token_file(args.corpus, tok, domain=args.domain, out=args.out,
+                            max_tokens=args.max_tokens, text_field=args.text_field)
+    print(f"{meta.num_tokens:,} tokens from {meta.num_documents:,} documents "
+          f"(domain {meta.domain!r} = id {meta.domain_id}) -> {args.out} "
+          f"in {meta.seconds:.2f} s")
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from selfreplay.synth import write_corpus
+
+    paths = write_corpus(args.out, num_words=args.words, seed=args.seed)
+    for language, path in paths.items():
+        print(f"{language}: {path}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from selfreplay.sampling import sample_cli
+
+    sample_cli(args.run_dir, domain=args.domain, num_samples=args.n, length=args.length,
+               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+               seed=args.seed, device=args.device)
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from selfreplay.train import run_from_cli
+
+    run_from_cli("pretrain", args.config, args.overrides)
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from selfreplay.train import run_from_cli
+
+    run_from_cli("finetune", args.config, args.overrides)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from selfreplay.experiments.demo import run_demo
+
+    run_demo(out_dir=args.out, scale=args.scale, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfreplay",
+        description="Finetune language models without forgetting, by replaying "
+                    "sequences the frozen pretrained model samples from itself.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    tokenizer = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    train = tokenizer_sub.add_parser(
+        "train", help="train a tokenizer on one or more corpora",
+        description="Train a byte-level BPE tokenizer, reserving ids 0-7 for domain tokens and one for EOS.")
+    train.add_argument("corpus", nargs="+", help="corpus: .jsonl, .jsonl.gz, .txt or hf:NAME[:CONFIG[:SPLIT]]")
+    train.add_argument("--vocab-size", type=int, required=True, help="total vocabulary size, special ids included")
+    train.add_argument("--out", required=True, help="directory to write tokenizer.json into")
+    train.add_argument("--domains", default="",
+                       help="comma-separated domain names for the reserved domain ids, in order (e.g. en,es)")
+    train.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
+    train.set_defaults(func=_tokenizer_train)
+
+    tokenize = sub.add_parser(
+        "tokenize", help="turn a corpus into a flat uint16 token file",
+        description="Tokenize a corpus into a flat uint16 token file (documents joined by EOS) "
+                    "with a JSON metadata sidecar.")
+    tokenize.add_argument("corpus", help="corpus: .jsonl, .jsonl.gz, .txt or hf:NAME[:CONFIG[:SPLIT]]")
+    tokenize.add_argument("--tokenizer", required=True, help="tokenizer directory (holds tokenizer.json)")
+    tokenize.add_argument("--domain", required=True, help="domain name (or reserved id) of this corpus")
+    tokenize.add_argument("--out", required=True, help="token file to write (metadata goes to FILE.json)")
+    tokenize.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens")
+    tokenize.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
+    tokenize.set_defaults(func=_tokenize)
+
+    synth = sub.add_parser(
+        "synth", help="write the built-in synthetic two-language corpus",
+        description="Generate the built-in synthetic corpus: two languages with shared meaning "
+                    "structure and different vocabulary, morphology and word order (JSONL).")
+    synth.add_argument("--out", required=True, help="directory to write one JSONL file per language into")
+    synth.add_argument("--words", type=int, default=1_000_000, help="approximate words per language")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (same seed, same corpus)")
+    synth.set_defaults(func=_synth)
+
+    sample = sub.add_parser(
+        "sample", help="print sequences sampled from a trained model",
+        description="Sample sequences from a run directory's model, starting at a domain token.")
+    sample.add_argument("run_dir", help="run directory (weights.safetensors, config.yaml, tokenizer.json)")
+    sample.add_argument("--domain", required=True, help="domain name (or reserved id) to start from")
+    sample.add_argument("-n", type=int, default=4, help="number of samples (default: 4)")
+    sample.add_argument("--length", type=int, default=None, help="tokens per sample, first included (default: model T)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1)")
+    sample.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
+    sample.add_argument("--top-p", type=float, default=None, help="keep the smallest set with probability >= p")
+    sample.add_argument("--seed", type=int, default=0, help="random seed")
+    sample.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    sample.set_defaults(func=_sample)
+
+    for name, func, what in (("pretrain", _pretrain, "pretrain a model on the old domain"),
+                             ("finetune", _finetune, "finetune on the new domain with replay")):
+        p = sub.add_parser(name, help=what,
+                           description=f"{what[0].upper()}{what[1:]}. Settings come from an optional YAML "
+                                       "file, then dotted overrides such as model.D=128 replay.coeff=10.")
+        p.add_argument("config", nargs="?", default=None, help="YAML config file (optional)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE")
+        p.set_defaults(func=func)
+
+    demo = sub.add_parser(
+        "demo", help="pretrain, then finetune three ways, and compare forgetting",
+        description="The main job on the built-in synthetic corpus: pretrain on language A, finetune "
+                    "on language B to one target loss with no replay, self-replay KL and real-replay "
+                    "KL; print a table and write a figure.")
+    demo.add_argument("--out", default="demo_runs", help="output directory (default: demo_runs)")
+    demo.add_argument("--scale", choices=("small", "large"), default="small",
+                      help="small runs in minutes on a laptop CPU; large is a bigger model and corpus")
+    demo.add_argument("--seed", type=int, default=0, help="random seed")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # `pretrain CONFIG k=v` vs `pretrain k=v`: a first positional with '=' is an override.
+    if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    try:
+        args.func(args)
+    except SelfReplayError as e:
+        print(f"selfreplay: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("selfreplay: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

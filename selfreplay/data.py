@@ -1,0 +1,127 @@
+"""Token files as training batches.
+
+A token file is cut into sequences of length T; a seeded shuffle of the
+sequences splits off a validation set; the first token of every sequence is
+overwritten by the file's domain id (REFERENCE.md, "Data conventions"), which
+is what lets a model later sample a domain starting from that id. Training
+reads reshuffled epochs, optionally mixing in a second file at a fixed
+fraction of rows. A stream's position is its whole state, so a resumed run
+reads exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from selfreplay.errors import SelfReplayError
+from selfreplay.tokens import open_tokens
+
+
+class TokenSequences:
+    """A token file as [num_sequences, T] with a seeded train/validation split."""
+
+    def __init__(self, path: str, T: int, val_sequences: int, seed: int = 0, fingerprint: str | None = None):
+        tokens, self.meta = open_tokens(path, fingerprint)
+        self.path, self.T, self.domain_id = str(path), T, self.meta.domain_id
+        count = len(tokens) // T
+        if count < val_sequences + 1:
+            raise SelfReplayError(
+                f"{path} holds {count} sequences of {T} tokens, too few for {val_sequences} validation "
+                f"sequences plus training: tokenize more text or lower data.val_sequences")
+        self.sequences = tokens[: count * T].reshape(count, T)  # still memory-mapped
+        order = np.random.default_rng(seed).permutation(count)
+        self.val_index = np.sort(order[:val_sequences])
+        self.train_index = order[val_sequences:]
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """Sequences [len(index), T] (int64) with the domain id at position 0."""
+        rows = self.sequences[np.asarray(index)].astype(np.int64)
+        rows[:, 0] = self.domain_id
+        return rows
+
+    def validation(self) -> torch.Tensor:
+        """The held-out sequences [val_sequences, T]."""
+        return torch.from_numpy(self.rows(self.val_index))
+
+    @property
+    def train_tokens(self) -> int:
+        return len(self.train_index) * self.T
+
+
+class SequenceStream:
+    """Endless reshuffled epochs over the training sequences of a TokenSequences."""
+
+    def __init__(self, sequences: TokenSequences, seed: int = 0):
+        self.sequences, self.seed = sequences, seed
+        self.epoch, self.cursor = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.sequences.train_index)
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n training sequences [n, T], moving into the next epoch when one runs out."""
+        parts = []
+        while n > 0:
+            chunk = self._order[self.cursor:self.cursor + n]
+            parts.append(chunk)
+            self.cursor += len(chunk)
+            n -= len(chunk)
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+        index = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+        return self.sequences.rows(index)
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.cursor / len(self._order)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._order = self._epoch_order(self.epoch)
+
+
+class BatchLoader:
+    """Batches [B, T] from a primary stream, with a fraction of rows from a second stream.
+
+    Batch i takes floor((i+1)·f·B) − floor(i·f·B) rows from `mix`, so after n batches
+    exactly floor(n·f·B) rows came from it.
+    """
+
+    def __init__(self, primary: SequenceStream, batch_size: int, mix: SequenceStream | None = None,
+                 mix_fraction: float = 0.0):
+        if not 0.0 <= mix_fraction <= 1.0:
+            raise SelfReplayError(f"data.mix_fraction must be in [0, 1], got {mix_fraction}")
+        if mix_fraction > 0 and mix is None:
+            raise SelfReplayError("data.mix_fraction > 0 needs a second token file in data.mix")
+        self.primary, self.mix, self.mix_fraction = primary, mix, mix_fraction
+        self.batch_size, self.step = batch_size, 0
+
+    def mix_rows(self, step: int) -> int:
+        rows = lambda n: math.floor(n * self.mix_fraction * self.batch_size + 1e-9)  # noqa: E731
+        return rows(step + 1) - rows(step)
+
+    def next_batch(self) -> torch.Tensor:
+        k = self.mix_rows(self.step) if self.mix is not None else 0
+        parts = [self.primary.take(self.batch_size - k)]
+        if k:
+            parts.append(self.mix.take(k))
+        self.step += 1
+        return torch.from_numpy(np.concatenate(parts))
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "primary": self.primary.state_dict(),
+                "mix": self.mix.state_dict() if self.mix is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.primary.load_state_dict(state["primary"])
+        if self.mix is not None and state.get("mix") is not None:
+            self.mix.load_state_dict(state["mix"])

@@ -1,0 +1,234 @@
+"""The reference decoder-only transformer (REFERENCE.md, "The reference model").
+
+Pre-norm blocks; RMSNorm without a learned scale; RoPE; RMSNorm on queries and
+keys (QK-norm); GELU MLP of width 4·D; no biases; untied input and output
+embeddings; a final RMSNorm before the output projection. `H` is the head
+dimension (heads = D / H), as in the paper's configs.
+
+A run directory holds `weights.safetensors` and `config.yaml` (its `model:`
+section is a `ModelConfig`); loading never unpickles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from selfreplay.errors import SelfReplayError
+
+WEIGHTS_NAME = "weights.safetensors"
+CONFIG_NAME = "config.yaml"
+
+
+@dataclass
+class ModelConfig:
+    D: int = 256  # model width
+    L: int = 6  # layers
+    H: int = 64  # head dimension (heads = D / H)
+    T: int = 256  # sequence length (the longest context)
+    V: int = 4096  # vocabulary size
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("D", "L", "H", "T", "V"):
+            if getattr(self, name) <= 0:
+                raise SelfReplayError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.D % self.H:
+            raise SelfReplayError(f"model.D={self.D} is not a multiple of the head dimension model.H={self.H}")
+        if self.H % 2:
+            raise SelfReplayError(f"model.H={self.H} must be even for rotary embeddings")
+
+    @property
+    def heads(self) -> int:
+        return self.D // self.H
+
+    @property
+    def non_embedding_params(self) -> int:
+        """12·L·D²: attention (4·D²) and MLP (8·D²) per layer."""
+        return 12 * self.L * self.D**2
+
+    @property
+    def params(self) -> int:
+        """All parameters: the non-embedding ones plus untied input and output embeddings."""
+        return self.non_embedding_params + 2 * self.V * self.D
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last dimension, without a learned scale."""
+    return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def rotary_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [T, H/2] for rotary position embeddings."""
+    inv_freq = config.rope_base ** (-torch.arange(0, config.H, 2, dtype=torch.float32, device=device) / config.H)
+    angles = torch.outer(torch.arange(config.T, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dimension. x: [B, heads, t, H]; cos, sin: [t, H/2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: [L, B, heads, T, H] each."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32, length: int | None = None):
+        shape = (config.L, batch_size, config.heads, length or config.T, config.H)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.heads, config.H
+        self.qkv = nn.Linear(config.D, 3 * config.D, bias=False)
+        self.out = nn.Linear(config.D, config.D, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+        B, t, D = x.shape
+        q, k, v = self.qkv(x).view(B, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, h, t, H]
+        q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            end = start + t
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            if t == 1:  # one new query attends to every cached position
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:  # new queries at positions start..end-1 see the cache and each other causally
+                mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, t, D))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn = Attention(config)
+        self.up = nn.Linear(config.D, 4 * config.D, bias=False)
+        self.down = nn.Linear(4 * config.D, config.D, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, start=0):
+        x = x + self.attn(rms_norm(x), cos, sin, cache, layer, start)
+        return x + self.down(F.gelu(self.up(rms_norm(x))))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: tokens [B, t] -> logits [B, t, V]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.V, config.D)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.L))
+        self.head = nn.Linear(config.D, config.V, bias=False)
+        cos, sin = rotary_tables(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Reference init: normal with std D^-1/2 for every matrix, (4D)^-1/2 for the MLP down-projection."""
+        D = self.config.D
+        for name, p in self.named_parameters():
+            std = (4 * D) ** -0.5 if name.endswith("down.weight") else D**-0.5
+            p.normal_(0.0, std, generator=generator)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Logits [B, t, V] for tokens [B, t] at positions start..start+t-1 (start > 0 needs a cache)."""
+        t = tokens.shape[1]
+        if start + t > self.config.T:
+            raise ValueError(f"positions up to {start + t} exceed the model's context T={self.config.T}")
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i, start)
+        return self.head(rms_norm(x))
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.embed.weight.numel() - self.head.weight.numel()
+
+    def save_pretrained(self, run_dir: str | Path, extra_config: dict | None = None) -> None:
+        """Write weights.safetensors and config.yaml (extra_config adds other sections) atomically."""
+        save_checkpoint(self, run_dir, extra_config)
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> "Transformer":
+        config = load_model_config(run_dir)
+        model = cls(config).to(device)
+        model.load_state_dict(load_weights(run_dir, device))
+        return model
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def save_checkpoint(model: nn.Module, run_dir: str | Path, extra_config: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = {**(extra_config or {}), "model": asdict(model.config)}
+    _atomic_write(run_dir / WEIGHTS_NAME, lambda p: save_file(state, str(p)))
+    _atomic_write(run_dir / CONFIG_NAME, lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False)))
+
+
+def load_model_config(run_dir: str | Path) -> ModelConfig:
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise SelfReplayError(f"{run_dir} has no {CONFIG_NAME}: pass a run directory written by selfreplay pretrain/finetune")
+    try:
+        section = (yaml.safe_load(path.read_text()) or {}).get("model")
+    except yaml.YAMLError as e:
+        raise SelfReplayError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(section, dict):
+        raise SelfReplayError(f"{path} has no 'model:' section: it does not describe a selfreplay model")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(section) - known
+    if unknown:
+        raise SelfReplayError(f"{path}: unknown model keys {sorted(unknown)} (known: {sorted(known)})")
+    return ModelConfig(**section)
+
+
+def load_weights(run_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        raise SelfReplayError(f"{run_dir} has no {WEIGHTS_NAME}: the run did not finish saving, or this is not a run directory")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise SelfReplayError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def flops_per_token(config: ModelConfig) -> float:
+    """Training FLOPs per token (forward + backward): 6·params plus attention's 6·L·T·D (causal average)."""
+    return 6 * config.params + 6 * config.L * config.T * config.D
+
+
+def describe(config: ModelConfig) -> str:
+    return (f"D={config.D} L={config.L} H={config.H} T={config.T} V={config.V}: "
+            f"{config.params / 1e6:.2f}M params ({config.non_embedding_params / 1e6:.2f}M non-embedding)")
+
+
+__all__ = ["ModelConfig", "Transformer", "KVCache", "save_checkpoint", "load_model_config", "load_weights",
+           "flops_per_token", "describe", "rms_norm"]

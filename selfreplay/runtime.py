@@ -1,0 +1,27 @@
+"""Where and how computation runs: device choice and seeding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from selfreplay.errors import SelfReplayError
+
+
+def resolve_device(name: str = "cpu") -> torch.device:
+    """'cpu', 'cuda' (or 'cuda:N') or 'auto' (CUDA when available, else CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SelfReplayError(f"device {name!r} was asked for but no CUDA GPU is available: use device=cpu or device=auto")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise SelfReplayError(f"unknown device {name!r}: use cpu, cuda or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

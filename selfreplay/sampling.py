@@ -1,0 +1,95 @@
+"""Batched sampling with a KV cache from a given first token (a domain id or BOS).
+
+Replay sequences are drawn here: temperature 1 and no truncation by default,
+fixed length, deterministic given a seed, under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from selfreplay.errors import SelfReplayError
+from selfreplay.model import KVCache, Transformer
+
+
+def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from logits [B, V]; returns [B] (int64). temperature 0 is greedy."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the ones before it already reach top_p (the most likely always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(-1)
+    # Gumbel-max in its exponential form: argmax p_i / E_i with E_i ~ Exp(1) samples from p
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+@torch.inference_mode()
+def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int, length: int | None = None,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           seed: int | None = None, generator: torch.Generator | None = None,
+           batch_size: int = 128) -> torch.Tensor:
+    """Sequences [num_samples, length] that start with first_token (an id, or one per sample).
+
+    Each batch decodes one token at a time through a KV cache: one forward pass over the
+    first token, then one single-token pass per position. length defaults to the model's T.
+    """
+    config = model.config
+    length = length or config.T
+    if not 1 <= length <= config.T:
+        raise SelfReplayError(f"sample length must be between 1 and the model's T={config.T}, got {length}")
+    if temperature < 0:
+        raise SelfReplayError(f"temperature must be >= 0, got {temperature}")
+    device = next(model.parameters()).device
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(0 if seed is None else seed)
+    first = torch.as_tensor(first_token, dtype=torch.long, device=device).expand(num_samples)
+    out = torch.empty(num_samples, length, dtype=torch.long, device=device)
+    dtype = next(model.parameters()).dtype
+    for lo in range(0, num_samples, batch_size):
+        hi = min(lo + batch_size, num_samples)
+        cache = KVCache(config, hi - lo, device=device, dtype=dtype, length=length)
+        tokens = out[lo:hi]
+        tokens[:, 0] = first[lo:hi]
+        for pos in range(length - 1):
+            logits = model(tokens[:, pos:pos + 1], cache=cache, start=pos)[:, -1]
+            tokens[:, pos + 1] = next_token(logits, temperature, top_k, top_p, generator)
+    return out
+
+
+def sample_cli(run_dir: str, domain: str, num_samples: int, length: int | None, temperature: float,
+               top_k: int | None, top_p: float | None, seed: int, device: str) -> None:
+    """`selfreplay sample`: print decoded samples, one block each, EOS shown as a line of its own."""
+    from pathlib import Path
+
+    from selfreplay.runtime import resolve_device
+    from selfreplay.tokenizer import load_tokenizer
+
+    if num_samples < 1:
+        raise SelfReplayError(f"-n must be at least 1, got {num_samples}")
+    model = Transformer.from_pretrained(run_dir, device=resolve_device(device)).eval()
+    tokenizer = load_tokenizer(Path(run_dir))
+    domain_id = tokenizer.domain_id(domain)
+    tokens = sample(model, domain_id, num_samples, length, temperature, top_k, top_p, seed=seed).tolist()
+    for i, row in enumerate(tokens):
+        print(f"--- sample {i + 1} (domain {tokenizer.domain_name(domain_id)}) ---")
+        documents, current = [], []
+        for token in row[1:]:
+            if token == tokenizer.eos_id:
+                documents.append(current)
+                current = []
+            else:
+                current.append(token)
+        documents.append(current)
+        print("\n<|eos|>\n".join(tokenizer.decode(doc) for doc in documents))
