@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from selfreplay.errors import SelfReplayError
+from selfreplay.model import KVCache, ModelConfig, Transformer
+
+TINY = ModelConfig(D=32, L=2, H=8, T=24, V=64)
+
+
+def make_model(seed=0, config=TINY):
+    model = Transformer(config)
+    model.reset_parameters(torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def test_parameter_counts_follow_the_reference():
+    config = ModelConfig(D=128, L=4, H=32, T=128, V=4096)
+    model = Transformer(config)
+    assert config.non_embedding_params == 12 * 4 * 128**2
+    assert model.num_params(embeddings=False) == config.non_embedding_params
+    assert model.num_params() == config.params == 12 * 4 * 128**2 + 2 * 4096 * 128
+
+
+def test_reference_init_scales():
+    config = ModelConfig(D=256, L=2, H=64, T=16, V=512)
+    model = Transformer(config)
+    assert model.blocks[0].up.weight.std().item() == pytest.approx(256**-0.5, rel=0.05)
+    assert model.blocks[0].down.weight.std().item() == pytest.approx(1024**-0.5, rel=0.05)
+    assert model.head.weight.std().item() == pytest.approx(256**-0.5, rel=0.05)
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_model_is_causal():
+    model = make_model()
+    x = torch.randint(0, TINY.V, (2, TINY.T))
+    y = x.clone()
+    y[:, 10:] = torch.randint(0, TINY.V, (2, TINY.T - 10))
+    with torch.no_grad():
+        assert torch.allclose(model(x)[:, :10], model(y)[:, :10], atol=1e-6)
+
+
+def test_kv_cache_matches_full_forward_at_every_position():
+    model = make_model()
+    x = torch.randint(0, TINY.V, (3, TINY.T))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(TINY, batch_size=3)
+        steps = torch.cat([model(x[:, i:i + 1], cache=cache, start=i) for i in range(TINY.T)], dim=1)
+        # a prefill of several tokens, then single steps, must agree too
+        cache = KVCache(TINY, batch_size=3)
+        chunks = torch.cat([model(x[:, :7], cache=cache, start=0), model(x[:, 7:15], cache=cache, start=7),
+                            *[model(x[:, i:i + 1], cache=cache, start=i) for i in range(15, TINY.T)]], dim=1)
+    assert (steps - full).abs().max().item() <= 1e-4
+    assert (chunks - full).abs().max().item() <= 1e-4
+
+
+def test_save_load_round_trip_gives_identical_logits(tmp_path):
+    model = make_model(seed=3)
+    model.save_pretrained(tmp_path / "run")
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"weights.safetensors", "config.yaml"}
+    loaded = Transformer.from_pretrained(tmp_path / "run").eval()
+    assert loaded.config == model.config
+    x = torch.randint(0, TINY.V, (2, TINY.T))
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_loading_a_directory_without_weights_is_a_clear_error(tmp_path):
+    make_model().save_pretrained(tmp_path)
+    (tmp_path / "weights.safetensors").unlink()
+    with pytest.raises(SelfReplayError, match="no weights.safetensors"):
+        Transformer.from_pretrained(tmp_path)
+    with pytest.raises(SelfReplayError, match="no config.yaml"):
+        Transformer.from_pretrained(tmp_path / "missing")
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(SelfReplayError, match="multiple of the head dimension"):
+        ModelConfig(D=100, H=64)
