@@ -211,7 +211,7 @@ def load_training_state(out: Path, device) -> tuple[dict, dict, dict] | None:
 
 def _clear_checkpoints(out: Path) -> None:
     (out / CHECKPOINT_POINTER).unlink(missing_ok=True)
-    for folder in out.glob("ckpt-*"):
+    for folder in [*out.glob("ckpt-*"), *out.glob(".ckpt-*.tmp")]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
