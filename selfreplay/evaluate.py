@@ -15,28 +15,51 @@ from selfreplay.losses import token_kl, token_losses
 
 
 @torch.inference_mode()
-def evaluate(model, tokens: torch.Tensor, reference=None, batch_size: int = 64) -> dict[str, float]:
+def evaluate(model, tokens: torch.Tensor, reference=None, batch_size: int = 64,
+             reference_logprobs: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Mean next-token loss, its second half (predictions of positions ≥ T/2) and, given the
-    frozen reference model, the mean KL(π0 ‖ πθ) over positions, on sequences [N, T]; nats."""
+    frozen reference model (or its log-probabilities per batch), the mean KL(π0 ‖ πθ) over
+    positions, on sequences [N, T]; nats."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     loss_sum = half_sum = kl_sum = 0.0
     half = tokens.shape[1] // 2
-    for lo in range(0, len(tokens), batch_size):
+    for i, lo in enumerate(range(0, len(tokens), batch_size)):
         batch = tokens[lo:lo + batch_size].to(device)
         logits = model(batch)
         losses = token_losses(logits, batch)  # [b, T-1]; column j predicts position j+1
         loss_sum += losses.sum().item()
         half_sum += losses[:, half - 1:].sum().item()
-        if reference is not None:
+        if reference_logprobs is not None:
+            kl_sum += token_kl(reference_logprobs[i], logits).sum().item()
+        elif reference is not None:
             kl_sum += token_kl(reference(batch), logits).sum().item()
     model.train(was_training)
     N, T = tokens.shape
     out = {"loss": loss_sum / (N * (T - 1)), "loss_second_half": half_sum / (N * (T - half))}
-    if reference is not None:
+    if reference is not None or reference_logprobs is not None:
         out["kl"] = kl_sum / (N * T)
     return out
+
+
+class ValidationSet:
+    """Held-out sequences [N, T] of one domain. π0's log-probabilities on them never change
+    during finetuning, so they are computed once when they fit in `cache_bytes`."""
+
+    def __init__(self, tokens: torch.Tensor, reference=None, batch_size: int = 64, cache_bytes: int = 1 << 30):
+        self.tokens, self.reference, self.batch_size = tokens, reference, batch_size
+        self.reference_logprobs = None
+        vocab = reference.config.V if reference is not None else 0
+        if reference is not None and tokens.numel() * vocab * 4 <= cache_bytes:
+            device = next(reference.parameters()).device
+            with torch.inference_mode():
+                self.reference_logprobs = [
+                    torch.log_softmax(reference(tokens[lo:lo + batch_size].to(device)).float(), dim=-1)
+                    for lo in range(0, len(tokens), batch_size)]
+
+    def evaluate(self, model) -> dict[str, float]:
+        return evaluate(model, self.tokens, self.reference, self.batch_size, self.reference_logprobs)
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(π0 ‖ πθ) per position [B, T] (nats) over the full vocabulary, from logits [B, T, V]."""
+    """KL(π0 ‖ πθ) per position [B, T] (nats) over the full vocabulary, from logits [B, T, V]
+    (π0's may also be given as log-probabilities: log_softmax leaves those unchanged)."""
     ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
     logp = F.log_softmax(logits.float(), dim=-1)
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1)

@@ -23,7 +23,7 @@ from selfreplay.config import (REGULARIZERS, REPLAY_SOURCES, SCHEDULES, RunConfi
                                save_config, to_dict)
 from selfreplay.data import BatchLoader, SequenceStream, TokenSequences
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate import compute_multiplier, evaluate, weight_drift
+from selfreplay.evaluate import ValidationSet, compute_multiplier, weight_drift
 from selfreplay.lora import add_lora, effective_weights, merge_lora
 from selfreplay.losses import kl_divergence, next_token_loss
 from selfreplay.model import CONFIG_NAME, ModelConfig, Transformer, load_model_config, save_checkpoint
@@ -300,18 +300,18 @@ def train(config: RunConfig, mode: str) -> dict:
     total_steps = max(1, math.ceil(budget_tokens / tokens_per_step)) if budget_tokens is not None else None
     log_every = max(1, round(config.log.every_tokens / tokens_per_step))
 
-    validation = {"new" if finetune else "old": train_data.validation() if config.data.val_sequences else None}
-    if finetune:
-        validation["old"] = old_data.validation() if config.data.val_sequences else None
-    if mix_data is not None and config.data.val_sequences:
-        validation["mix"] = mix_data.validation()
+    validation = {}
+    if config.data.val_sequences:
+        validation["new" if finetune else "old"] = ValidationSet(train_data.validation(), reference)
+        if finetune:
+            validation["old"] = ValidationSet(old_data.validation(), reference)
+        if mix_data is not None:
+            validation["mix"] = ValidationSet(mix_data.validation(), reference)
 
     def measure() -> dict:
         metrics = {}
-        for name, tokens in validation.items():
-            if tokens is None:
-                continue
-            result = evaluate(model, tokens, reference)
+        for name, validation_set in validation.items():
+            result = validation_set.evaluate(model)
             metrics[f"{name}_loss"] = result["loss"]
             metrics[f"{name}_loss_second_half"] = result["loss_second_half"]
             if "kl" in result:

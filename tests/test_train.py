@@ -1,0 +1,215 @@
+"""The training loop end to end on tiny models: stop rules, regularisers, resume, bad configs."""
+
+import json
+
+import pytest
+import torch
+
+from selfreplay.config import load_config
+from selfreplay.errors import SelfReplayError
+from selfreplay.model import ModelConfig, Transformer
+from selfreplay.train import resolve_config, train, training_loss
+
+MODEL = ["model.D=32", "model.L=2", "model.H=8", "model.T=32", "model.V=320"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer and two token files (old: en_synth, new: es_synth) from the synthetic corpus."""
+    from selfreplay.synth import LANGUAGES, write_corpus
+    from selfreplay.tokenizer import train_tokenizer
+    from selfreplay.tokens import write_token_file
+
+    root = tmp_path_factory.mktemp("corpus")
+    texts = write_corpus(root / "text", num_words=40_000, seed=1)
+    tokenizer = train_tokenizer([str(p) for p in texts.values()], vocab_size=320, out_dir=root / "tok",
+                                domains=list(LANGUAGES))
+    files = {}
+    for language in LANGUAGES:
+        files[language] = root / f"{language}.bin"
+        write_token_file(str(texts[language]), tokenizer, domain=language, out=files[language])
+    return {"tokenizer": root / "tok", "old": files[LANGUAGES[0]], "new": files[LANGUAGES[1]]}
+
+
+@pytest.fixture(scope="module")
+def pretrained(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    config = resolve_config("pretrain", None, [
+        f"out={out}", f"data.tokenizer={corpus['tokenizer']}", f"data.train={corpus['old']}", *MODEL,
+        "data.val_sequences=32", "optim.lr=3e-3", "optim.batch_size=16", "optim.warmup_steps=5",
+        "stop.tokens=16384", "log.every_tokens=4096", "log.progress=false"])
+    train(config, "pretrain")
+    return out
+
+
+def finetune_config(corpus, pretrained, out, *overrides):
+    return resolve_config("finetune", None, [
+        f"init={pretrained}", f"data.train={corpus['new']}", f"out={out}", "optim.lr=3e-3",
+        "optim.batch_size=8", "optim.warmup_steps=2", "replay.batch_size=4", "replay.buffer=2",
+        "stop.tokens=2048", "log.every_tokens=512", "log.progress=false", *overrides])
+
+
+def test_pretraining_writes_a_complete_run_directory(pretrained):
+    names = {p.name for p in pretrained.iterdir()}
+    assert {"config.yaml", "tokenizer.json", "metrics.jsonl", "summary.json", "weights.safetensors"} <= names
+    assert not any(n.startswith("ckpt-") or n == "checkpoint.json" for n in names)
+    curve = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    assert curve[0]["tokens"] == 0 and curve[-1]["tokens"] == 16384
+    assert curve[-1]["old_loss"] < curve[0]["old_loss"] - 0.5  # it learned something
+    Transformer.from_pretrained(pretrained)
+
+
+@pytest.mark.parametrize("method, source", [("none", "self"), ("ntp", "self"), ("kl", "self"), ("kl", "real"),
+                                            ("kl_new", "self"), ("replace", "real")])
+def test_each_regulariser_runs_and_writes_the_summary(corpus, pretrained, tmp_path, method, source):
+    coeff = "0.25" if method == "replace" else "1"
+    summary = train(finetune_config(corpus, pretrained, tmp_path / "ft", f"replay.method={method}",
+                                    f"replay.source={source}", f"replay.coeff={coeff}"), "finetune")
+    for key in ("old_loss_0", "old_loss", "forgetting", "new_loss", "old_kl", "steps", "tokens",
+                "train_seconds", "time_to_target_seconds", "time_to_target_steps", "stop_reason"):
+        assert key in summary
+    assert summary["forgetting"] == pytest.approx(summary["old_loss"] - summary["old_loss_0"])
+    assert summary["tokens"] >= 2048 and summary["stop_reason"] == "budget"
+
+
+def test_regulariser_gradients_reach_only_the_finetuned_model():
+    config = ModelConfig(D=16, L=1, H=8, T=8, V=32)
+    model, reference = Transformer(config), Transformer(config)
+    reference.requires_grad_(False)
+    new, replay = torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (3, 8))
+    for method in ("ntp", "kl", "kl_new"):
+        model.zero_grad()
+        loss, ntp, reg = training_loss(model, reference, new, replay, method, coeff=5.0)
+        loss.backward()
+        assert reg.item() > 0
+        assert all(p.grad is not None for p in model.parameters())
+        assert all(p.grad is None for p in reference.parameters())
+    # with identical weights the KL penalty is zero and adds no gradient
+    reference.load_state_dict(model.state_dict())
+    assert training_loss(model, reference, new, replay, "kl", 5.0)[2].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_target_loss_stops_at_the_first_log_point_at_or_below_it(corpus, pretrained, tmp_path):
+    probe = train(finetune_config(corpus, pretrained, tmp_path / "probe", "stop.tokens=4096"), "finetune")
+    curve = [json.loads(line) for line in (tmp_path / "probe" / "metrics.jsonl").read_text().splitlines()]
+    target = curve[3]["new_loss"] + 1e-9  # reached at the 4th log point (or earlier)
+    first = next(p for p in curve if p["new_loss"] <= target)
+    summary = train(finetune_config(corpus, pretrained, tmp_path / "target", "stop.tokens=4096",
+                                    f"stop.target_loss={target}"), "finetune")
+    assert probe["stop_reason"] == "budget"
+    assert summary["stop_reason"] == "target_loss"
+    assert summary["steps"] == first["step"] == summary["time_to_target_steps"]
+    assert summary["new_loss"] == pytest.approx(first["new_loss"])
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(corpus, pretrained, tmp_path, monkeypatch):
+    from selfreplay.evaluate import ValidationSet
+
+    overrides = ("replay.method=kl", "replay.source=self", "log.checkpoint_every=1", "stop.tokens=3072")
+    whole = train(finetune_config(corpus, pretrained, tmp_path / "whole", *overrides), "finetune")
+
+    calls = {"n": 0}
+    real_evaluate = ValidationSet.evaluate
+
+    def dying_evaluate(*args, **kwargs):  # the run is killed during its 4th log point (2 sets each)
+        calls["n"] += 1
+        if calls["n"] == 2 * 4 + 1:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(ValidationSet, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train(finetune_config(corpus, pretrained, tmp_path / "resumed", *overrides), "finetune")
+    assert (tmp_path / "resumed" / "checkpoint.json").exists()
+    monkeypatch.setattr(ValidationSet, "evaluate", real_evaluate)
+    resumed = train(finetune_config(corpus, pretrained, tmp_path / "resumed", *overrides), "finetune")
+
+    for key in ("old_loss", "new_loss", "old_kl", "new_kl", "forgetting", "steps", "tokens", "drift"):
+        assert resumed[key] == whole[key], key
+    lines = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa
+    strip = lambda p: {k: v for k, v in p.items() if k not in ("train_seconds", "tokens_per_second")}  # noqa
+    assert [strip(p) for p in lines("resumed")] == [strip(p) for p in lines("whole")]
+
+
+def test_a_kill_during_checkpoint_save_leaves_the_previous_checkpoint_loadable(corpus, pretrained, tmp_path,
+                                                                            monkeypatch):
+    import safetensors.torch
+
+    import selfreplay.train as train_module
+
+    overrides = ("log.checkpoint_every=1", "stop.tokens=3072")
+    saves = {"n": 0}
+    real_save = safetensors.torch.save_file
+
+    def dying_save(tensors, path, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 3:  # the second checkpoint: weights written, then killed mid-way
+            real_save(tensors, path, *args, **kwargs)
+            raise KeyboardInterrupt
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(finetune_config(corpus, pretrained, out, *overrides), "finetune")
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    state = train_module.load_training_state(out, "cpu")
+    assert state is not None and state[2]["step"] > 0
+    summary = train(finetune_config(corpus, pretrained, out, *overrides), "finetune")
+    assert summary["tokens"] >= 3072
+
+
+def test_self_replay_pool_starts_at_the_old_domain_and_is_redrawn_every_buffer_steps(pretrained):
+    from selfreplay.replay import SelfReplayPool
+
+    reference = Transformer.from_pretrained(pretrained).eval()
+    pool = SelfReplayPool(reference, domain_id=0, batch_size=3, buffer=4, seed=0)
+    batches = [pool.next_batch() for _ in range(9)]
+    assert all((b[:, 0] == 0).all() and b.shape == (3, reference.config.T) for b in batches)
+    assert pool.draws == 3  # steps 0, 4 and 8 drew a fresh pool
+    assert len({tuple(row.tolist()) for b in batches[:8] for row in b}) == 24  # no sample replayed twice
+
+
+def test_replace_puts_floor_cB_replay_rows_in_each_batch(corpus, pretrained, tmp_path, monkeypatch):
+    import selfreplay.train as train_module
+
+    seen = []
+    real_loss = train_module.training_loss
+
+    def spy(model, reference, new, replay, method, coeff):
+        seen.append((len(new), len(replay)))
+        return real_loss(model, reference, new, replay, method, coeff)
+
+    monkeypatch.setattr(train_module, "training_loss", spy)
+    train(finetune_config(corpus, pretrained, tmp_path / "rep", "replay.method=replace", "replay.coeff=0.3",
+                          "optim.batch_size=10"), "finetune")
+    assert seen and all(rows == (10, 3) for rows in seen)  # floor(0.3 · 10) = 3 of 10 rows
+
+
+@pytest.mark.parametrize("override, message", [
+    ("replay.coeff=-1", "replay.coeff must be >= 0"),
+    ("replay.method=klx", "unknown replay.method"),
+    ("data.val_sequences=0", "need validation data"),
+])
+def test_bad_finetune_configs_fail_with_one_line(corpus, pretrained, tmp_path, override, message):
+    extra = ["stop.target_loss=1.0"] if "val_sequences" in override else []
+    with pytest.raises(SelfReplayError, match=message) as e:
+        finetune_config(corpus, pretrained, tmp_path / "bad", override, *extra)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_init_run_is_a_clear_error(corpus, tmp_path):
+    with pytest.raises(SelfReplayError, match="pretrain it first"):
+        resolve_config("finetune", None, [f"init={tmp_path / 'nope'}", f"data.train={corpus['new']}",
+                                          f"out={tmp_path / 'x'}", "stop.tokens=10"])
+    with pytest.raises(SelfReplayError, match="set init="):
+        resolve_config("finetune", None, [f"data.train={corpus['new']}", f"out={tmp_path / 'x'}", "stop.tokens=1"])
+
+
+def test_a_finished_run_directory_is_never_overwritten(corpus, pretrained, tmp_path):
+    before = (pretrained / "weights.safetensors").read_bytes()
+    config = load_config(None, [f"out={pretrained}", f"data.tokenizer={corpus['tokenizer']}",
+                                f"data.train={corpus['old']}", *MODEL, "stop.tokens=100"])
+    with pytest.raises(SelfReplayError, match="already holds a finished run"):
+        train(config, "pretrain")
+    assert (pretrained / "weights.safetensors").read_bytes() == before
