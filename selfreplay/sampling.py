@@ -28,10 +28,10 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None
         # drop a token when the ones before it already reach top_p (the most likely always stays)
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(-1)
-    # Gumbel-max in its exponential form: argmax p_i / E_i with E_i ~ Exp(1) samples from p
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(-1)
+    # inverse-CDF sampling: one uniform draw per row (per-token noise costs V draws per row)
+    cdf = logits.softmax(-1).cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)
 
 
 @torch.inference_mode()

@@ -29,7 +29,7 @@ def finetune_methods(init: str, new_tokens: str, methods: dict[str, list[str]], 
             config = resolve_config("finetune", None, [f"init={init}", f"data.train={new_tokens}", f"out={out}",
                                                        *common, *overrides])
             summary = train(config, "finetune")
-        rows.append({"method": label, "run_dir": str(out), **summary})
+        rows.append({**summary, "method": label, "run_dir": str(out)})
     return rows
 
 

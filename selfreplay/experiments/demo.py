@@ -15,12 +15,12 @@ from selfreplay.errors import SelfReplayError
 
 # Sizes per scale. small finishes in minutes on a 2-core CPU; large is a bigger model and corpus.
 SCALES = {
-    "small": dict(words=500_000, vocab=2048, model=["model.D=128", "model.L=4", "model.H=32", "model.T=128"],
-                  pretrain_tokens=1_500_000, pretrain_lr=3e-3, finetune_lr=1e-3, target=None,
-                  finetune_tokens=600_000, log_tokens=32_768),
+    "small": dict(words=300_000, vocab=2048, model=["model.D=128", "model.L=4", "model.H=32", "model.T=128"],
+                  pretrain_tokens=1_000_000, pretrain_lr=3e-3, finetune_lr=3e-3, target=4.0,
+                  finetune_tokens=400_000, log_tokens=16_384, val_sequences=128),
     "large": dict(words=3_000_000, vocab=4096, model=["model.D=256", "model.L=6", "model.H=64", "model.T=256"],
-                  pretrain_tokens=20_000_000, pretrain_lr=2e-3, finetune_lr=5e-4, target=None,
-                  finetune_tokens=5_000_000, log_tokens=262_144),
+                  pretrain_tokens=20_000_000, pretrain_lr=2e-3, finetune_lr=1e-3, target=None,
+                  finetune_tokens=4_000_000, log_tokens=262_144, val_sequences=256),
 }
 
 
@@ -57,7 +57,8 @@ def run_demo(out_dir: str | Path = "demo_runs", scale: str = "small", seed: int 
         config = resolve_config("pretrain", None, [
             f"out={pretrained}", f"data.tokenizer={tokenizer_dir}", f"data.train={tokens[old]}",
             f"model.V={s['vocab']}", *s["model"], f"optim.lr={s['pretrain_lr']}", "optim.schedule=cosine",
-            f"stop.tokens={s['pretrain_tokens']}", f"log.every_tokens={s['log_tokens'] * 4}", f"seed={seed}"])
+            f"stop.tokens={s['pretrain_tokens']}", f"log.every_tokens={s['log_tokens'] * 4}", f"seed={seed}",
+            f"data.val_sequences={s['val_sequences']}"])
         train(config, "pretrain")
     pretrain_summary = json.loads((pretrained / "summary.json").read_text())
     print(f"pretrained on {old}: validation loss {pretrain_summary['old_loss']:.3f}")
@@ -65,6 +66,7 @@ def run_demo(out_dir: str | Path = "demo_runs", scale: str = "small", seed: int 
     # finetune on B three ways, to the same target
     target = s["target"]
     common = [f"optim.lr={s['finetune_lr']}", "optim.warmup_steps=20", f"stop.tokens={s['finetune_tokens']}",
+              f"data.val_sequences={s['val_sequences']}",
               f"log.every_tokens={s['log_tokens']}", f"seed={seed}"]
     if target is not None:
         common.append(f"stop.target_loss={target}")

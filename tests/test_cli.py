@@ -1,0 +1,53 @@
+"""The command line: every subcommand has help, and bad input is one line on stderr with exit 1."""
+
+import subprocess
+import sys
+
+import pytest
+
+from selfreplay.cli import main
+from selfreplay.model import ModelConfig, Transformer
+
+COMMANDS = [[], ["tokenizer"], ["tokenizer", "train"], ["tokenize"], ["synth"], ["sample"], ["pretrain"],
+            ["finetune"], ["demo"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "selfreplay")
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    assert "usage: selfreplay" in capsys.readouterr().out
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "selfreplay.cli", *args], capture_output=True, text=True)
+
+
+def one_line_error(result, fragment):
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("selfreplay: error:") and fragment in lines[0], result.stderr
+
+
+def test_sample_from_a_directory_without_weights(tmp_path):
+    Transformer(ModelConfig(D=16, L=1, H=8, T=8, V=300)).save_pretrained(tmp_path)
+    (tmp_path / "weights.safetensors").unlink()
+    one_line_error(run("sample", str(tmp_path), "--domain", "0"), "no weights.safetensors")
+
+
+def test_bad_training_configs(tmp_path):
+    one_line_error(run("pretrain", f"out={tmp_path / 'r'}", "replay.coef=1"), "did you mean 'replay.coeff'")
+    one_line_error(run("finetune", f"init={tmp_path / 'none'}", f"out={tmp_path / 'r'}", "data.train=x",
+                       "stop.tokens=10"), "pretrain it first")
+    one_line_error(run("pretrain", str(tmp_path / "missing.yaml")), "does not exist")
+
+
+def test_sample_prints_decoded_text(tmp_path, tokenizer):
+    model = Transformer(ModelConfig(D=16, L=1, H=8, T=12, V=tokenizer.vocab_size))
+    model.save_pretrained(tmp_path)
+    tokenizer.save(tmp_path)
+    result = run("sample", str(tmp_path), "--domain", "es", "-n", "2", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("--- sample") == 2 and "(domain es)" in result.stdout
