@@ -256,48 +256,21 @@ def train(config: RunConfig, mode: str) -> dict:
         raise SelfReplayError("finetuning needs the old domain's token file: set data.old=TOKEN_FILE")
     resuming = _prepare_run_dir(config)
 
-    # models: θ, and for finetuning the frozen π0 and the pretraining's random init θinit
-    model = Transformer(config.model)
-    if finetune:
-        init_seed = _read_run_config(config.init).get("seed", 0)
-        init_weights = Transformer(config.model)
-        init_weights.reset_parameters(torch.Generator().manual_seed(init_seed))
-        init_state = {k: v.to(device) for k, v in init_weights.state_dict().items()}
-        del init_weights
-        model = Transformer.from_pretrained(config.init)
-        reference = Transformer.from_pretrained(config.init, device=device).eval().requires_grad_(False)
-        start_state = {k: v.clone().to(device) for k, v in model.state_dict().items()}
-    else:
-        model.reset_parameters(torch.Generator().manual_seed(config.seed))
-        reference = None
-    model.to(device).train()
+    model, reference, start_state, init_state = _load_models(config, finetune, device)
     params = add_lora(model, config.lora.rank, config.lora.alpha) if config.lora.rank > 0 else list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                   weight_decay=config.optim.weight_decay)
 
-    # data: new-domain batches (old-domain when pretraining), replay
-    r = config.replay
+    # data: new-domain batches (old-domain when pretraining), and replay
+    r, s = config.replay, config.stop
     loader = BatchLoader(SequenceStream(train_data, config.data.seed), config.optim.batch_size,
                          SequenceStream(mix_data, config.data.seed + 1) if mix_data else None,
                          config.data.mix_fraction)
-    replay = None
-    if finetune and r.method in ("ntp", "kl", "replace"):
-        replay_rows = r.batch_size if r.method != "replace" else math.floor(r.coeff * config.optim.batch_size)
-        if r.source == "self":
-            replay = SelfReplayPool(reference, old_data.domain_id, replay_rows, r.buffer, r.temperature, config.seed)
-        else:
-            replay = RealReplay(SequenceStream(old_data, config.data.seed + 2), replay_rows, device)
-        if r.method == "replace":
-            loader.batch_size = config.optim.batch_size - replay_rows
-    rows_per_step = loader.batch_size
-    tokens_per_step = rows_per_step * config.model.T
-
-    # stop budget in steps (None: no budget, only target / wall time)
-    s = config.stop
-    budgets = [s.tokens, s.tokens_per_param * config.model.non_embedding_params if s.tokens_per_param else None,
-               s.epochs * train_data.train_tokens if s.epochs else None]
-    budget_tokens = min((b for b in budgets if b is not None), default=None)
-    total_steps = max(1, math.ceil(budget_tokens / tokens_per_step)) if budget_tokens is not None else None
+    replay = _make_replay(config, reference, old_data, device) if finetune else None
+    if r.method == "replace":
+        loader.batch_size -= replay.batch_size  # replay rows take the place of new rows
+    tokens_per_step = loader.batch_size * config.model.T
+    total_steps = _step_budget(config, tokens_per_step, train_data.train_tokens)
     log_every = max(1, round(config.log.every_tokens / tokens_per_step))
 
     validation = {}
@@ -452,6 +425,42 @@ def train(config: RunConfig, mode: str) -> dict:
     tmp.replace(out / SUMMARY_NAME)
     _clear_checkpoints(out)
     return summary
+
+
+def _load_models(config: RunConfig, finetune: bool, device):
+    """θ (fresh, or the init run's weights), and for finetuning the frozen π0 and the
+    state dicts of θ0 (start of finetuning) and θinit (pretraining's random init)."""
+    if not finetune:
+        model = Transformer(config.model)
+        model.reset_parameters(torch.Generator().manual_seed(config.seed))
+        return model.to(device).train(), None, None, None
+    model = Transformer.from_pretrained(config.init, device=device).train()
+    reference = Transformer.from_pretrained(config.init, device=device).eval().requires_grad_(False)
+    start_state = {k: v.clone() for k, v in model.state_dict().items()}
+    init_model = Transformer(config.model)  # the same draw as the init run's, from its seed
+    init_model.reset_parameters(torch.Generator().manual_seed(_read_run_config(config.init).get("seed", 0)))
+    init_state = {k: v.to(device) for k, v in init_model.state_dict().items()}
+    return model, reference, start_state, init_state
+
+
+def _make_replay(config: RunConfig, reference, old_data: TokenSequences, device):
+    """The replay source of a finetuning run, or None when its method replays nothing."""
+    r = config.replay
+    if r.method not in ("ntp", "kl", "replace"):
+        return None
+    rows = r.batch_size if r.method != "replace" else math.floor(r.coeff * config.optim.batch_size)
+    if r.source == "self":
+        return SelfReplayPool(reference, old_data.domain_id, rows, r.buffer, r.temperature, config.seed)
+    return RealReplay(SequenceStream(old_data, config.data.seed + 2), rows, device)
+
+
+def _step_budget(config: RunConfig, tokens_per_step: int, train_tokens: int) -> int | None:
+    """Steps allowed by the token, tokens-per-parameter and epoch budgets (None: no budget)."""
+    s = config.stop
+    budgets = [s.tokens, s.tokens_per_param * config.model.non_embedding_params if s.tokens_per_param else None,
+               s.epochs * train_tokens if s.epochs else None]
+    tokens = min((b for b in budgets if b is not None), default=None)
+    return max(1, math.ceil(tokens / tokens_per_step)) if tokens is not None else None
 
 
 def _checkpoint(out: Path, model, optimizer, progress: dict, loader: BatchLoader, replay) -> None:
