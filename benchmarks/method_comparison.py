@@ -37,9 +37,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmark_runs", help="where the runs go")
     parser.add_argument("--pretrain-tokens", type=float, default=2e6)
     parser.add_argument("--pretrain-lr", type=float, default=3e-3)
-    parser.add_argument("--finetune-lr", type=float, default=1e-3)
-    parser.add_argument("--finetune-tokens", type=float, default=2e6, help="budget cap of every finetuning run")
-    parser.add_argument("--margin", type=float, default=0.1, help="target = probe's best Spanish loss + margin")
+    parser.add_argument("--finetune-lr", type=float, default=3e-3)
+    parser.add_argument("--finetune-tokens", type=float, default=1e6, help="budget cap of every finetuning run")
+    parser.add_argument("--margin", type=float, default=0.15, help="target = probe's best Spanish loss + margin")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     args = parser.parse_args()
 

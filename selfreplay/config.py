@@ -23,6 +23,7 @@ from selfreplay.model import ModelConfig
 REGULARIZERS = ("none", "ntp", "kl", "kl_new", "replace")
 REPLAY_SOURCES = ("self", "real")
 SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -87,6 +88,8 @@ class RunConfig:
     init: str | None = None  # finetuning: the pretrained run directory
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto
+    precision: str = "fp32"  # fp32 | bf16 (matmuls under bfloat16 autocast; softmax, losses and KL stay float32)
+    compile: bool = False  # torch.compile the training forward and backward pass
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -21,6 +21,11 @@ def resolve_device(name: str = "cpu") -> torch.device:
     return torch.device(name)
 
 
+def autocast(device: torch.device, precision: str):
+    """bfloat16 autocast for precision 'bf16', a no-op context for 'fp32'."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.config import (REGULARIZERS, REPLAY_SOURCES, SCHEDULES, RunConfig, load_config, read_yaml,
-                               save_config, to_dict)
+from selfreplay.config import (PRECISIONS, REGULARIZERS, REPLAY_SOURCES, SCHEDULES, RunConfig, load_config,
+                               read_yaml, save_config, to_dict)
 from selfreplay.data import BatchLoader, SequenceStream, TokenSequences
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluate import ValidationSet, compute_multiplier, weight_drift
@@ -28,7 +28,7 @@ from selfreplay.lora import add_lora, effective_weights, merge_lora
 from selfreplay.losses import kl_divergence, next_token_loss
 from selfreplay.model import CONFIG_NAME, ModelConfig, Transformer, load_model_config, save_checkpoint
 from selfreplay.replay import RealReplay, SelfReplayPool
-from selfreplay.runtime import resolve_device
+from selfreplay.runtime import autocast, resolve_device
 
 METRICS_NAME, SUMMARY_NAME, CHECKPOINT_POINTER = "metrics.jsonl", "summary.json", "checkpoint.json"
 
@@ -88,6 +88,7 @@ def validate(config: RunConfig, mode: str) -> None:
         (o.batch_size < 1, f"optim.batch_size must be at least 1, got {o.batch_size}"),
         (o.warmup_steps < 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}"),
         (o.schedule not in SCHEDULES, f"unknown optim.schedule {o.schedule!r}: choose constant or cosine"),
+        (config.precision not in PRECISIONS, f"unknown precision {config.precision!r}: choose fp32 or bf16"),
         (config.lora.rank < 0, f"lora.rank must be >= 0, got {config.lora.rank}"),
         (config.log.every_tokens < 1, "log.every_tokens must be at least 1"),
         (config.data.val_sequences < 0, "data.val_sequences must be >= 0"),
@@ -258,6 +259,8 @@ def train(config: RunConfig, mode: str) -> dict:
 
     model, reference, start_state, init_state = _load_models(config, finetune, device)
     params = add_lora(model, config.lora.rank, config.lora.alpha) if config.lora.rank > 0 else list(model.parameters())
+    # the training forward may be compiled; evaluation and sampling run the same weights eagerly
+    forward = torch.compile(model, dynamic=False) if config.compile else model
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                   weight_decay=config.optim.weight_decay)
 
@@ -377,7 +380,8 @@ def train(config: RunConfig, mode: str) -> dict:
         replay_batch = replay.next_batch() if replay is not None else None
         if r.method == "replace":
             new = torch.cat([new, replay_batch])
-        loss, ntp, reg = training_loss(model, reference, new, replay_batch, r.method, r.coeff)
+        with autocast(device, config.precision):
+            loss, ntp, reg = training_loss(forward, reference, new, replay_batch, r.method, r.coeff)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optim.grad_clip:

@@ -42,3 +42,13 @@ def test_saved_config_loads_back_identically(tmp_path):
     save_config(config, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
     assert isinstance(config, RunConfig)
+
+
+def test_readme_documents_every_config_key():
+    from pathlib import Path
+
+    from selfreplay.config import all_keys
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    missing = [key for key in all_keys(RunConfig) if f"`{key}`" not in readme]
+    assert not missing, f"README lacks config keys: {missing}"

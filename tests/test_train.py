@@ -213,3 +213,12 @@ def test_a_finished_run_directory_is_never_overwritten(corpus, pretrained, tmp_p
     with pytest.raises(SelfReplayError, match="already holds a finished run"):
         train(config, "pretrain")
     assert (pretrained / "weights.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("engine", [["precision=bf16"], ["compile=true"]], ids=["bf16", "compile"])
+def test_engine_settings_train_to_nearly_the_same_loss(corpus, pretrained, tmp_path, engine):
+    """bf16 autocast and torch.compile change speed, not what is learned."""
+    reference = train(finetune_config(corpus, pretrained, tmp_path / "fp32", "replay.method=kl"), "finetune")
+    other = train(finetune_config(corpus, pretrained, tmp_path / "other", "replay.method=kl", *engine), "finetune")
+    assert other["new_loss"] == pytest.approx(reference["new_loss"], rel=0.01)
+    assert other["old_loss"] == pytest.approx(reference["old_loss"], rel=0.01)
