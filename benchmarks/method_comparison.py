@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--pretrain-lr", type=float, default=3e-3)
     parser.add_argument("--finetune-lr", type=float, default=3e-3)
     parser.add_argument("--finetune-tokens", type=float, default=1e6, help="budget cap of every finetuning run")
-    parser.add_argument("--margin", type=float, default=0.15, help="target = probe's best Spanish loss + margin")
+    parser.add_argument("--margin", type=float, default=0.3, help="target = probe's best Spanish loss + margin")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     args = parser.parse_args()
 
