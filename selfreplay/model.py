@@ -93,19 +93,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.D, 3 * config.D, bias=False)
         self.out = nn.Linear(config.D, config.D, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, positions=None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, start: int = 0):
         B, t, D = x.shape
         q, k, v = self.qkv(x).view(B, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, h, t, H]
         q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            # Write the new keys and values at their positions, then attend over the whole
-            # cache with a mask: the shapes never change, so one compiled decode step serves all.
-            cache.k[layer].index_copy_(2, positions, k)
-            cache.v[layer].index_copy_(2, positions, v)
-            mask = torch.arange(cache.k.shape[3], device=x.device) <= positions[:, None]  # [t, cache length]
-            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask)
+            end = start + t
+            cache.k[layer, :, :, start:end] = k
+            cache.v[layer, :, :, start:end] = v
+            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            if t == 1:  # one new query attends to every cached position
+                y = F.scaled_dot_product_attention(q, k, v)
+            else:  # new queries at positions start..end-1 see the cache and each other causally
+                mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, t, D))
 
 
@@ -116,8 +119,8 @@ class Block(nn.Module):
         self.up = nn.Linear(config.D, 4 * config.D, bias=False)
         self.down = nn.Linear(4 * config.D, config.D, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, positions=None):
-        x = x + self.attn(rms_norm(x), cos, sin, cache, layer, positions)
+    def forward(self, x, cos, sin, cache=None, layer=0, start=0):
+        x = x + self.attn(rms_norm(x), cos, sin, cache, layer, start)
         return x + self.down(F.gelu(self.up(rms_norm(x))))
 
 
@@ -143,25 +146,15 @@ class Transformer(nn.Module):
             std = (4 * D) ** -0.5 if name.endswith("down.weight") else D**-0.5
             p.normal_(0.0, std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                start: int | torch.Tensor = 0) -> torch.Tensor:
-        """Logits [B, t, V] for tokens [B, t] at positions start..start+t-1.
-
-        With a cache, keys and values are kept for later calls; `start` may then be a 0-d
-        tensor, so that a decode step has the same inputs at every position.
-        """
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Logits [B, t, V] for tokens [B, t] at positions start..start+t-1 (start > 0 needs a cache)."""
         t = tokens.shape[1]
-        if isinstance(start, int) and start + t > self.config.T:
+        if start + t > self.config.T:
             raise ValueError(f"positions up to {start + t} exceed the model's context T={self.config.T}")
-        if cache is None:
-            positions = None
-            cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
-        else:
-            positions = start + torch.arange(t, device=tokens.device)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i, positions)
+            x = block(x, cos, sin, cache, i, start)
         return self.head(rms_norm(x))
 
     def num_params(self, embeddings: bool = True) -> int:
