@@ -16,8 +16,8 @@ from selfreplay.errors import SelfReplayError
 # Sizes per scale. small finishes in minutes on a 2-core CPU; large is a bigger model and corpus.
 SCALES = {
     "small": dict(words=300_000, vocab=2048, model=["model.D=128", "model.L=4", "model.H=32", "model.T=128"],
-                  pretrain_tokens=1_000_000, pretrain_lr=3e-3, finetune_lr=3e-3, target=4.0,
-                  finetune_tokens=400_000, log_tokens=16_384, val_sequences=128),
+                  pretrain_tokens=800_000, pretrain_lr=3e-3, finetune_lr=3e-3, target=4.0,
+                  finetune_tokens=400_000, log_tokens=24_576, val_sequences=128),
     "large": dict(words=3_000_000, vocab=4096, model=["model.D=256", "model.L=6", "model.H=64", "model.T=256"],
                   pretrain_tokens=20_000_000, pretrain_lr=2e-3, finetune_lr=1e-3, target=None,
                   finetune_tokens=4_000_000, log_tokens=262_144, val_sequences=256),
