@@ -18,8 +18,7 @@ def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss (nats per token) over the B·(T-1) predictions."""
-    V = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, V), tokens[:, 1:].reshape(-1))
+    return token_losses(logits, tokens).mean()
 
 
 def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -225,10 +225,5 @@ def flops_per_token(config: ModelConfig) -> float:
     return 6 * config.params + 6 * config.L * config.T * config.D
 
 
-def describe(config: ModelConfig) -> str:
-    return (f"D={config.D} L={config.L} H={config.H} T={config.T} V={config.V}: "
-            f"{config.params / 1e6:.2f}M params ({config.non_embedding_params / 1e6:.2f}M non-embedding)")
-
-
 __all__ = ["ModelConfig", "Transformer", "KVCache", "save_checkpoint", "load_model_config", "load_weights",
-           "flops_per_token", "describe", "rms_norm"]
+           "flops_per_token", "rms_norm"]

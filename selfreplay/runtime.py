@@ -1,10 +1,7 @@
-"""Where and how computation runs: device choice and seeding."""
+"""Where and how computation runs: device choice and mixed precision."""
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
 
 from selfreplay.errors import SelfReplayError
@@ -24,9 +21,3 @@ def resolve_device(name: str = "cpu") -> torch.device:
 def autocast(device: torch.device, precision: str):
     """bfloat16 autocast for precision 'bf16', a no-op context for 'fp32'."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -322,7 +322,7 @@ def train(config: RunConfig, mode: str) -> dict:
     target_key = "new_loss" if finetune else "old_loss"
 
     def log_point(metrics: dict, interval_seconds: float, interval_tokens: int, train_loss: float | None,
-                  reg: float | None) -> None:
+                  reg: float | None) -> dict:
         start = progress["start_metrics"]
         line = {"step": progress["step"], "tokens": progress["tokens"],
                 "epochs": round(loader.primary.epochs_done, 4), "train_seconds": round(progress["train_seconds"], 3),
@@ -334,6 +334,7 @@ def train(config: RunConfig, mode: str) -> dict:
         with open(out / METRICS_NAME, "a") as f:
             f.write(json.dumps(line) + "\n")
         progress["metric_lines"] += 1
+        return line
 
     def check_target(metrics: dict) -> str | None:
         value = metrics.get(target_key)
@@ -416,10 +417,9 @@ def train(config: RunConfig, mode: str) -> dict:
     lines = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
     if lines[-1]["step"] != progress["step"]:
         metrics = measure()
-        log_point(metrics, interval_seconds, interval_tokens,
-                  loss_sum.item() / interval_steps if interval_steps else None, None)
+        lines.append(log_point(metrics, interval_seconds, interval_tokens,
+                               loss_sum.item() / interval_steps if interval_steps else None, None))
         check_target(metrics)
-        lines.append(json.loads((out / METRICS_NAME).read_text().splitlines()[-1]))
     if config.lora.rank > 0:
         merge_lora(model)
     save_checkpoint(model, out, to_dict(config))
