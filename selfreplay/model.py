@@ -77,6 +77,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Fused causal attention over [B, heads, t, H]. On CPU it runs in float32 even under bf16
+    autocast: PyTorch's CPU flash-attention backward is about 3x slower in bf16 than in
+    float32 (benchmarks/speed.py), and the softmax stays in float32 either way."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with torch.autocast("cpu", enabled=False):
+        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    return y.type_as(v)
+
+
 class KVCache:
     """Preallocated keys and values for incremental decoding: [L, B, heads, T, H] each."""
 
@@ -98,7 +109,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # each [B, h, t, H]
         q, k = apply_rotary(rms_norm(q), cos, sin), apply_rotary(rms_norm(k), cos, sin)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = causal_attention(q, k, v)
         else:
             end = start + t
             cache.k[layer, :, :, start:end] = k
@@ -148,6 +159,10 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
         """Logits [B, t, V] for tokens [B, t] at positions start..start+t-1 (start > 0 needs a cache)."""
+        return self.head(self.hidden(tokens, cache, start))
+
+    def hidden(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """The normalised final hidden states [B, t, D] that the output projection `head` maps to logits."""
         t = tokens.shape[1]
         if start + t > self.config.T:
             raise ValueError(f"positions up to {start + t} exceed the model's context T={self.config.T}")
@@ -155,7 +170,7 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i, start)
-        return self.head(rms_norm(x))
+        return rms_norm(x)
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

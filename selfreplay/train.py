@@ -25,7 +25,7 @@ from selfreplay.data import BatchLoader, SequenceStream, TokenSequences
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluate import ValidationSet, compute_multiplier, weight_drift
 from selfreplay.lora import add_lora, effective_weights, merge_lora
-from selfreplay.losses import kl_divergence, next_token_loss
+from selfreplay.losses import head_kl_divergence, head_next_token_loss
 from selfreplay.model import CONFIG_NAME, ModelConfig, Transformer, load_model_config, save_checkpoint
 from selfreplay.replay import RealReplay, SelfReplayPool
 from selfreplay.runtime import autocast, resolve_device
@@ -109,30 +109,33 @@ def validate(config: RunConfig, mode: str) -> None:
 # ---------------------------------------------------------------- the objective
 
 def training_loss(model, reference, new: torch.Tensor, replay: torch.Tensor | None, method: str,
-                  coeff: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  coeff: float, trunk=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, NTP on the new batch, R) for new [B, T] and replay [b, T] sequences.
 
     ntp and kl run the model once over new and replay rows together; the frozen
     reference model only ever runs without gradients, so R's gradient reaches θ alone.
+    `trunk` computes the model's final hidden states (a compiled `model.hidden`, say);
+    the losses apply the output projection themselves, a block of rows at a time.
     """
+    trunk = trunk or model.hidden
+    head = model.head.weight
     B = len(new)
     if method in ("ntp", "kl"):
-        tokens = torch.cat([new, replay])
-        logits = model(tokens)
-        ntp = next_token_loss(logits[:B], new)
+        hidden = trunk(torch.cat([new, replay]))
+        ntp = head_next_token_loss(hidden[:B], head, new)
         if method == "ntp":
-            reg = next_token_loss(logits[B:], replay)
+            reg = head_next_token_loss(hidden[B:], head, replay)
         else:
             with torch.no_grad():
-                ref_logits = reference(replay)
-            reg = kl_divergence(ref_logits, logits[B:])
+                ref_hidden = reference.hidden(replay)
+            reg = head_kl_divergence(ref_hidden, reference.head.weight, hidden[B:], head)
     else:
-        logits = model(new)
-        ntp = next_token_loss(logits, new)
+        hidden = trunk(new)
+        ntp = head_next_token_loss(hidden, head, new)
         if method == "kl_new":
             with torch.no_grad():
-                ref_logits = reference(new)
-            reg = kl_divergence(ref_logits, logits)
+                ref_hidden = reference.hidden(new)
+            reg = head_kl_divergence(ref_hidden, reference.head.weight, hidden, head)
         else:  # none, replace (replay rows are already inside `new`)
             reg = torch.zeros((), device=new.device)
     return ntp + coeff * reg, ntp, reg
@@ -260,7 +263,7 @@ def train(config: RunConfig, mode: str) -> dict:
     model, reference, start_state, init_state = _load_models(config, finetune, device)
     params = add_lora(model, config.lora.rank, config.lora.alpha) if config.lora.rank > 0 else list(model.parameters())
     # the training forward may be compiled; evaluation and sampling run the same weights eagerly
-    forward = torch.compile(model, dynamic=False) if config.compile else model
+    trunk = torch.compile(model.hidden, dynamic=False) if config.compile else model.hidden
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                   weight_decay=config.optim.weight_decay)
 
@@ -382,7 +385,7 @@ def train(config: RunConfig, mode: str) -> dict:
         if r.method == "replace":
             new = torch.cat([new, replay_batch])
         with autocast(device, config.precision):
-            loss, ntp, reg = training_loss(forward, reference, new, replay_batch, r.method, r.coeff)
+            loss, ntp, reg = training_loss(model, reference, new, replay_batch, r.method, r.coeff, trunk)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optim.grad_clip:

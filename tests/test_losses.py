@@ -1,6 +1,9 @@
+import pytest
 import torch
 
-from selfreplay.losses import kl_divergence, next_token_loss, token_kl, token_losses
+import selfreplay.losses as losses
+from selfreplay.losses import (head_kl_divergence, head_next_token_loss, kl_divergence, next_token_loss, token_kl,
+                               token_losses)
 
 
 def test_kl_is_zero_for_identical_models_and_positive_otherwise():
@@ -43,3 +46,63 @@ def test_kl_gradient_reaches_only_the_finetuned_logits():
     cur = torch.randn(2, 3, 5, requires_grad=True)
     kl_divergence(ref, cur).backward()
     assert ref.grad is None and cur.grad is not None and cur.grad.abs().sum() > 0
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(losses, "HEAD_CHUNK_ROWS", 7)  # several blocks, the last one partial
+
+
+def _grads(loss, *tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def test_head_losses_equal_the_losses_of_the_full_logits_with_the_same_gradients(small_chunks):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 6, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    ref_hidden, ref_head = torch.randn(3, 10, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
+    tokens = torch.randint(0, 11, (3, 10))
+    pairs = [(head_next_token_loss(hidden, head, tokens), next_token_loss(hidden @ head.T, tokens)),
+             (head_kl_divergence(ref_hidden, ref_head, hidden, head),
+              kl_divergence(ref_hidden @ ref_head.T, hidden @ head.T))]
+    for fused, direct in pairs:
+        assert fused.dtype == torch.float32
+        assert fused.item() == pytest.approx(direct.item(), rel=1e-6)
+        for a, b in zip(_grads(fused, hidden, head), _grads(direct, hidden, head)):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_head_kl_is_zero_at_the_reference_and_its_gradient_reaches_only_the_finetuned_side(small_chunks):
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    head = torch.randn(9, 4, requires_grad=True)
+    ref_hidden = hidden.detach().clone().requires_grad_(True)
+    ref_head = head.detach().clone().requires_grad_(True)
+    assert head_kl_divergence(ref_hidden, ref_head, hidden, head).item() == pytest.approx(0.0, abs=1e-6)
+    head_kl_divergence(ref_hidden, ref_head, hidden + 0.1, head).backward()
+    assert ref_hidden.grad is None and ref_head.grad is None
+    assert hidden.grad.abs().sum() > 0 and head.grad.abs().sum() > 0
+
+
+def test_head_losses_under_bf16_autocast_match_autocast_logits_and_stay_float32(small_chunks):
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 9, 8, requires_grad=True)
+    head = torch.randn(13, 8, requires_grad=True)
+    ref_hidden = torch.randn(2, 9, 8)
+    tokens = torch.randint(0, 13, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = [head_next_token_loss(hidden, head, tokens), head_kl_divergence(ref_hidden, head, hidden, head)]
+        direct = [next_token_loss(hidden @ head.T, tokens), kl_divergence(ref_hidden @ head.T, hidden @ head.T)]
+    for f, d in zip(fused, direct):
+        assert f.dtype == torch.float32
+        assert f.item() == pytest.approx(d.item(), rel=1e-3)
+        for a, b in zip(_grads(f, hidden, head), _grads(d, hidden, head)):
+            assert a.dtype == torch.float32 and torch.allclose(a, b, atol=2e-3, rtol=2e-2)
+
+
+def test_head_losses_need_no_gradient_state_without_autograd(small_chunks):
+    hidden, head = torch.randn(2, 6, 4), torch.randn(7, 4)
+    tokens = torch.randint(0, 7, (2, 6))
+    with torch.no_grad():
+        assert head_next_token_loss(hidden, head, tokens).item() == pytest.approx(
+            next_token_loss(hidden @ head.T, tokens).item(), rel=1e-6)

@@ -77,3 +77,20 @@ def test_loading_a_directory_without_weights_is_a_clear_error(tmp_path):
 def test_bad_shapes_are_rejected():
     with pytest.raises(SelfReplayError, match="multiple of the head dimension"):
         ModelConfig(D=100, H=64)
+
+
+def test_attention_under_bf16_autocast_keeps_float32_and_matches_the_float32_model():
+    from selfreplay.model import causal_attention
+
+    q, k, v = (torch.randn(2, 4, 16, 8).bfloat16() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = causal_attention(q, k, v)
+    direct = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), direct, atol=1e-2)
+    model = make_model()
+    x = torch.randint(0, TINY.V, (2, TINY.T))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(x).float()
+    with torch.no_grad():
+        full = model(x)
+    assert (mixed - full).abs().max().item() < 0.1 and torch.equal(model.head(model.hidden(x)), full)

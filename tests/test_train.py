@@ -176,9 +176,9 @@ def test_replace_puts_floor_cB_replay_rows_in_each_batch(corpus, pretrained, tmp
     seen = []
     real_loss = train_module.training_loss
 
-    def spy(model, reference, new, replay, method, coeff):
+    def spy(model, reference, new, replay, method, coeff, trunk=None):
         seen.append((len(new), len(replay)))
-        return real_loss(model, reference, new, replay, method, coeff)
+        return real_loss(model, reference, new, replay, method, coeff, trunk)
 
     monkeypatch.setattr(train_module, "training_loss", spy)
     train(finetune_config(corpus, pretrained, tmp_path / "rep", "replay.method=replace", "replay.coeff=0.3",
