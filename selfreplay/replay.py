@@ -2,7 +2,12 @@
 
 A self-replay pool holds `buffer × batch_size` fresh samples of π0 started at
 the old domain id; each training step consumes one replay batch, and an empty
-pool is redrawn, so the same sample is never replayed twice.
+pool is redrawn, so the same sample is never replayed twice. Decoding the pool
+computes π0's final hidden states at every position of every sample; the pool
+keeps them, so the KL penalty needs no second forward pass of π0 over its own
+samples.
+
+Both sources give `next_batch() -> (tokens [b, T], π0 hidden states [b, T, D] or None)`.
 """
 
 from __future__ import annotations
@@ -25,29 +30,31 @@ class SelfReplayPool:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.pool: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
         self.cursor = 0
         self.draws = 0  # pools sampled so far
 
     def refill(self) -> None:
-        self.pool = sample(self.reference, self.domain_id, self.buffer * self.batch_size,
-                           temperature=self.temperature, generator=self.generator)
+        self.pool, self.hidden = sample(self.reference, self.domain_id, self.buffer * self.batch_size,
+                                        temperature=self.temperature, generator=self.generator,
+                                        return_hidden=True)
         self.cursor, self.draws = 0, self.draws + 1
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.pool is None or self.cursor == len(self.pool):
             self.refill()
-        batch = self.pool[self.cursor:self.cursor + self.batch_size]
+        rows = slice(self.cursor, self.cursor + self.batch_size)
         self.cursor += self.batch_size
-        return batch
+        return self.pool[rows], self.hidden[rows] if self.hidden is not None else None
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "draws": self.draws, "generator": self.generator.get_state(),
-                "pool": self.pool}
+                "pool": self.pool, "hidden": self.hidden}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor, self.draws = int(state["cursor"]), int(state["draws"])
         self.generator.set_state(state["generator"])
-        self.pool = state["pool"]
+        self.pool, self.hidden = state["pool"], state.get("hidden")
 
 
 class RealReplay:
@@ -56,8 +63,8 @@ class RealReplay:
     def __init__(self, stream: SequenceStream, batch_size: int, device: torch.device | str = "cpu"):
         self.stream, self.batch_size, self.device = stream, batch_size, device
 
-    def next_batch(self) -> torch.Tensor:
-        return torch.from_numpy(self.stream.take(self.batch_size)).to(self.device)
+    def next_batch(self) -> tuple[torch.Tensor, None]:
+        return torch.from_numpy(self.stream.take(self.batch_size)).to(self.device), None
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict()}

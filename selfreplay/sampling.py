@@ -18,7 +18,8 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -28,8 +29,9 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None
         # drop a token when the ones before it already reach top_p (the most likely always stays)
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    # inverse-CDF sampling: one uniform draw per row (per-token noise costs V draws per row)
-    cdf = logits.softmax(-1).cumsum(-1)
+    # inverse-CDF sampling: one uniform draw per row (per-token noise costs V draws per row);
+    # the cumulative sum of unnormalised probabilities, scaled by its last entry, needs no softmax
+    cdf = (logits - logits.amax(-1, keepdim=True)).exp_().cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)
 
@@ -38,11 +40,14 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None
 def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int, length: int | None = None,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            seed: int | None = None, generator: torch.Generator | None = None,
-           batch_size: int = 128) -> torch.Tensor:
+           batch_size: int = 128, return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequences [num_samples, length] that start with first_token (an id, or one per sample).
 
     Each batch decodes one token at a time through a KV cache: one forward pass over the
     first token, then one single-token pass per position. length defaults to the model's T.
+    With return_hidden, also the model's final hidden states [num_samples, length, D] at every
+    position of the samples (what `model.hidden` gives on them; `model.head` maps them to the
+    model's logits), which the decoding computes anyway but for the last position.
     """
     config = model.config
     length = length or config.T
@@ -57,15 +62,20 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
     first = torch.as_tensor(first_token, dtype=torch.long, device=device).expand(num_samples)
     out = torch.empty(num_samples, length, dtype=torch.long, device=device)
     dtype = next(model.parameters()).dtype
+    hidden = torch.empty(num_samples, length, config.D, dtype=dtype, device=device) if return_hidden else None
     for lo in range(0, num_samples, batch_size):
         hi = min(lo + batch_size, num_samples)
         cache = KVCache(config, hi - lo, device=device, dtype=dtype, length=length)
         tokens = out[lo:hi]
         tokens[:, 0] = first[lo:hi]
         for pos in range(length - 1):
-            logits = model(tokens[:, pos:pos + 1], cache=cache, start=pos)[:, -1]
-            tokens[:, pos + 1] = next_token(logits, temperature, top_k, top_p, generator)
-    return out
+            h = model.hidden(tokens[:, pos:pos + 1], cache=cache, start=pos)
+            if hidden is not None:
+                hidden[lo:hi, pos] = h[:, 0]
+            tokens[:, pos + 1] = next_token(model.head(h)[:, -1], temperature, top_k, top_p, generator)
+        if hidden is not None:
+            hidden[lo:hi, length - 1] = model.hidden(tokens[:, -1:], cache=cache, start=length - 1)[:, 0]
+    return (out, hidden) if return_hidden else out
 
 
 def sample_cli(run_dir: str, domain: str, num_samples: int, length: int | None, temperature: float,

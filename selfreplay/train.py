@@ -10,6 +10,7 @@ folder, from which a killed run resumes exactly.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -109,13 +110,16 @@ def validate(config: RunConfig, mode: str) -> None:
 # ---------------------------------------------------------------- the objective
 
 def training_loss(model, reference, new: torch.Tensor, replay: torch.Tensor | None, method: str,
-                  coeff: float, trunk=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  coeff: float, trunk=None, replay_hidden: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, NTP on the new batch, R) for new [B, T] and replay [b, T] sequences.
 
     ntp and kl run the model once over new and replay rows together; the frozen
     reference model only ever runs without gradients, so R's gradient reaches θ alone.
     `trunk` computes the model's final hidden states (a compiled `model.hidden`, say);
     the losses apply the output projection themselves, a block of rows at a time.
+    `replay_hidden`, π0's hidden states on the replay rows when the sampler kept them,
+    spares π0's forward pass over those rows.
     """
     trunk = trunk or model.hidden
     head = model.head.weight
@@ -126,8 +130,10 @@ def training_loss(model, reference, new: torch.Tensor, replay: torch.Tensor | No
         if method == "ntp":
             reg = head_next_token_loss(hidden[B:], head, replay)
         else:
-            with torch.no_grad():
-                ref_hidden = reference.hidden(replay)
+            ref_hidden = replay_hidden
+            if ref_hidden is None:
+                with torch.no_grad():
+                    ref_hidden = reference.hidden(replay)
             reg = head_kl_divergence(ref_hidden, reference.head.weight, hidden[B:], head)
     else:
         hidden = trunk(new)
@@ -314,6 +320,7 @@ def train(config: RunConfig, mode: str) -> dict:
             if isinstance(replay, SelfReplayPool):
                 replay_state["generator"] = tensors["replay.generator"]
                 replay_state["pool"] = tensors.get("replay.pool")
+                replay_state["hidden"] = tensors.get("replay.hidden")
             replay.load_state_dict(replay_state)
         lines = (out / METRICS_NAME).read_text().splitlines()[: progress["metric_lines"]]
         (out / METRICS_NAME).write_text("".join(line + "\n" for line in lines))
@@ -381,11 +388,12 @@ def train(config: RunConfig, mode: str) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         new = loader.next_batch().to(device)
-        replay_batch = replay.next_batch() if replay is not None else None
+        replay_batch, replay_hidden = replay.next_batch() if replay is not None else (None, None)
         if r.method == "replace":
             new = torch.cat([new, replay_batch])
         with autocast(device, config.precision):
-            loss, ntp, reg = training_loss(model, reference, new, replay_batch, r.method, r.coeff, trunk)
+            loss, ntp, reg = training_loss(model, reference, new, replay_batch, r.method, r.coeff, trunk,
+                                           replay_hidden)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optim.grad_clip:
@@ -457,7 +465,9 @@ def _make_replay(config: RunConfig, reference, old_data: TokenSequences, device)
         return None
     rows = r.batch_size if r.method != "replace" else math.floor(r.coeff * config.optim.batch_size)
     if r.source == "self":
-        return SelfReplayPool(reference, old_data.domain_id, rows, r.buffer, r.temperature, config.seed)
+        # bf16 runs decode with bf16 weights (a copy of π0): 1.3x the samples per second on CPU
+        sampler = copy.deepcopy(reference).to(torch.bfloat16) if config.precision == "bf16" else reference
+        return SelfReplayPool(sampler, old_data.domain_id, rows, r.buffer, r.temperature, config.seed)
     return RealReplay(SequenceStream(old_data, config.data.seed + 2), rows, device)
 
 
@@ -477,9 +487,10 @@ def _checkpoint(out: Path, model, optimizer, progress: dict, loader: BatchLoader
         state = replay.state_dict()
         if isinstance(replay, SelfReplayPool):
             tensors["replay.generator"] = state.pop("generator")
-            pool = state.pop("pool")
-            if pool is not None:
-                tensors["replay.pool"] = pool
+            for key in ("pool", "hidden"):
+                value = state.pop(key)
+                if value is not None:
+                    tensors[f"replay.{key}"] = value
         progress["replay"] = state
     save_training_state(out, model, optimizer, progress, tensors)
 

@@ -54,3 +54,13 @@ def test_top_k_and_top_p_truncate_and_temperature_zero_is_greedy():
     draws = torch.stack([next_token(logits, top_p=0.5, generator=g) for _ in range(200)])
     assert set(draws.flatten().tolist()) == {0}
     assert next_token(logits, temperature=0).item() == 0
+
+
+def test_hidden_states_kept_while_decoding_equal_the_full_forward_pass():
+    m = model()
+    for length in (TINY.T, 7, 1):
+        tokens, hidden = sample(m, 4, 5, length=length, seed=3, batch_size=2, return_hidden=True)
+        assert torch.equal(tokens, sample(m, 4, 5, length=length, seed=3, batch_size=2))
+        with torch.no_grad():
+            assert hidden.shape == (5, length, TINY.D)
+            assert torch.allclose(hidden, m.hidden(tokens), atol=1e-5)

@@ -164,8 +164,10 @@ def test_self_replay_pool_starts_at_the_old_domain_and_is_redrawn_every_buffer_s
 
     reference = Transformer.from_pretrained(pretrained).eval()
     pool = SelfReplayPool(reference, domain_id=0, batch_size=3, buffer=4, seed=0)
-    batches = [pool.next_batch() for _ in range(9)]
+    batches, hidden = zip(*[pool.next_batch() for _ in range(9)])
     assert all((b[:, 0] == 0).all() and b.shape == (3, reference.config.T) for b in batches)
+    with torch.no_grad():  # the hidden states kept from decoding are π0's on the samples
+        assert all(torch.allclose(h, reference.hidden(b), atol=1e-4) for b, h in zip(batches, hidden))
     assert pool.draws == 3  # steps 0, 4 and 8 drew a fresh pool
     assert len({tuple(row.tolist()) for b in batches[:8] for row in b}) == 24  # no sample replayed twice
 
@@ -176,9 +178,9 @@ def test_replace_puts_floor_cB_replay_rows_in_each_batch(corpus, pretrained, tmp
     seen = []
     real_loss = train_module.training_loss
 
-    def spy(model, reference, new, replay, method, coeff, trunk=None):
+    def spy(model, reference, new, replay, method, coeff, trunk=None, replay_hidden=None):
         seen.append((len(new), len(replay)))
-        return real_loss(model, reference, new, replay, method, coeff, trunk)
+        return real_loss(model, reference, new, replay, method, coeff, trunk, replay_hidden)
 
     monkeypatch.setattr(train_module, "training_loss", spy)
     train(finetune_config(corpus, pretrained, tmp_path / "rep", "replay.method=replace", "replay.coeff=0.3",
