@@ -1,11 +1,12 @@
 """Engine speed (issue 4): training, replay sampling, KL finetuning and evaluation throughput.
 
-    python benchmarks/speed.py                      # tiny and small configs
-    python benchmarks/speed.py --configs tiny --precision fp32 bf16
+    python benchmarks/speed.py                                  # tiny and small, fp32 eager
+    python benchmarks/speed.py --configs tiny precision=bf16 compile=true --out FILE.json
 
 For each config it measures, on real text (../shared/data/fortunes, else the built-in
 synthetic corpus): pretraining tokens/s; plain finetuning and self-replay-KL finetuning
-new-task tokens/s (replay batch 16, buffer 8, sampling included); sampling throughput
+new-task tokens/s (replay batch 16, buffer 8, sampling included), steady state, with the
+first logging interval (compilation, warm-up) timed apart; sampling throughput
 (sequences of T tokens/s) of the KV-cache sampler and of a naive sampler that reruns the
 full forward pass each step; evaluation tokens/s; peak resident memory. It also measures
 this machine's fp32 and bf16 matrix-multiply peak and reports model FLOPs utilisation.
@@ -18,6 +19,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,17 +38,18 @@ CONFIGS = {
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fortunes"
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    """GFLOP/s of an n×n by n×n matrix multiply in `dtype`, best of repeated runs."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> float:
+    """GFLOP/s of an n×n by n×n matrix multiply in `dtype`: the median of repeated runs after a
+    warm-up (single runs on a shared VM scatter by ±30%)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     for _ in range(3):
         a @ b
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
         tick = time.perf_counter()
         a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - tick) / 1e9)
-    return best
+        times.append(time.perf_counter() - tick)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 @torch.inference_mode()
@@ -88,41 +91,62 @@ def model_overrides(config: ModelConfig) -> list[str]:
     return [f"model.{k}={getattr(config, k)}" for k in ("D", "L", "H", "T", "V")]
 
 
-def run_training(mode: str, overrides: list[str]) -> dict:
-    config = resolve_config(mode, None, [*overrides, "log.progress=false", "data.val_sequences=64",
-                                         "log.every_tokens=1e12"])
-    return train(config, mode)
+INTERVAL_STEPS = 8  # = the replay buffer: every interval of a self-KL run draws one pool
+
+
+def run_training(mode: str, overrides: list[str], tokens_per_step: int) -> tuple[float, float, dict]:
+    """(steady tokens/s, warm-up seconds, summary) of one run: tokens/s over every logging interval but
+    the first, and how much longer the first interval took than a steady one (torch.compile's
+    compilation, allocator warm-up). Evaluation at log points is not training time."""
+    every = INTERVAL_STEPS * tokens_per_step
+    config = resolve_config(mode, None, [*overrides, "log.progress=false", "data.val_sequences=16",
+                                         f"log.every_tokens={every}"])
+    summary = train(config, mode)
+    lines = [json.loads(line) for line in (Path(config.out) / "metrics.jsonl").read_text().splitlines()]
+    seconds = [b["train_seconds"] - a["train_seconds"] for a, b in zip(lines, lines[1:])]
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip(lines, lines[1:])]
+    steady = sum(tokens[1:]) / sum(seconds[1:])
+    return steady, seconds[0] - tokens[0] / steady, summary
 
 
 def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int, extra: list[str]) -> dict:
     batch = 32
-    tokens = steps * batch * config.T
-    common = [f"optim.batch_size={batch}", f"stop.tokens={tokens}", "optim.warmup_steps=10", *extra]
+    tokens_per_step = batch * config.T
+    common = [f"optim.batch_size={batch}", f"stop.tokens={steps * tokens_per_step}", "optim.warmup_steps=10",
+              *extra]
     row = {"config": name, "params": config.params, "flops_per_token": flops_per_token(config)}
 
     pretrain_dir = work / f"{name}-pretrain"
-    summary = run_training("pretrain", [f"out={pretrain_dir}", f"data.tokenizer={files['tokenizer']}",
-                                        f"data.train={files['old']}", *model_overrides(config), *common])
-    row["pretrain_tokens_per_s"] = summary["tokens_per_second"]
+    row["pretrain_tokens_per_s"], row["pretrain_warmup_s"], _ = run_training(
+        "pretrain", [f"out={pretrain_dir}", f"data.tokenizer={files['tokenizer']}", f"data.train={files['old']}",
+                     *model_overrides(config), *common], tokens_per_step)
     finetune = [f"init={pretrain_dir}", f"data.train={files['new']}", *common]
-    summary = run_training("finetune", [f"out={work / f'{name}-plain'}", *finetune])
-    row["finetune_plain_tokens_per_s"] = summary["tokens_per_second"]
-    summary = run_training("finetune", [f"out={work / f'{name}-kl'}", *finetune, "replay.method=kl",
-                                        "replay.source=self", "replay.batch_size=16", "replay.buffer=8"])
-    row["finetune_self_kl_tokens_per_s"] = summary["tokens_per_second"]
+    row["finetune_plain_tokens_per_s"], _, _ = run_training(
+        "finetune", [f"out={work / f'{name}-plain'}", *finetune], tokens_per_step)
+    row["finetune_self_kl_tokens_per_s"], kl_warmup, kl = run_training(
+        "finetune", [f"out={work / f'{name}-kl'}", *finetune, "replay.method=kl", "replay.source=self",
+                     "replay.batch_size=16", f"replay.buffer={INTERVAL_STEPS}"], tokens_per_step)
     row["kl_vs_plain"] = row["finetune_self_kl_tokens_per_s"] / row["finetune_plain_tokens_per_s"]
+    # the share of steady training time that replay sampling takes (the eager sampler has no warm-up)
+    row["self_kl_sampling_share"] = kl["replay_seconds"] / (kl["train_seconds"] - kl_warmup)
 
     model = Transformer.from_pretrained(pretrain_dir).eval()
+    # the sampler decodes with the weights the run's replay pool uses: bf16 runs sample in bf16
+    sampler = model.to(torch.bfloat16) if "precision=bf16" in extra else model
     for batch_size in (64, 128):
-        sample(model, 0, batch_size, seed=0, batch_size=batch_size)  # warm up
-        tick = time.perf_counter()
-        sample(model, 0, batch_size, seed=1, batch_size=batch_size)
-        row[f"sample_seq_per_s_b{batch_size}"] = batch_size / (time.perf_counter() - tick)
+        sample(sampler, 0, batch_size, seed=0, batch_size=batch_size)  # warm up
+        times = []
+        for seed in (1, 2, 3):
+            tick = time.perf_counter()
+            sample(sampler, 0, batch_size, seed=seed, batch_size=batch_size)
+            times.append(time.perf_counter() - tick)
+        row[f"sample_seq_per_s_b{batch_size}"] = batch_size / statistics.median(times)
     tick = time.perf_counter()
-    naive_sample(model, 0, 64, torch.Generator().manual_seed(1))
+    naive_sample(sampler, 0, 64, torch.Generator().manual_seed(1))
     row["naive_sample_seq_per_s_b64"] = 64 / (time.perf_counter() - tick)
     row["cache_speedup"] = row["sample_seq_per_s_b64"] / row["naive_sample_seq_per_s_b64"]
 
+    model = model.float()
     val = torch.randint(0, config.V, (256, config.T))
     evaluate(model, val[:64])
     tick = time.perf_counter()
@@ -135,7 +159,8 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--steps", type=int, default=30, help="training steps per measurement")
+    parser.add_argument("--steps", type=int, default=40,
+                        help=f"training steps per run (logged every {INTERVAL_STEPS}; the first interval is warm-up)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "speed.json"))
     parser.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'before')")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every training run")
@@ -154,8 +179,9 @@ def main() -> None:
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s "
           f"({torch.get_num_threads()} threads)")
     columns = [("config", "{}"), ("pretrain_tokens_per_s", "{:,.0f}"), ("mfu_pretrain_vs_fp32_peak", "{:.1%}"),
+               ("mfu_pretrain_vs_bf16_peak", "{:.1%}"), ("pretrain_warmup_s", "{:.1f}"),
                ("finetune_plain_tokens_per_s", "{:,.0f}"), ("finetune_self_kl_tokens_per_s", "{:,.0f}"),
-               ("kl_vs_plain", "{:.0%}"), ("sample_seq_per_s_b64", "{:.1f}"), ("sample_seq_per_s_b128", "{:.1f}"),
+               ("kl_vs_plain", "{:.0%}"), ("self_kl_sampling_share", "{:.0%}"), ("sample_seq_per_s_b64", "{:.1f}"), ("sample_seq_per_s_b128", "{:.1f}"),
                ("naive_sample_seq_per_s_b64", "{:.1f}"), ("cache_speedup", "{:.1f}x"),
                ("eval_tokens_per_s", "{:,.0f}"), ("peak_rss_mib", "{:,.0f}")]
     for row in rows:

@@ -48,20 +48,22 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
 HEAD_CHUNK_ROWS = 512
 
 
-def head_next_token_loss(hidden: torch.Tensor, head_weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """`next_token_loss(hidden @ head_weight.T, tokens)` for final hidden states [B, T, D]."""
+def head_next_token_loss(hidden: torch.Tensor, head_weight: torch.Tensor, tokens: torch.Tensor,
+                         compile: bool = False) -> torch.Tensor:
+    """`next_token_loss(hidden @ head_weight.T, tokens)` for final hidden states [B, T, D].
+    compile: run each block's softmax arithmetic as one `torch.compile`d kernel."""
     D = hidden.shape[-1]
     return _HeadLoss.apply(hidden[:, :-1].reshape(-1, D), head_weight, tokens[:, 1:].reshape(-1), None, None,
-                           _compute_dtype(hidden))
+                           _compute_dtype(hidden), compile)
 
 
 def head_kl_divergence(ref_hidden: torch.Tensor, ref_head_weight: torch.Tensor, hidden: torch.Tensor,
-                       head_weight: torch.Tensor) -> torch.Tensor:
+                       head_weight: torch.Tensor, compile: bool = False) -> torch.Tensor:
     """`kl_divergence(ref_hidden @ ref_head_weight.T, hidden @ head_weight.T)`; gradients reach
     only `hidden` and `head_weight`."""
     D = hidden.shape[-1]
     return _HeadLoss.apply(hidden.reshape(-1, D), head_weight, None, ref_hidden.detach().reshape(-1, D),
-                           ref_head_weight.detach(), _compute_dtype(hidden))
+                           ref_head_weight.detach(), _compute_dtype(hidden), compile)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -71,40 +73,59 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _ntp_block(logits: torch.Tensor, targets: torch.Tensor, scale: float, dtype: torch.dtype):
+    """(sum of −log softmax(logits)[target], scale · (softmax − one-hot) in dtype) for one block."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    loss = -logp.gather(1, targets[:, None]).sum()
+    grad = logp.exp_()  # in place: the log-probabilities are not needed any more
+    grad.scatter_add_(1, targets[:, None], torch.full(targets[:, None].shape, -1.0, device=grad.device))
+    return loss, grad.mul_(scale).to(dtype)
+
+
+def _kl_block(logits: torch.Tensor, ref_logits: torch.Tensor, scale: float, dtype: torch.dtype):
+    """(sum of KL(softmax(ref_logits) ‖ softmax(logits)), scale · (softmax − ref softmax) in dtype)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
+    ref_p = ref_logp.exp()
+    loss = (ref_p * (ref_logp - logp)).sum()
+    return loss, logp.exp_().sub_(ref_p).mul_(scale).to(dtype)
+
+
+_COMPILED_BLOCKS: dict = {}
+
+
+def _block_functions(compile: bool):
+    if not compile:
+        return _ntp_block, _kl_block
+    if not _COMPILED_BLOCKS:
+        _COMPILED_BLOCKS.update(ntp=torch.compile(_ntp_block, dynamic=False),
+                                kl=torch.compile(_kl_block, dynamic=False))
+    return _COMPILED_BLOCKS["ntp"], _COMPILED_BLOCKS["kl"]
+
+
 class _HeadLoss(torch.autograd.Function):
     """Mean over rows of the next-token loss (targets given) or of KL(π0 ‖ πθ) (π0's hidden
     states and head given), computed from hidden states [N, D] and the head [V, D]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ref_hidden, ref_weight, dtype):
+    def forward(ctx, hidden, weight, targets, ref_hidden, ref_weight, dtype, compile):
         N = hidden.shape[0]
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        ntp_block, kl_block = _block_functions(compile)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             w0 = ref_weight.to(dtype) if ref_weight is not None else None
             for lo in range(0, N, HEAD_CHUNK_ROWS):
                 hi = min(lo + HEAD_CHUNK_ROWS, N)
                 h = hidden[lo:hi].to(dtype)
-                logp = torch.log_softmax((h @ w.T).float(), dim=-1)
                 if targets is not None:
-                    rows = torch.arange(hi - lo, device=hidden.device)
-                    total -= logp[rows, targets[lo:hi]].sum()
-                    target_p = None
+                    loss, grad = ntp_block(h @ w.T, targets[lo:hi], 1.0 / N, dtype)
                 else:
-                    ref_logp = torch.log_softmax((ref_hidden[lo:hi].to(dtype) @ w0.T).float(), dim=-1)
-                    target_p = ref_logp.exp()
-                    total += (target_p * (ref_logp - logp)).sum()
-                if not (want_hidden or want_weight):
-                    continue
-                grad = logp.exp_()  # softmax, in place of the log-probabilities
-                if target_p is None:
-                    grad[rows, targets[lo:hi]] -= 1.0
-                else:
-                    grad -= target_p
-                grad = grad.mul_(1.0 / N).to(dtype)
+                    loss, grad = kl_block(h @ w.T, ref_hidden[lo:hi].to(dtype) @ w0.T, 1.0 / N, dtype)
+                total += loss
                 if want_hidden:
                     grad_hidden[lo:hi] = grad @ w
                 if want_weight:
@@ -118,4 +139,4 @@ class _HeadLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_output if grad_hidden is not None else None,
                 (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None,
-                None, None, None, None)
+                None, None, None, None, None)

@@ -110,8 +110,8 @@ def validate(config: RunConfig, mode: str) -> None:
 # ---------------------------------------------------------------- the objective
 
 def training_loss(model, reference, new: torch.Tensor, replay: torch.Tensor | None, method: str,
-                  coeff: float, trunk=None, replay_hidden: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  coeff: float, trunk=None, replay_hidden: torch.Tensor | None = None,
+                  compile: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, NTP on the new batch, R) for new [B, T] and replay [b, T] sequences.
 
     ntp and kl run the model once over new and replay rows together; the frozen
@@ -119,29 +119,29 @@ def training_loss(model, reference, new: torch.Tensor, replay: torch.Tensor | No
     `trunk` computes the model's final hidden states (a compiled `model.hidden`, say);
     the losses apply the output projection themselves, a block of rows at a time.
     `replay_hidden`, π0's hidden states on the replay rows when the sampler kept them,
-    spares π0's forward pass over those rows.
+    spares π0's forward pass over those rows. compile: the losses' softmax arithmetic compiled.
     """
     trunk = trunk or model.hidden
     head = model.head.weight
     B = len(new)
     if method in ("ntp", "kl"):
         hidden = trunk(torch.cat([new, replay]))
-        ntp = head_next_token_loss(hidden[:B], head, new)
+        ntp = head_next_token_loss(hidden[:B], head, new, compile)
         if method == "ntp":
-            reg = head_next_token_loss(hidden[B:], head, replay)
+            reg = head_next_token_loss(hidden[B:], head, replay, compile)
         else:
             ref_hidden = replay_hidden
             if ref_hidden is None:
                 with torch.no_grad():
                     ref_hidden = reference.hidden(replay)
-            reg = head_kl_divergence(ref_hidden, reference.head.weight, hidden[B:], head)
+            reg = head_kl_divergence(ref_hidden, reference.head.weight, hidden[B:], head, compile)
     else:
         hidden = trunk(new)
-        ntp = head_next_token_loss(hidden, head, new)
+        ntp = head_next_token_loss(hidden, head, new, compile)
         if method == "kl_new":
             with torch.no_grad():
                 ref_hidden = reference.hidden(new)
-            reg = head_kl_divergence(ref_hidden, reference.head.weight, hidden, head)
+            reg = head_kl_divergence(ref_hidden, reference.head.weight, hidden, head, compile)
         else:  # none, replace (replay rows are already inside `new`)
             reg = torch.zeros((), device=new.device)
     return ntp + coeff * reg, ntp, reg
@@ -307,11 +307,13 @@ def train(config: RunConfig, mode: str) -> dict:
         return metrics
 
     # progress: everything a resumed run needs besides weights, optimizer and replay pool
-    progress = {"step": 0, "tokens": 0, "train_seconds": 0.0, "metric_lines": 0, "start_metrics": None,
+    progress = {"step": 0, "tokens": 0, "train_seconds": 0.0, "replay_seconds": 0.0, "metric_lines": 0,
+                "start_metrics": None,
                 "best_loss": None, "evals_since_best": 0, "time_to_target_seconds": None,
                 "time_to_target_steps": None, "loader": None, "replay": None, "stop_reason": None}
     if resuming and (state := load_training_state(out, device)) is not None:
         weights, tensors, progress = state
+        progress.setdefault("replay_seconds", 0.0)
         model.load_state_dict(weights)
         _load_optimizer(optimizer, tensors)
         loader.load_state_dict(progress["loader"])
@@ -388,12 +390,14 @@ def train(config: RunConfig, mode: str) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         new = loader.next_batch().to(device)
+        replay_tick = time.perf_counter()
         replay_batch, replay_hidden = replay.next_batch() if replay is not None else (None, None)
+        progress["replay_seconds"] += time.perf_counter() - replay_tick
         if r.method == "replace":
             new = torch.cat([new, replay_batch])
         with autocast(device, config.precision):
             loss, ntp, reg = training_loss(model, reference, new, replay_batch, r.method, r.coeff, trunk,
-                                           replay_hidden)
+                                           replay_hidden, config.compile)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.optim.grad_clip:
@@ -500,6 +504,7 @@ def _summary(config: RunConfig, mode: str, lines: list[dict], progress: dict, wa
     summary = {"mode": mode, "steps": progress["step"], "tokens": progress["tokens"],
                "epochs": last.get("epochs"), "train_seconds": progress["train_seconds"], "wall_seconds": wall_seconds,
                "tokens_per_second": progress["tokens"] / progress["train_seconds"] if progress["train_seconds"] else None,
+               "replay_seconds": progress["replay_seconds"],
                "stop_reason": progress["stop_reason"] or "budget",
                "time_to_target_seconds": progress["time_to_target_seconds"],
                "time_to_target_steps": progress["time_to_target_steps"],

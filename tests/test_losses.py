@@ -106,3 +106,16 @@ def test_head_losses_need_no_gradient_state_without_autograd(small_chunks):
     with torch.no_grad():
         assert head_next_token_loss(hidden, head, tokens).item() == pytest.approx(
             next_token_loss(hidden @ head.T, tokens).item(), rel=1e-6)
+
+
+def test_compiled_loss_blocks_give_the_eager_values_and_gradients(small_chunks):
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 8, 6, requires_grad=True)
+    head = torch.randn(10, 6, requires_grad=True)
+    ref_hidden, tokens = torch.randn(2, 8, 6), torch.randint(0, 10, (2, 8))
+    for loss in (lambda c: head_next_token_loss(hidden, head, tokens, compile=c),
+                 lambda c: head_kl_divergence(ref_hidden, head, hidden, head, compile=c)):
+        eager, compiled = loss(False), loss(True)
+        assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+        for a, b in zip(_grads(compiled, hidden, head), _grads(eager, hidden, head)):
+            assert torch.allclose(a, b, atol=1e-6)

@@ -178,9 +178,9 @@ def test_replace_puts_floor_cB_replay_rows_in_each_batch(corpus, pretrained, tmp
     seen = []
     real_loss = train_module.training_loss
 
-    def spy(model, reference, new, replay, method, coeff, trunk=None, replay_hidden=None):
+    def spy(model, reference, new, replay, method, coeff, *args):
         seen.append((len(new), len(replay)))
-        return real_loss(model, reference, new, replay, method, coeff, trunk, replay_hidden)
+        return real_loss(model, reference, new, replay, method, coeff, *args)
 
     monkeypatch.setattr(train_module, "training_loss", spy)
     train(finetune_config(corpus, pretrained, tmp_path / "rep", "replay.method=replace", "replay.coeff=0.3",
