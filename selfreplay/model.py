@@ -79,8 +79,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Fused causal attention over [B, heads, t, H]. On CPU it runs in float32 even under bf16
-    autocast: PyTorch's CPU flash-attention backward is about 3x slower in bf16 than in
-    float32 (benchmarks/speed.py), and the softmax stays in float32 either way."""
+    autocast: PyTorch's CPU fused attention, forward and backward, is 2-2.4x slower in bf16
+    than in float32 at the `tiny` shapes (benchmarks/kernels.py)."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     with torch.autocast("cpu", enabled=False):
@@ -115,8 +115,8 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-            if t == 1:  # one new query attends to every cached position (two small matmuls beat
-                # the fused kernel here: 0.6 vs 1.4 ms per layer at batch 128 and 128 positions)
+            if t == 1:  # one new query attends to every cached position: two small matmuls, with
+                # the softmax in float32 (as fast as the fused kernel or faster: benchmarks/kernels.py)
                 scores = (q @ k.transpose(-1, -2)).float() * self.head_dim**-0.5
                 y = scores.softmax(-1).type_as(v) @ v
             else:  # new queries at positions start..end-1 see the cache and each other causally
