@@ -107,6 +107,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(corpus, pretrained, tm
 
     overrides = ("replay.method=kl", "replay.source=self", "log.checkpoint_every=1", "stop.tokens=3072")
     whole = train(finetune_config(corpus, pretrained, tmp_path / "whole", *overrides), "finetune")
+    assert 0 < whole["replay_seconds"] < whole["train_seconds"]  # sampling time is measured, inside training time
 
     calls = {"n": 0}
     real_evaluate = ValidationSet.evaluate
