@@ -20,11 +20,12 @@ from selfreplay.sampling import sample
 
 
 class SelfReplayPool:
-    """Replay batches [batch_size, T] sampled from the frozen model `reference`."""
+    """Replay batches [batch_size, T] sampled from the frozen model `reference`, with its hidden
+    states on them when keep_hidden (what the KL penalty needs; NTP replay needs only tokens)."""
 
     def __init__(self, reference: Transformer, domain_id: int, batch_size: int, buffer: int,
-                 temperature: float = 1.0, seed: int = 0):
-        self.reference, self.domain_id = reference, domain_id
+                 temperature: float = 1.0, seed: int = 0, keep_hidden: bool = True):
+        self.reference, self.domain_id, self.keep_hidden = reference, domain_id, keep_hidden
         self.batch_size, self.buffer, self.temperature = batch_size, buffer, temperature
         device = next(reference.parameters()).device
         self.generator = torch.Generator(device=device)
@@ -35,9 +36,9 @@ class SelfReplayPool:
         self.draws = 0  # pools sampled so far
 
     def refill(self) -> None:
-        self.pool, self.hidden = sample(self.reference, self.domain_id, self.buffer * self.batch_size,
-                                        temperature=self.temperature, generator=self.generator,
-                                        return_hidden=True)
+        drawn = sample(self.reference, self.domain_id, self.buffer * self.batch_size,
+                       temperature=self.temperature, generator=self.generator, return_hidden=self.keep_hidden)
+        self.pool, self.hidden = drawn if self.keep_hidden else (drawn, None)
         self.cursor, self.draws = 0, self.draws + 1
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
