@@ -53,8 +53,10 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> floa
 
 
 @torch.inference_mode()
+@torch.inference_mode()
 def naive_sample(model: Transformer, first_token: int, num_samples: int, generator: torch.Generator) -> torch.Tensor:
-    """The baseline: no cache, the full forward pass over the whole prefix at every step."""
+    """The baseline: no cache, the full forward pass over the whole prefix at every step (without
+    autograd, like the cached sampler)."""
     tokens = torch.full((num_samples, 1), first_token, dtype=torch.long)
     for _ in range(model.config.T - 1):
         logits = model(tokens)[:, -1]
@@ -141,18 +143,22 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
             sample(sampler, 0, batch_size, seed=seed, batch_size=batch_size)
             times.append(time.perf_counter() - tick)
         row[f"sample_seq_per_s_b{batch_size}"] = batch_size / statistics.median(times)
+
+    evaluated = Transformer.from_pretrained(pretrain_dir).eval()
+    val = torch.randint(0, config.V, (256, config.T))
+    evaluate(evaluated, val[:64])
+    tick = time.perf_counter()
+    evaluate(evaluated, val)
+    row["eval_tokens_per_s"] = val.numel() / (time.perf_counter() - tick)
+    # the process's peak so far: training, replay sampling, evaluation. Taken before the naive
+    # baseline, whose T - 1 distinct input shapes fill oneDNN's primitive cache and fragment the
+    # heap (several GB for `small`): memory no selfreplay command uses.
+    row["peak_rss_mib"] = peak_rss_mib()
+
     tick = time.perf_counter()
     naive_sample(sampler, 0, 64, torch.Generator().manual_seed(1))
     row["naive_sample_seq_per_s_b64"] = 64 / (time.perf_counter() - tick)
     row["cache_speedup"] = row["sample_seq_per_s_b64"] / row["naive_sample_seq_per_s_b64"]
-
-    model = model.float()
-    val = torch.randint(0, config.V, (256, config.T))
-    evaluate(model, val[:64])
-    tick = time.perf_counter()
-    evaluate(model, val)
-    row["eval_tokens_per_s"] = val.numel() / (time.perf_counter() - tick)
-    row["peak_rss_mib"] = peak_rss_mib()
     return row
 
 
