@@ -96,6 +96,14 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
+    @staticmethod
+    def storage_dtype(model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+        """float32 on CPU whatever the model's dtype, the model's dtype elsewhere. On CPU, bf16
+        matmuls over cache slices go through oneDNN, which builds (and caches) kernels for each
+        of the T slice lengths: that held 3.4 GB while sampling `small` at batch 128, and decoded
+        slower than float32 does."""
+        return torch.float32 if torch.device(device).type == "cpu" else model_dtype
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -115,6 +123,7 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
+            q = q.to(k.dtype)  # the cache may be kept in float32 for a bf16 model (see KVCache)
             if t == 1:  # one new query attends to every cached position: two small matmuls, with
                 # the softmax in float32 (as fast as the fused kernel or faster: benchmarks/kernels.py)
                 scores = (q @ k.transpose(-1, -2)).float() * self.head_dim**-0.5
@@ -122,6 +131,7 @@ class Attention(nn.Module):
             else:  # new queries at positions start..end-1 see the cache and each other causally
                 mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = y.type_as(x)
         return self.out(y.transpose(1, 2).reshape(B, t, D))
 
 

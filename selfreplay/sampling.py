@@ -65,7 +65,7 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
     hidden = torch.empty(num_samples, length, config.D, dtype=dtype, device=device) if return_hidden else None
     for lo in range(0, num_samples, batch_size):
         hi = min(lo + batch_size, num_samples)
-        cache = KVCache(config, hi - lo, device=device, dtype=dtype, length=length)
+        cache = KVCache(config, hi - lo, device=device, dtype=KVCache.storage_dtype(dtype, device), length=length)
         tokens = out[lo:hi]
         tokens[:, 0] = first[lo:hi]
         for pos in range(length - 1):

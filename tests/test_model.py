@@ -54,6 +54,22 @@ def test_kv_cache_matches_full_forward_at_every_position():
     assert (chunks - full).abs().max().item() <= 1e-4
 
 
+def test_bf16_model_decodes_through_a_float32_cache_on_cpu_and_matches_its_full_forward():
+    # the sampler keeps a bf16 model's keys and values in float32 on CPU (KVCache.storage_dtype)
+    assert KVCache.storage_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert KVCache.storage_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    model = make_model(seed=1).to(torch.bfloat16)
+    x = torch.randint(0, TINY.V, (3, TINY.T))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(TINY, batch_size=3, dtype=KVCache.storage_dtype(torch.bfloat16, "cpu"))
+        steps = torch.cat([model(x[:, :5], cache=cache, start=0),
+                           *[model(x[:, i:i + 1], cache=cache, start=i) for i in range(5, TINY.T)]], dim=1)
+    assert steps.dtype == torch.bfloat16 and cache.k.dtype == torch.float32
+    # full-sequence attention runs in float32 on CPU too, so the two paths agree to bf16 rounding
+    assert (steps.float() - full.float()).abs().max().item() <= 1e-2
+
+
 def test_save_load_round_trip_gives_identical_logits(tmp_path):
     model = make_model(seed=3)
     model.save_pretrained(tmp_path / "run")
