@@ -53,7 +53,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 3.0) -> floa
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def naive_sample(model: Transformer, first_token: int, num_samples: int, generator: torch.Generator) -> torch.Tensor:
     """The baseline: no cache, the full forward pass over the whole prefix at every step (without
     autograd, like the cached sampler)."""
