@@ -60,8 +60,8 @@ def main() -> None:
     new = torch.randint(0, config.V, (32, config.T))
     pool_size = STEPS_PER_POOL * REPLAY_BATCH
 
-    def draw(batch_size: int = pool_size, seed: int = 0):
-        return sample(sampler, 0, pool_size, seed=seed, batch_size=batch_size, return_hidden=True)
+    def draw(batch_size: int = pool_size):
+        return sample(sampler, 0, pool_size, seed=0, batch_size=batch_size, return_hidden=True)
 
     replay, replay_hidden = (x[:REPLAY_BATCH] for x in draw())
 
@@ -84,7 +84,10 @@ def main() -> None:
         steps(kl=True)
         drawer.join()
 
-    steps(kl=False), steps(kl=True), draw(batch_size=2 * pool_size)  # warm-up, compilation
+    # warm-up and compilation
+    steps(kl=False)
+    steps(kl=True)
+    draw(batch_size=2 * pool_size)
     times: dict[str, list[float]] = {"plain": [], "kl_training": [], "pool_draw": [], "kl_overlapped": [],
                                      "pool_draw_b128": [], "pool_draw_b256_per_pool": []}
     for _ in range(args.rounds):
