@@ -13,8 +13,15 @@ from selfreplay.errors import SelfReplayError
 
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
-    from selfreplay.tokenizer import train_tokenizer
+    from pathlib import Path
 
+    from selfreplay.config import check_output_dir
+    from selfreplay.tokenizer import TOKENIZER_FILE, train_tokenizer
+
+    check_output_dir(args.out, "--out")
+    if (Path(args.out) / TOKENIZER_FILE).exists():
+        raise SelfReplayError(f"{args.out} already holds a tokenizer, and token files made with it would stop "
+                              "loading if it changed: choose another --out, or delete it first")
     domains = [d for d in args.domains.split(",") if d] if args.domains else []
     tok = train_tokenizer(args.corpus, vocab_size=args.vocab_size, out_dir=args.out,
                           domains=domains, text_field=args.text_field)
@@ -72,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="selfreplay",
         description="Finetune language models without forgetting, by replaying "
                     "sequences the frozen pretrained model samples from itself.")
+    from selfreplay import __version__
+
+    parser.add_argument("--version", action="version", version=f"selfreplay {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     tokenizer = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfreplay: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("selfreplay: interrupted", file=sys.stderr)
+        print("selfreplay: interrupted (run the same command again to resume)", file=sys.stderr)
         return 130
     return 0
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,7 +80,8 @@ class StopConfig:
 @dataclass
 class LogConfig:
     every_tokens: int = 65536  # measure every this many training tokens
-    checkpoint_every: int = 0  # checkpoint every this many log points (0: only at the end)
+    checkpoint_every: int = 0  # also checkpoint every this many log points (0: by time alone)
+    checkpoint_seconds: float = 300.0  # checkpoint at the first log point this long after the last one (0: never)
     progress: bool = True  # tqdm progress bar
 
 
@@ -148,7 +151,7 @@ def _coerce(value, tp, key: str):
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         raise SelfReplayError(f"config key '{key}' has an unsupported type {tp}")
@@ -238,3 +241,124 @@ def save_config(config: RunConfig, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------- what each setting accepts
+
+@dataclass(frozen=True)
+class Range:
+    """The finite numbers a numeric key accepts: low <= x <= high, or < / > where open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        if not math.isfinite(x):
+            return False
+        if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
+            return False
+        return self.high is None or (x < self.high or (not self.high_open and x == self.high))
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}" if self.high is not None else "a finite number"
+
+
+AT_LEAST_0, AT_LEAST_1, ABOVE_0 = Range(0), Range(1), Range(0, low_open=True)
+BETA = Range(0, 1, high_open=True)
+
+# Every numeric key and the values it accepts (tests check that no numeric key is missing).
+RANGES = {
+    "seed": AT_LEAST_0,
+    "model.D": AT_LEAST_1, "model.L": AT_LEAST_1, "model.H": Range(2), "model.T": Range(2), "model.V": AT_LEAST_1,
+    "model.rope_base": Range(1, low_open=True),
+    "data.mix_fraction": Range(0, 1), "data.val_sequences": AT_LEAST_0, "data.seed": AT_LEAST_0,
+    "optim.lr": ABOVE_0, "optim.batch_size": AT_LEAST_1, "optim.weight_decay": AT_LEAST_0,
+    "optim.beta1": BETA, "optim.beta2": BETA, "optim.warmup_steps": AT_LEAST_0, "optim.grad_clip": ABOVE_0,
+    "replay.coeff": AT_LEAST_0, "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1,
+    "replay.temperature": ABOVE_0,
+    "lora.rank": AT_LEAST_0, "lora.alpha": ABOVE_0,
+    "stop.tokens": AT_LEAST_1, "stop.tokens_per_param": ABOVE_0, "stop.epochs": ABOVE_0,
+    "stop.target_loss": AT_LEAST_0, "stop.wall_seconds": ABOVE_0, "stop.patience": AT_LEAST_1,
+    "log.every_tokens": AT_LEAST_1, "log.checkpoint_every": AT_LEAST_0, "log.checkpoint_seconds": AT_LEAST_0,
+}
+CHOICES = {"replay.method": REGULARIZERS, "replay.source": REPLAY_SOURCES, "optim.schedule": SCHEDULES,
+           "precision": PRECISIONS}
+
+
+def get_key(config, key: str):
+    """The value of dotted `key` in a config dataclass ('optim.lr' -> config.optim.lr)."""
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def check_ranges(config: RunConfig) -> None:
+    """Refuse any numeric value outside its range, and any unknown choice, with one line."""
+    for key, allowed in RANGES.items():
+        value = get_key(config, key)
+        if value is not None and value not in allowed:
+            raise SelfReplayError(f"{key} must be {allowed}, got {value}")
+    for key, options in CHOICES.items():
+        value = get_key(config, key)
+        if value not in options:
+            raise SelfReplayError(f"unknown {key} {value!r}: choose one of {', '.join(options)}")
+
+
+def validate(config: RunConfig, mode: str) -> None:
+    """Every check a run's settings must pass before anything is written; each failure is one
+    line saying what to change."""
+    check_ranges(config)
+    r, s, o = config.replay, config.stop, config.optim
+    checks = [
+        (not config.out, "set out=RUN_DIR, the directory the run writes to"),
+        (not config.data.train, "set data.train=TOKEN_FILE, the token file to train on"),
+        (mode == "pretrain" and not config.data.tokenizer, "set data.tokenizer=DIR, the tokenizer of the token files"),
+        (mode == "pretrain" and r.method != "none", "replay is for finetuning: pretraining takes replay.method=none"),
+        (mode == "pretrain" and config.lora.rank > 0, "LoRA is a finetuning baseline: pretraining takes lora.rank=0"),
+        (r.method == "replace" and r.coeff > 1,
+         f"replay.method=replace takes replay.coeff as a fraction of rows in [0, 1], got {r.coeff}"),
+        (config.data.mix_fraction > 0 and not config.data.mix,
+         "data.mix_fraction > 0 needs a second token file: set data.mix=TOKEN_FILE"),
+        (all(v is None for v in (s.tokens, s.tokens_per_param, s.epochs, s.target_loss, s.wall_seconds)),
+         "no stop rule: set stop.tokens, stop.tokens_per_param, stop.epochs, stop.target_loss or stop.wall_seconds"),
+        ((s.target_loss is not None or s.patience is not None) and config.data.val_sequences == 0,
+         "stop.target_loss and stop.patience need validation data: set data.val_sequences > 0"),
+        (o.schedule == "cosine" and all(v is None for v in (s.tokens, s.tokens_per_param, s.epochs)),
+         "optim.schedule=cosine decays to zero at the token budget: set stop.tokens, stop.tokens_per_param or stop.epochs"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise SelfReplayError(message)
+    if r.method == "replace" and math.floor(r.coeff * o.batch_size) >= o.batch_size:
+        raise SelfReplayError("replay.method=replace would replace every row of the batch: lower replay.coeff")
+    from selfreplay.runtime import resolve_device
+
+    resolve_device(config.device)
+    check_output_dir(config.out, "out")
+
+
+def check_output_dir(path: str | Path, key: str) -> None:
+    """Refuse an output directory that names a file, lies under a file, or cannot be written."""
+    path = Path(path).absolute()
+    if path.exists() and not path.is_dir():
+        raise SelfReplayError(f"{key}={path} is a file, not a directory: choose another {key}=")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SelfReplayError(f"{key}={path} lies under the file {parent}: choose another {key}=")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SelfReplayError(f"{key}={path} cannot be written ({parent} is not writable): choose another {key}=")
+
+
+def build(cls: type, values: dict, prefix: str = ""):
+    """A config dataclass from plain values (a YAML section, say), each converted to its field's type."""
+    if not isinstance(values, dict):
+        raise SelfReplayError(f"config section '{prefix.rstrip('.')}' must be a mapping of keys, got {values!r}")
+    return _build(cls, values, prefix)

@@ -36,6 +36,15 @@ class TokenSequences:
         self.val_index = np.sort(order[:val_sequences])
         self.train_index = order[val_sequences:]
 
+    def check_vocabulary(self, V: int) -> None:
+        """Refuse a file holding ids the model has no embedding for (one pass over the file)."""
+        largest = max(int(self.sequences.max()), self.domain_id)
+        if largest >= V:
+            flat = np.flatnonzero(self.sequences.reshape(-1) >= V)
+            where = f" at position {flat[0]:,}" if len(flat) else " (its domain id)"
+            raise SelfReplayError(f"{self.path} holds token id {largest}{where}, beyond the model's vocabulary "
+                                  f"(model.V={V}): tokenize it with the run's tokenizer, or raise model.V")
+
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Sequences [len(index), T] (int64) with the domain id at position 0."""
         rows = self.sequences[np.asarray(index)].astype(np.int64)

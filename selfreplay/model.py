@@ -11,7 +11,7 @@ section is a `ModelConfig`); loading never unpickles.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,9 +20,7 @@ import yaml
 from torch import nn
 
 from selfreplay.errors import SelfReplayError
-
-WEIGHTS_NAME = "weights.safetensors"
-CONFIG_NAME = "config.yaml"
+from selfreplay.rundir import CONFIG_NAME, WEIGHTS_NAME, write_atomic
 
 
 @dataclass
@@ -200,12 +198,6 @@ class Transformer(nn.Module):
         return model
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
 def save_checkpoint(model: nn.Module, run_dir: str | Path, extra_config: dict | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -213,8 +205,8 @@ def save_checkpoint(model: nn.Module, run_dir: str | Path, extra_config: dict | 
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = {**(extra_config or {}), "model": asdict(model.config)}
-    _atomic_write(run_dir / WEIGHTS_NAME, lambda p: save_file(state, str(p)))
-    _atomic_write(run_dir / CONFIG_NAME, lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False)))
+    write_atomic(run_dir / WEIGHTS_NAME, lambda p: save_file(state, str(p)))
+    write_atomic(run_dir / CONFIG_NAME, lambda p: p.write_text(yaml.safe_dump(config, sort_keys=False)))
 
 
 def load_model_config(run_dir: str | Path) -> ModelConfig:
@@ -227,11 +219,12 @@ def load_model_config(run_dir: str | Path) -> ModelConfig:
         raise SelfReplayError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(section, dict):
         raise SelfReplayError(f"{path} has no 'model:' section: it does not describe a selfreplay model")
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = set(section) - known
-    if unknown:
-        raise SelfReplayError(f"{path}: unknown model keys {sorted(unknown)} (known: {sorted(known)})")
-    return ModelConfig(**section)
+    from selfreplay.config import build  # config imports this module
+
+    try:
+        return build(ModelConfig, section, "model.")
+    except SelfReplayError as e:
+        raise SelfReplayError(f"{path}: {e}") from None
 
 
 def load_weights(run_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

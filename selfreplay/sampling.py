@@ -36,6 +36,23 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)
 
 
+def check_sampling(num_samples: int, length: int, T: int, temperature: float, top_k: int | None,
+                   top_p: float | None) -> None:
+    """Refuse sampling settings outside their ranges, with one line each."""
+    import math
+
+    checks = [
+        (num_samples < 1, f"the number of samples must be at least 1, got {num_samples}"),
+        (not 1 <= length <= T, f"sample length must be between 1 and the model's T={T}, got {length}"),
+        (not (math.isfinite(temperature) and temperature >= 0), f"temperature must be >= 0, got {temperature}"),
+        (top_k is not None and top_k < 1, f"top-k must be at least 1, got {top_k}"),
+        (top_p is not None and not 0 < top_p <= 1, f"top-p must be in (0, 1], got {top_p}"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise SelfReplayError(message)
+
+
 @torch.inference_mode()
 def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int, length: int | None = None,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -50,11 +67,8 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
     model's logits), which the decoding computes anyway but for the last position.
     """
     config = model.config
-    length = length or config.T
-    if not 1 <= length <= config.T:
-        raise SelfReplayError(f"sample length must be between 1 and the model's T={config.T}, got {length}")
-    if temperature < 0:
-        raise SelfReplayError(f"temperature must be >= 0, got {temperature}")
+    length = config.T if length is None else length
+    check_sampling(num_samples, length, config.T, temperature, top_k, top_p)
     device = next(model.parameters()).device
     if generator is None:
         generator = torch.Generator(device=device)
@@ -86,9 +100,11 @@ def sample_cli(run_dir: str, domain: str, num_samples: int, length: int | None, 
     from selfreplay.runtime import resolve_device
     from selfreplay.tokenizer import load_tokenizer
 
-    if num_samples < 1:
-        raise SelfReplayError(f"-n must be at least 1, got {num_samples}")
+    if seed < 0:
+        raise SelfReplayError(f"--seed must be >= 0, got {seed}")
     model = Transformer.from_pretrained(run_dir, device=resolve_device(device)).eval()
+    check_sampling(num_samples, model.config.T if length is None else length, model.config.T, temperature,
+                   top_k, top_p)
     tokenizer = load_tokenizer(Path(run_dir))
     domain_id = tokenizer.domain_id(domain)
     tokens = sample(model, domain_id, num_samples, length, temperature, top_k, top_p, seed=seed).tolist()

@@ -87,9 +87,11 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json`; returns its path."""
+        from selfreplay.rundir import write_atomic
+
         path = Path(directory) / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(path))
+        write_atomic(path, lambda tmp: self._tok.save(str(tmp)))  # a kill leaves no half-written tokenizer
         return path
 
     @property

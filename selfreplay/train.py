@@ -1,27 +1,28 @@
-"""Pretraining and finetuning: one plain loop.
+"""Pretraining and finetuning: one plain loop, in named stages.
 
     loss = NTP(θ; x_new) + c · R        (the regulariser R is chosen in `training_loss`)
 
-A run directory holds config.yaml (the resolved config), tokenizer.json,
-metrics.jsonl (one line per log point), summary.json and weights.safetensors;
-while the run is going, checkpoint.json names the latest complete checkpoint
-folder, from which a killed run resumes exactly.
+`train` reads top to bottom: validate the settings and the data (before anything is
+written), open the run directory (new, resumed or finished: `selfreplay.rundir`), `setup`
+the models, data and replay, then `train_step` until a stop rule fires, with `measure` and
+a log line every `log.every_tokens` and a checkpoint now and then, and `finish` with the
+weights and summary.json. A non-finite loss or gradient norm stops the run at once
+(stop_reason "diverged"); Ctrl-C stops it after the current step with a checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import shutil
+import signal
+import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from selfreplay.config import (PRECISIONS, REGULARIZERS, REPLAY_SOURCES, SCHEDULES, RunConfig, load_config,
-                               read_yaml, save_config, to_dict)
+from selfreplay.config import RunConfig, load_config, read_yaml, save_config, to_dict, validate
 from selfreplay.data import BatchLoader, SequenceStream, TokenSequences
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluate import ValidationSet, compute_multiplier, weight_drift
@@ -29,9 +30,12 @@ from selfreplay.lora import add_lora, effective_weights, merge_lora
 from selfreplay.losses import head_kl_divergence, head_next_token_loss
 from selfreplay.model import CONFIG_NAME, ModelConfig, Transformer, load_model_config, save_checkpoint
 from selfreplay.replay import RealReplay, SelfReplayPool
+from selfreplay.rundir import METRICS_NAME, SUMMARY_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, resolve_device
 
-METRICS_NAME, SUMMARY_NAME, CHECKPOINT_POINTER = "metrics.jsonl", "summary.json", "checkpoint.json"
+
+class TrainingDiverged(SelfReplayError):
+    """The loss or gradient norm stopped being finite; the run's summary says where."""
 
 
 # ---------------------------------------------------------------- configuration
@@ -48,10 +52,14 @@ def resolve_config(mode: str, path: str | None, overrides: list[str] | None) -> 
         if user_model != ModelConfig() and user_model != model:
             raise SelfReplayError(f"model.* settings differ from the init run {config.init}: "
                                   "a finetuned model keeps its pretrained shape, drop the model.* overrides")
-        init_data = init_config.get("data", {})
+        init_data = init_config.get("data") if isinstance(init_config.get("data"), dict) else {}
         base = {"model": vars(model), "data": {"old": init_data.get("train"), "seed": init_data.get("seed", 0),
                                                "val_sequences": init_data.get("val_sequences", 256)}}
-        config = load_config(path, overrides, base=base)
+        try:
+            config = load_config(path, overrides, base=base)
+        except SelfReplayError as e:
+            raise SelfReplayError(f"{e} (a setting taken from the init run {config.init}: fix its {CONFIG_NAME} "
+                                  "or set the key here)") from None
     validate(config, mode)
     return _absolute_paths(config)
 
@@ -68,43 +76,6 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     data = replace(config.data, tokenizer=absolute(config.data.tokenizer), train=absolute(config.data.train),
                    mix=absolute(config.data.mix), old=absolute(config.data.old))
     return replace(config, out=absolute(config.out), init=absolute(config.init), data=data)
-
-
-def validate(config: RunConfig, mode: str) -> None:
-    """Reject settings that cannot run, each with one line saying what to change."""
-    r, s, o = config.replay, config.stop, config.optim
-    checks = [
-        (not config.out, "set out=RUN_DIR, the directory the run writes to"),
-        (not config.data.train, "set data.train=TOKEN_FILE, the token file to train on"),
-        (mode == "pretrain" and not config.data.tokenizer, "set data.tokenizer=DIR, the tokenizer of the token files"),
-        (mode == "pretrain" and r.method != "none", "replay is for finetuning: pretraining takes replay.method=none"),
-        (mode == "pretrain" and config.lora.rank > 0, "LoRA is a finetuning baseline: pretraining takes lora.rank=0"),
-        (r.method not in REGULARIZERS, f"unknown replay.method {r.method!r}: choose one of {', '.join(REGULARIZERS)}"),
-        (r.source not in REPLAY_SOURCES, f"unknown replay.source {r.source!r}: choose self or real"),
-        (r.coeff < 0, f"replay.coeff must be >= 0, got {r.coeff}"),
-        (r.method == "replace" and r.coeff > 1, f"replay.method=replace takes replay.coeff as a fraction of rows in [0, 1], got {r.coeff}"),
-        (r.batch_size < 1 or r.buffer < 1, "replay.batch_size and replay.buffer must be at least 1"),
-        (r.temperature <= 0, f"replay.temperature must be > 0, got {r.temperature}"),
-        (o.lr <= 0, f"optim.lr must be > 0, got {o.lr}"),
-        (o.batch_size < 1, f"optim.batch_size must be at least 1, got {o.batch_size}"),
-        (o.warmup_steps < 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}"),
-        (o.schedule not in SCHEDULES, f"unknown optim.schedule {o.schedule!r}: choose constant or cosine"),
-        (config.precision not in PRECISIONS, f"unknown precision {config.precision!r}: choose fp32 or bf16"),
-        (config.lora.rank < 0, f"lora.rank must be >= 0, got {config.lora.rank}"),
-        (config.log.every_tokens < 1, "log.every_tokens must be at least 1"),
-        (config.data.val_sequences < 0, "data.val_sequences must be >= 0"),
-        (all(v is None for v in (s.tokens, s.tokens_per_param, s.epochs, s.target_loss, s.wall_seconds)),
-         "no stop rule: set stop.tokens, stop.tokens_per_param, stop.epochs, stop.target_loss or stop.wall_seconds"),
-        ((s.target_loss is not None or s.patience is not None) and config.data.val_sequences == 0,
-         "stop.target_loss and stop.patience need validation data: set data.val_sequences > 0"),
-        (o.schedule == "cosine" and all(v is None for v in (s.tokens, s.tokens_per_param, s.epochs)),
-         "optim.schedule=cosine decays to zero at the token budget: set stop.tokens, stop.tokens_per_param or stop.epochs"),
-    ]
-    for failed, message in checks:
-        if failed:
-            raise SelfReplayError(message)
-    if r.method == "replace" and math.floor(r.coeff * o.batch_size) >= o.batch_size:
-        raise SelfReplayError("replay.method=replace would replace every row of the batch: lower replay.coeff")
 
 
 # ---------------------------------------------------------------- the objective
@@ -158,292 +129,138 @@ def learning_rate(step: int, config: RunConfig, total_steps: int | None) -> floa
     return o.lr
 
 
-# ---------------------------------------------------------------- checkpoints
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for i, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            tensors[f"optimizer.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    return tensors
+# ---------------------------------------------------------------- the state of a run
 
+@dataclass
+class Interval:
+    """Sums since the last log point (kept in checkpoints, so a resumed run logs the same line)."""
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    state_dict = optimizer.state_dict()
-    state: dict = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, i, key = name.split(".", 2)
-            state.setdefault(int(i), {})[key] = value
-    state_dict["state"] = state
-    optimizer.load_state_dict(state_dict)
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    loss: float = 0.0
+    replay_loss: float = 0.0
+    grad_norm: float = 0.0
 
 
-def save_training_state(out: Path, model, optimizer, progress: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write ckpt-STEP/ completely, then point checkpoint.json at it (an atomic rename), then drop older ones.
+@dataclass
+class Progress:
+    """Everything a resumed run needs besides weights, optimizer state and the replay pool."""
 
-    A kill at any moment leaves checkpoint.json naming a complete folder.
-    """
-    from safetensors.torch import save_file
+    step: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    replay_seconds: float = 0.0
+    metric_lines: int = 0
+    start_metrics: dict | None = None  # the first log point's measurements
+    last_line: dict | None = None  # the latest log line written
+    best_loss: float | None = None
+    evals_since_best: int = 0
+    time_to_target_seconds: float | None = None
+    time_to_target_steps: int | None = None
+    stop_reason: str | None = None
+    diverged: str | None = None  # what stopped being finite, and where
+    loader: dict | None = None
+    replay: dict | None = None
+    interval: Interval = field(default_factory=Interval)
 
-    name = f"ckpt-{progress['step']:08d}"
-    folder, staging = out / name, out / f".{name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, str(staging / "weights.safetensors"))
-    save_file({**_optimizer_tensors(optimizer), **{k: v.cpu().contiguous() for k, v in tensors.items()}},
-              str(staging / "state.safetensors"))
-    (staging / "progress.json").write_text(json.dumps(progress))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    pointer = out / f".{CHECKPOINT_POINTER}.tmp"
-    pointer.write_text(json.dumps({"latest": name}))
-    pointer.replace(out / CHECKPOINT_POINTER)
-    for old in out.glob("ckpt-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def load_training_state(out: Path, device) -> tuple[dict, dict, dict] | None:
-    """(weights, tensors, progress) of the latest complete checkpoint, or None."""
-    from safetensors.torch import load_file
-
-    pointer = out / CHECKPOINT_POINTER
-    if not pointer.is_file():
-        return None
-    folder = out / json.loads(pointer.read_text())["latest"]
-    weights = load_file(str(folder / "weights.safetensors"), device=str(device))
-    tensors = load_file(str(folder / "state.safetensors"))
-    progress = json.loads((folder / "progress.json").read_text())
-    return weights, tensors, progress
+    @classmethod
+    def from_dict(cls, values: dict) -> "Progress":
+        return cls(**{**values, "interval": Interval(**values["interval"])})
 
 
-def _clear_checkpoints(out: Path) -> None:
-    (out / CHECKPOINT_POINTER).unlink(missing_ok=True)
-    for folder in [*out.glob("ckpt-*"), *out.glob(".ckpt-*.tmp")]:
-        shutil.rmtree(folder, ignore_errors=True)
+@dataclass
+class Data:
+    """The token files of a run, read and checked before anything is written."""
+
+    tokenizer: object
+    train: TokenSequences
+    old: TokenSequences | None
+    mix: TokenSequences | None
 
 
-def _prepare_run_dir(config: RunConfig) -> bool:
-    """Create the run directory; True when a checkpoint of this same config is there to resume."""
-    out = Path(config.out)
-    if (out / SUMMARY_NAME).exists():
-        raise SelfReplayError(f"{out} already holds a finished run: choose another out= or delete it")
-    if (out / CHECKPOINT_POINTER).exists():
-        saved = read_yaml(out / CONFIG_NAME)
-        if saved != to_dict(config):
-            changed = sorted(k for k in to_dict(config) if saved.get(k) != to_dict(config)[k])
-            raise SelfReplayError(f"{out} holds a checkpoint of a run with other settings ({', '.join(changed)}): "
-                                  "resume with the same config, or choose another out=")
-        return True
-    if out.exists() and any(out.iterdir()):
-        raise SelfReplayError(f"{out} is not empty and holds no checkpoint to resume: choose another out=")
-    out.mkdir(parents=True, exist_ok=True)
-    return False
+@dataclass
+class Run:
+    """What `setup` builds: the models, optimizer, batches, replay and validation sets."""
+
+    config: RunConfig
+    mode: str
+    directory: RunDirectory
+    device: torch.device
+    model: Transformer
+    reference: Transformer | None  # π0, frozen (finetuning)
+    params: list
+    trunk: object  # model.hidden, compiled or not
+    optimizer: torch.optim.Optimizer
+    loader: BatchLoader
+    replay: SelfReplayPool | RealReplay | None
+    validation: dict
+    total_steps: int | None
+    tokens_per_step: int
+    log_every: int
+    start_state: dict | None  # θ0 and θinit, for weight drift
+    init_state: dict | None
+
+    @property
+    def finetune(self) -> bool:
+        return self.mode == "finetune"
+
+    @property
+    def target_key(self) -> str:
+        return "new_loss" if self.finetune else "old_loss"
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- setup
 
-def train(config: RunConfig, mode: str) -> dict:
-    """Run `mode` ('pretrain' or 'finetune') as configured; returns the summary (also in summary.json)."""
+def load_data(config: RunConfig, mode: str) -> Data:
+    """The tokenizer and token files, each checked against the model's vocabulary."""
     from selfreplay.tokenizer import load_tokenizer
 
-    validate(config, mode)
-    finetune = mode == "finetune"
-    device = resolve_device(config.device)
-    out = Path(config.out)
     tokenizer = load_tokenizer(config.data.tokenizer or config.init)
     if tokenizer.vocab_size > config.model.V:
         raise SelfReplayError(f"the tokenizer has {tokenizer.vocab_size} ids but model.V={config.model.V}: "
                               f"set model.V >= {tokenizer.vocab_size}")
     split = dict(T=config.model.T, val_sequences=config.data.val_sequences, seed=config.data.seed,
                  fingerprint=tokenizer.fingerprint)
-    train_data = TokenSequences(config.data.train, **split)
-    old_data = TokenSequences(config.data.old, **split) if finetune and config.data.old else None
-    mix_data = TokenSequences(config.data.mix, **split) if config.data.mix else None
-    if finetune and old_data is None:
+    read = lambda path: TokenSequences(path, **split) if path else None  # noqa: E731
+    data = Data(tokenizer, read(config.data.train), read(config.data.old) if mode == "finetune" else None,
+                read(config.data.mix))
+    if mode == "finetune" and data.old is None:
         raise SelfReplayError("finetuning needs the old domain's token file: set data.old=TOKEN_FILE")
-    resuming = _prepare_run_dir(config)
+    for sequences in (data.train, data.old, data.mix):
+        if sequences is not None:
+            sequences.check_vocabulary(config.model.V)
+    return data
 
+
+def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> Run:
+    """Models, optimizer, batch loader, replay source and validation sets of a run, at step 0."""
+    finetune = mode == "finetune"
+    device = resolve_device(config.device)
     model, reference, start_state, init_state = _load_models(config, finetune, device)
     params = add_lora(model, config.lora.rank, config.lora.alpha) if config.lora.rank > 0 else list(model.parameters())
     # the training forward may be compiled; evaluation and sampling run the same weights eagerly
     trunk = torch.compile(model.hidden, dynamic=False) if config.compile else model.hidden
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                   weight_decay=config.optim.weight_decay)
-
-    # data: new-domain batches (old-domain when pretraining), and replay
-    r, s = config.replay, config.stop
-    loader = BatchLoader(SequenceStream(train_data, config.data.seed), config.optim.batch_size,
-                         SequenceStream(mix_data, config.data.seed + 1) if mix_data else None,
+    loader = BatchLoader(SequenceStream(data.train, config.data.seed), config.optim.batch_size,
+                         SequenceStream(data.mix, config.data.seed + 1) if data.mix else None,
                          config.data.mix_fraction)
-    replay = _make_replay(config, reference, old_data, device) if finetune else None
-    if r.method == "replace":
+    replay = _make_replay(config, reference, data.old, device) if finetune else None
+    if config.replay.method == "replace":
         loader.batch_size -= replay.batch_size  # replay rows take the place of new rows
     tokens_per_step = loader.batch_size * config.model.T
-    total_steps = _step_budget(config, tokens_per_step, train_data.train_tokens)
-    log_every = max(1, round(config.log.every_tokens / tokens_per_step))
-
     validation = {}
     if config.data.val_sequences:
-        validation["new" if finetune else "old"] = ValidationSet(train_data.validation(), reference)
+        validation["new" if finetune else "old"] = ValidationSet(data.train.validation(), reference)
         if finetune:
-            validation["old"] = ValidationSet(old_data.validation(), reference)
-        if mix_data is not None:
-            validation["mix"] = ValidationSet(mix_data.validation(), reference)
-
-    def measure() -> dict:
-        metrics = {}
-        for name, validation_set in validation.items():
-            result = validation_set.evaluate(model)
-            metrics[f"{name}_loss"] = result["loss"]
-            metrics[f"{name}_loss_second_half"] = result["loss_second_half"]
-            if "kl" in result:
-                metrics[f"{name}_kl"] = result["kl"]
-        if finetune:
-            weights = effective_weights(model) if config.lora.rank > 0 else model.state_dict()
-            metrics["drift"] = weight_drift(weights, start_state, init_state)
-        return metrics
-
-    # progress: everything a resumed run needs besides weights, optimizer and replay pool
-    progress = {"step": 0, "tokens": 0, "train_seconds": 0.0, "replay_seconds": 0.0, "metric_lines": 0,
-                "start_metrics": None,
-                "best_loss": None, "evals_since_best": 0, "time_to_target_seconds": None,
-                "time_to_target_steps": None, "loader": None, "replay": None, "stop_reason": None}
-    if resuming and (state := load_training_state(out, device)) is not None:
-        weights, tensors, progress = state
-        progress.setdefault("replay_seconds", 0.0)
-        model.load_state_dict(weights)
-        _load_optimizer(optimizer, tensors)
-        loader.load_state_dict(progress["loader"])
-        if replay is not None:
-            replay_state = dict(progress["replay"])
-            if isinstance(replay, SelfReplayPool):
-                replay_state["generator"] = tensors["replay.generator"]
-                replay_state["pool"] = tensors.get("replay.pool")
-                replay_state["hidden"] = tensors.get("replay.hidden")
-            replay.load_state_dict(replay_state)
-        lines = (out / METRICS_NAME).read_text().splitlines()[: progress["metric_lines"]]
-        (out / METRICS_NAME).write_text("".join(line + "\n" for line in lines))
-    else:
-        save_config(config, out / CONFIG_NAME)
-        tokenizer.save(out)
-        (out / METRICS_NAME).write_text("")
-
-    target_key = "new_loss" if finetune else "old_loss"
-
-    def log_point(metrics: dict, interval_seconds: float, interval_tokens: int, train_loss: float | None,
-                  reg: float | None) -> dict:
-        start = progress["start_metrics"]
-        line = {"step": progress["step"], "tokens": progress["tokens"],
-                "epochs": round(loader.primary.epochs_done, 4), "train_seconds": round(progress["train_seconds"], 3),
-                "lr": learning_rate(max(0, progress["step"] - 1), config, total_steps),
-                "train_loss": train_loss, "replay_loss": reg,
-                "tokens_per_second": interval_tokens / interval_seconds if interval_seconds > 0 else None, **metrics}
-        if finetune and start is not None and "old_loss" in metrics:
-            line["forgetting"] = metrics["old_loss"] - start["old_loss"]
-        with open(out / METRICS_NAME, "a") as f:
-            f.write(json.dumps(line) + "\n")
-        progress["metric_lines"] += 1
-        return line
-
-    def check_target(metrics: dict) -> str | None:
-        value = metrics.get(target_key)
-        if value is None:
-            return None
-        if s.target_loss is not None and value <= s.target_loss:
-            if progress["time_to_target_steps"] is None:
-                progress["time_to_target_seconds"] = progress["train_seconds"]
-                progress["time_to_target_steps"] = progress["step"]
-            return "target_loss"
-        if progress["best_loss"] is None or value < progress["best_loss"]:
-            progress["best_loss"], progress["evals_since_best"] = value, 0
-        else:
-            progress["evals_since_best"] += 1
-            if s.patience is not None and progress["evals_since_best"] >= s.patience:
-                return "early_stopping"
-        return None
-
-    wall_start = time.perf_counter()
-    if progress["start_metrics"] is None:
-        progress["start_metrics"] = measure()
-        log_point(progress["start_metrics"], 0.0, 0, None, None)
-        progress["stop_reason"] = check_target(progress["start_metrics"])
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=progress["step"], unit="step", disable=not config.log.progress,
-               desc=f"{mode} {out.name}", dynamic_ncols=True)
-    loss_sum = torch.zeros((), device=device)
-    reg_sum = torch.zeros((), device=device)
-    interval_steps, interval_seconds, interval_tokens = 0, 0.0, 0
-    while progress["stop_reason"] is None:
-        if total_steps is not None and progress["step"] >= total_steps:
-            progress["stop_reason"] = "budget"
-            break
-        if s.wall_seconds is not None and progress["train_seconds"] >= s.wall_seconds:
-            progress["stop_reason"] = "wall_seconds"
-            break
-        tick = time.perf_counter()
-        lr = learning_rate(progress["step"], config, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        new = loader.next_batch().to(device)
-        replay_tick = time.perf_counter()
-        replay_batch, replay_hidden = replay.next_batch() if replay is not None else (None, None)
-        progress["replay_seconds"] += time.perf_counter() - replay_tick
-        if r.method == "replace":
-            new = torch.cat([new, replay_batch])
-        with autocast(device, config.precision):
-            loss, ntp, reg = training_loss(model, reference, new, replay_batch, r.method, r.coeff, trunk,
-                                           replay_hidden, config.compile)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip)
-        optimizer.step()
-        loss_sum += ntp.detach()
-        reg_sum += reg.detach()
-        progress["step"] += 1
-        progress["tokens"] += tokens_per_step
-        elapsed = time.perf_counter() - tick
-        progress["train_seconds"] += elapsed
-        interval_steps, interval_seconds = interval_steps + 1, interval_seconds + elapsed
-        interval_tokens += tokens_per_step
-        bar.update(1)
-
-        at_end = total_steps is not None and progress["step"] >= total_steps
-        if progress["step"] % log_every == 0 or at_end:
-            metrics = measure()
-            train_loss = loss_sum.item() / interval_steps
-            reg_mean = reg_sum.item() / interval_steps if r.method not in ("none", "replace") else None
-            log_point(metrics, interval_seconds, interval_tokens, train_loss, reg_mean)
-            progress["stop_reason"] = check_target(metrics)
-            bar.set_postfix({"loss": f"{train_loss:.3f}", target_key: f"{metrics.get(target_key, float('nan')):.3f}"})
-            loss_sum.zero_(), reg_sum.zero_()
-            interval_steps, interval_seconds, interval_tokens = 0, 0.0, 0
-            every = config.log.checkpoint_every
-            if every and (progress["metric_lines"] - 1) % every == 0 and progress["stop_reason"] is None and not at_end:
-                _checkpoint(out, model, optimizer, progress, loader, replay)
-    bar.close()
-
-    # the end: final measurements (if the last step was not a log point), weights, summary
-    lines = [json.loads(line) for line in (out / METRICS_NAME).read_text().splitlines()]
-    if lines[-1]["step"] != progress["step"]:
-        metrics = measure()
-        lines.append(log_point(metrics, interval_seconds, interval_tokens,
-                               loss_sum.item() / interval_steps if interval_steps else None, None))
-        check_target(metrics)
-    if config.lora.rank > 0:
-        merge_lora(model)
-    save_checkpoint(model, out, to_dict(config))
-    summary = _summary(config, mode, lines, progress, time.perf_counter() - wall_start)
-    tmp = out / f".{SUMMARY_NAME}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(out / SUMMARY_NAME)
-    _clear_checkpoints(out)
-    return summary
+            validation["old"] = ValidationSet(data.old.validation(), reference)
+        if data.mix is not None:
+            validation["mix"] = ValidationSet(data.mix.validation(), reference)
+    return Run(config, mode, directory, device, model, reference, params, trunk, optimizer, loader, replay,
+               validation, _step_budget(config, tokens_per_step, data.train.train_tokens), tokens_per_step,
+               max(1, round(config.log.every_tokens / tokens_per_step)), start_state, init_state)
 
 
 def _load_models(config: RunConfig, finetune: bool, device):
@@ -457,7 +274,7 @@ def _load_models(config: RunConfig, finetune: bool, device):
     reference = Transformer.from_pretrained(config.init, device=device).eval().requires_grad_(False)
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
     init_model = Transformer(config.model)  # the same draw as the init run's, from its seed
-    init_model.reset_parameters(torch.Generator().manual_seed(_read_run_config(config.init).get("seed", 0)))
+    init_model.reset_parameters(torch.Generator().manual_seed(int(_read_run_config(config.init).get("seed", 0))))
     init_state = {k: v.to(device) for k, v in init_model.state_dict().items()}
     return model, reference, start_state, init_state
 
@@ -485,30 +302,293 @@ def _step_budget(config: RunConfig, tokens_per_step: int, train_tokens: int) -> 
     return max(1, math.ceil(tokens / tokens_per_step)) if tokens is not None else None
 
 
-def _checkpoint(out: Path, model, optimizer, progress: dict, loader: BatchLoader, replay) -> None:
-    progress["loader"] = loader.state_dict()
+# ---------------------------------------------------------------- one step
+
+def train_step(run: Run, progress: Progress) -> None:
+    """One optimizer step on a new batch (and a replay batch); a non-finite loss or gradient
+    norm skips the update and marks the run diverged."""
+    config, r = run.config, run.config.replay
+    tick = time.perf_counter()
+    lr = learning_rate(progress.step, config, run.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    new = run.loader.next_batch().to(run.device)
+    replay_tick = time.perf_counter()
+    replay_batch, replay_hidden = run.replay.next_batch() if run.replay is not None else (None, None)
+    progress.replay_seconds += time.perf_counter() - replay_tick
+    if r.method == "replace":
+        new = torch.cat([new, replay_batch])
+    with autocast(run.device, config.precision):
+        loss, ntp, reg = training_loss(run.model, run.reference, new, replay_batch, r.method, r.coeff, run.trunk,
+                                       replay_hidden, config.compile)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
+    ntp_value, reg_value, norm_value = torch.stack([ntp.detach(), reg.detach().float(), grad_norm]).tolist()
+    if not math.isfinite(ntp_value + reg_value):
+        progress.diverged = f"the training loss is {ntp_value + r.coeff * reg_value} at step {progress.step + 1} (lr {lr:g})"
+    elif not math.isfinite(norm_value):
+        progress.diverged = f"the gradient norm is {norm_value} at step {progress.step + 1} (lr {lr:g})"
+    else:
+        if config.optim.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(run.params, config.optim.grad_clip, grad_norm)
+        run.optimizer.step()
+    elapsed = time.perf_counter() - tick
+    progress.step += 1
+    progress.tokens += run.tokens_per_step
+    progress.train_seconds += elapsed
+    i = progress.interval
+    i.steps, i.seconds, i.tokens = i.steps + 1, i.seconds + elapsed, i.tokens + run.tokens_per_step
+    i.loss, i.replay_loss, i.grad_norm = i.loss + ntp_value, i.replay_loss + reg_value, i.grad_norm + norm_value
+
+
+# ---------------------------------------------------------------- measurements and log lines
+
+def measure(run: Run) -> dict:
+    """Validation losses (and KL to π0) on each domain, and the weights' drift when finetuning."""
+    metrics = {}
+    for name, validation_set in run.validation.items():
+        result = validation_set.evaluate(run.model)
+        metrics[f"{name}_loss"] = result["loss"]
+        metrics[f"{name}_loss_second_half"] = result["loss_second_half"]
+        if "kl" in result:
+            metrics[f"{name}_kl"] = result["kl"]
+    if run.finetune:
+        weights = effective_weights(run.model) if run.config.lora.rank > 0 else run.model.state_dict()
+        metrics["drift"] = weight_drift(weights, run.start_state, run.init_state)
+    return metrics
+
+
+def log_point(run: Run, progress: Progress, metrics: dict) -> None:
+    """Append one metrics line (the interval's means and `metrics`), then apply the stop rules
+    that look at measurements: divergence, target loss, patience."""
+    i = progress.interval
+    mean = lambda total: total / i.steps if i.steps else None  # noqa: E731
+    line = {"step": progress.step, "tokens": progress.tokens, "epochs": round(run.loader.primary.epochs_done, 4),
+            "train_seconds": round(progress.train_seconds, 3),
+            "lr": learning_rate(max(0, progress.step - 1), run.config, run.total_steps),
+            "train_loss": mean(i.loss), "grad_norm": mean(i.grad_norm),
+            "replay_loss": mean(i.replay_loss) if run.config.replay.method not in ("none", "replace") else None,
+            "tokens_per_second": i.tokens / i.seconds if i.seconds > 0 else None, **metrics}
+    start = progress.start_metrics
+    if run.finetune and start is not None and "old_loss" in metrics:
+        line["forgetting"] = metrics["old_loss"] - start["old_loss"]
+    run.directory.append_metrics(line)
+    progress.metric_lines += 1
+    progress.last_line = line
+    progress.interval = Interval()
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad and progress.diverged is None:
+        progress.diverged = f"{bad[0]} is {metrics[bad[0]]} at step {progress.step} (lr {line['lr']:g})"
+    progress.stop_reason = "diverged" if progress.diverged else _target_or_patience(run, progress, metrics)
+
+
+def _target_or_patience(run: Run, progress: Progress, metrics: dict) -> str | None:
+    s, value = run.config.stop, metrics.get(run.target_key)
+    if value is None:
+        return None
+    if s.target_loss is not None and value <= s.target_loss:
+        if progress.time_to_target_steps is None:
+            progress.time_to_target_seconds, progress.time_to_target_steps = progress.train_seconds, progress.step
+        return "target_loss"
+    if progress.best_loss is None or value < progress.best_loss:
+        progress.best_loss, progress.evals_since_best = value, 0
+    else:
+        progress.evals_since_best += 1
+        if s.patience is not None and progress.evals_since_best >= s.patience:
+            return "early_stopping"
+    return None
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint_of(run: Run, progress: Progress) -> None:
+    """The complete state after `progress.step`: weights, optimizer, batch stream, replay pool."""
+    progress.loader = run.loader.state_dict()
+    tensors = _optimizer_tensors(run.optimizer)
+    if run.replay is not None:
+        state = run.replay.state_dict()
+        for key in ("generator", "pool", "hidden"):  # a self-replay pool's tensors
+            value = state.pop(key, None)
+            if value is not None:
+                tensors[f"replay.{key}"] = value
+        progress.replay = state
+    run.directory.save_checkpoint(progress.step, run.model.state_dict(), tensors, asdict(progress))
+
+
+def resume(run: Run) -> Progress | None:
+    """Load the newest checkpoint that reads back whole into `run`; None when none does."""
+    for folder in run.directory.checkpoints():
+        try:
+            checkpoint = run.directory.read_checkpoint(folder, run.device)
+            progress = Progress.from_dict(checkpoint.progress)
+            run.model.load_state_dict(checkpoint.weights)
+            _load_optimizer(run.optimizer, checkpoint.tensors)
+            run.loader.load_state_dict(progress.loader)
+            if run.replay is not None:
+                run.replay.load_state_dict({**progress.replay, **{k.removeprefix("replay."): v for k, v in
+                                                                  checkpoint.tensors.items() if k.startswith("replay.")}})
+            run.directory.keep_metrics(progress.metric_lines)
+        except Exception as e:  # any damage: a truncated file, garbage JSON, a missing tensor
+            notice(f"checkpoint {folder.name} in {run.directory.path} is damaged ({type(e).__name__}: "
+                   f"{' '.join(str(e).split())[:120]}): passing over it")
+            continue
+        notice(f"resuming {run.directory.path} from step {progress.step} ({progress.tokens:,} tokens, {folder.name})")
+        return progress
+    return None
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     tensors = {}
-    if replay is not None:
-        state = replay.state_dict()
-        if isinstance(replay, SelfReplayPool):
-            tensors["replay.generator"] = state.pop("generator")
-            for key in ("pool", "hidden"):
-                value = state.pop(key)
-                if value is not None:
-                    tensors[f"replay.{key}"] = value
-        progress["replay"] = state
-    save_training_state(out, model, optimizer, progress, tensors)
+    for i, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optimizer.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors
 
 
-def _summary(config: RunConfig, mode: str, lines: list[dict], progress: dict, wall_seconds: float) -> dict:
-    first, last = lines[0], lines[-1]
-    summary = {"mode": mode, "steps": progress["step"], "tokens": progress["tokens"],
-               "epochs": last.get("epochs"), "train_seconds": progress["train_seconds"], "wall_seconds": wall_seconds,
-               "tokens_per_second": progress["tokens"] / progress["train_seconds"] if progress["train_seconds"] else None,
-               "replay_seconds": progress["replay_seconds"],
-               "stop_reason": progress["stop_reason"] or "budget",
-               "time_to_target_seconds": progress["time_to_target_seconds"],
-               "time_to_target_steps": progress["time_to_target_steps"],
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state_dict = optimizer.state_dict()
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, i, key = name.split(".", 2)
+            state.setdefault(int(i), {})[key] = value
+    if len(state) != len(state_dict["state"]) and state_dict["state"]:
+        raise ValueError(f"optimizer state for {len(state)} parameters, expected {len(state_dict['state'])}")
+    state_dict["state"] = state
+    optimizer.load_state_dict(state_dict)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) while training: the current step finishes, a checkpoint is written and
+    the run stops; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(config: RunConfig, mode: str) -> dict:
+    """Run `mode` ('pretrain' or 'finetune') as configured; returns the summary (also in summary.json).
+
+    Raises TrainingDiverged (after writing the summary) when the loss or gradients stop being finite.
+    """
+    validate(config, mode)
+    data = load_data(config, mode)
+    directory = RunDirectory(config.out)
+    status = directory.open(to_dict(config), may_differ=_same_device)
+    if status == "finished":
+        notice(f"{config.out} already holds this finished run: nothing to do")
+        return _raise_if_diverged(directory.read_summary())
+    run = setup(config, mode, data, directory)
+    progress = resume(run) if status == "resume" else None
+    if progress is None:
+        if status == "resume":  # every checkpoint was damaged: start over from fresh weights
+            directory.start_over()
+            run = setup(config, mode, data, directory)
+        progress = Progress()
+        save_config(config, directory.path / CONFIG_NAME)
+        data.tokenizer.save(directory.path)
+        directory.reset_metrics()
+
+    wall_start = time.perf_counter()
+    if progress.start_metrics is None:
+        progress.start_metrics = measure(run)
+        log_point(run, progress, progress.start_metrics)
+    _loop(run, progress)
+    return finish(run, progress, time.perf_counter() - wall_start)
+
+
+def _loop(run: Run, progress: Progress) -> None:
+    from tqdm.auto import tqdm
+
+    config, s = run.config, run.config.stop
+    last_checkpoint = time.monotonic()
+    bar = tqdm(total=run.total_steps, initial=progress.step, unit="step", disable=not config.log.progress,
+               desc=f"{run.mode} {run.directory.path.name}", dynamic_ncols=True)
+    with StopRequest() as stop_request:
+        while progress.stop_reason is None:
+            if run.total_steps is not None and progress.step >= run.total_steps:
+                progress.stop_reason = "budget"
+                break
+            if s.wall_seconds is not None and progress.train_seconds >= s.wall_seconds:
+                progress.stop_reason = "wall_seconds"
+                break
+            train_step(run, progress)
+            bar.update(1)
+            at_end = run.total_steps is not None and progress.step >= run.total_steps
+            if progress.step % run.log_every == 0 or at_end or progress.diverged:
+                log_point(run, progress, measure(run))
+                bar.set_postfix({"loss": f"{progress.last_line['train_loss']:.3f}",
+                                 run.target_key: f"{progress.last_line.get(run.target_key, float('nan')):.3f}"})
+                every, seconds = config.log.checkpoint_every, config.log.checkpoint_seconds
+                due = (every and (progress.metric_lines - 1) % every == 0) or \
+                      (seconds and time.monotonic() - last_checkpoint >= seconds)
+                if due and progress.stop_reason is None and not at_end:
+                    save_checkpoint_of(run, progress)
+                    last_checkpoint = time.monotonic()
+            if stop_request.requested and progress.stop_reason is None:
+                save_checkpoint_of(run, progress)
+                bar.close()
+                notice(f"interrupted at step {progress.step}: checkpoint saved; run the same command to resume")
+                raise KeyboardInterrupt
+    bar.close()
+
+
+def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
+    """The final log line (if the last step was not a log point), weights and summary.json;
+    checkpoints are removed once the summary is in place."""
+    if progress.last_line["step"] != progress.step:
+        log_point(run, progress, measure(run))
+    if run.config.lora.rank > 0:
+        merge_lora(run.model)
+    if progress.diverged is None:
+        save_checkpoint(run.model, run.directory.path, to_dict(run.config))
+    summary = _summary(run.config, run.mode, progress, wall_seconds)
+    run.directory.write_summary(summary)
+    run.directory.clear_checkpoints()
+    return _raise_if_diverged(summary)
+
+
+def _raise_if_diverged(summary: dict) -> dict:
+    if summary.get("stop_reason") == "diverged":
+        raise TrainingDiverged(f"training diverged: {summary.get('diverged')}: lower optim.lr, or set "
+                               "optim.grad_clip (summary.json says stop_reason: diverged)")
+    return summary
+
+
+def _same_device(key: str, old, new) -> bool:
+    """`device` may change on resume where it names the same device (auto and cpu on a CPU machine)."""
+    try:
+        return key == "device" and resolve_device(old) == resolve_device(new)
+    except SelfReplayError:
+        return False
+
+
+def _summary(config: RunConfig, mode: str, progress: Progress, wall_seconds: float) -> dict:
+    first, last = progress.start_metrics, progress.last_line
+    summary = {"mode": mode, "steps": progress.step, "tokens": progress.tokens,
+               "epochs": last.get("epochs"), "train_seconds": progress.train_seconds, "wall_seconds": wall_seconds,
+               "tokens_per_second": progress.tokens / progress.train_seconds if progress.train_seconds else None,
+               "replay_seconds": progress.replay_seconds,
+               "stop_reason": progress.stop_reason or "budget", "diverged": progress.diverged,
+               "time_to_target_seconds": progress.time_to_target_seconds,
+               "time_to_target_steps": progress.time_to_target_steps,
                "params": config.model.params, "non_embedding_params": config.model.non_embedding_params}
     if mode == "finetune":
         summary.update({
@@ -521,7 +601,7 @@ def _summary(config: RunConfig, mode: str, lines: list[dict], progress: dict, wa
             "old_loss_second_half": last.get("old_loss_second_half"),
             "new_loss_second_half": last.get("new_loss_second_half"),
             "compute_multiplier": compute_multiplier(Path(config.init) / METRICS_NAME, last["old_loss"])
-            if last.get("old_loss") is not None else None,
+            if last.get("old_loss") is not None and math.isfinite(last["old_loss"]) else None,
         })
     else:
         summary.update({"old_loss": last.get("old_loss"), "mix_loss": last.get("mix_loss")})

@@ -52,3 +52,26 @@ def test_readme_documents_every_config_key():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     missing = [key for key in all_keys(RunConfig) if f"`{key}`" not in readme]
     assert not missing, f"README lacks config keys: {missing}"
+
+
+def test_every_numeric_key_has_a_range_and_the_readme_states_it():
+    import re
+    import typing
+    from pathlib import Path
+
+    from selfreplay.config import CHOICES, RANGES, all_keys
+
+    def annotation(key):
+        cls = RunConfig
+        *sections, leaf = key.split(".")
+        for part in sections:
+            cls = typing.get_type_hints(cls)[part]
+        return typing.get_type_hints(cls)[leaf]
+
+    numeric = [k for k in all_keys(RunConfig) if {int, float} & {annotation(k), *typing.get_args(annotation(k))}]
+    assert sorted(numeric) == sorted(RANGES)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for key, allowed in {**RANGES, **CHOICES}.items():
+        row = next(line for line in readme.splitlines() if re.match(rf"^\| [^|]*`{re.escape(key)}`", line))
+        expected = str(allowed) if key in RANGES else " \\| ".join(allowed)
+        assert row.split(" | ")[2].startswith(expected), (key, row)

@@ -136,7 +136,7 @@ def test_a_kill_during_checkpoint_save_leaves_the_previous_checkpoint_loadable(c
                                                                             monkeypatch):
     import safetensors.torch
 
-    import selfreplay.train as train_module
+    from selfreplay.rundir import RunDirectory
 
     overrides = ("log.checkpoint_every=1", "stop.tokens=3072")
     saves = {"n": 0}
@@ -154,8 +154,8 @@ def test_a_kill_during_checkpoint_save_leaves_the_previous_checkpoint_loadable(c
     with pytest.raises(KeyboardInterrupt):
         train(finetune_config(corpus, pretrained, out, *overrides), "finetune")
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
-    state = train_module.load_training_state(out, "cpu")
-    assert state is not None and state[2]["step"] > 0
+    newest = RunDirectory(out).checkpoints()[0]
+    assert RunDirectory(out).read_checkpoint(newest, "cpu").progress["step"] > 0
     summary = train(finetune_config(corpus, pretrained, out, *overrides), "finetune")
     assert summary["tokens"] >= 3072
 
