@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.config import RunConfig, load_config, read_yaml, save_config, to_dict, validate
+from selfreplay.config import RunConfig, build, load_config, read_yaml, save_config, to_dict, validate
 from selfreplay.data import BatchLoader, SequenceStream, TokenSequences
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluate import ValidationSet, compute_multiplier, weight_drift
 from selfreplay.lora import add_lora, effective_weights, merge_lora
 from selfreplay.losses import head_kl_divergence, head_next_token_loss
-from selfreplay.model import CONFIG_NAME, ModelConfig, Transformer, load_model_config, save_checkpoint
+from selfreplay.model import CONFIG_NAME, ModelConfig, Transformer, save_checkpoint
 from selfreplay.replay import RealReplay, SelfReplayPool
 from selfreplay.rundir import METRICS_NAME, SUMMARY_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, resolve_device
@@ -46,29 +46,27 @@ def resolve_config(mode: str, path: str | None, overrides: list[str] | None) -> 
     if mode == "finetune":
         if not config.init:
             raise SelfReplayError("finetuning needs the pretrained run: set init=RUN_DIR")
-        init_config = _read_run_config(config.init)
+        init = read_init_run(config.init)
         user_model = load_config(path, overrides, base={"model": {}}).model
-        model = load_model_config(config.init)
-        if user_model != ModelConfig() and user_model != model:
+        if user_model != ModelConfig() and user_model != init.model:
             raise SelfReplayError(f"model.* settings differ from the init run {config.init}: "
                                   "a finetuned model keeps its pretrained shape, drop the model.* overrides")
-        init_data = init_config.get("data") if isinstance(init_config.get("data"), dict) else {}
-        base = {"model": vars(model), "data": {"old": init_data.get("train"), "seed": init_data.get("seed", 0),
-                                               "val_sequences": init_data.get("val_sequences", 256)}}
-        try:
-            config = load_config(path, overrides, base=base)
-        except SelfReplayError as e:
-            raise SelfReplayError(f"{e} (a setting taken from the init run {config.init}: fix its {CONFIG_NAME} "
-                                  "or set the key here)") from None
+        base = {"model": vars(init.model), "data": {"old": init.data.train, "seed": init.data.seed,
+                                                    "val_sequences": init.data.val_sequences}}
+        config = load_config(path, overrides, base=base)
     validate(config, mode)
     return _absolute_paths(config)
 
 
-def _read_run_config(run_dir: str) -> dict:
+def read_init_run(run_dir: str) -> RunConfig:
+    """The settings of a finished pretraining run (π0), each checked for its type."""
     path = Path(run_dir) / CONFIG_NAME
     if not path.is_file():
         raise SelfReplayError(f"init run {run_dir} not found (no {CONFIG_NAME}): pretrain it first with selfreplay pretrain")
-    return read_yaml(path)
+    try:
+        return build(RunConfig, read_yaml(path))
+    except SelfReplayError as e:
+        raise SelfReplayError(f"the init run's {path}: {e}") from None
 
 
 def _absolute_paths(config: RunConfig) -> RunConfig:
@@ -274,7 +272,7 @@ def _load_models(config: RunConfig, finetune: bool, device):
     reference = Transformer.from_pretrained(config.init, device=device).eval().requires_grad_(False)
     start_state = {k: v.clone() for k, v in model.state_dict().items()}
     init_model = Transformer(config.model)  # the same draw as the init run's, from its seed
-    init_model.reset_parameters(torch.Generator().manual_seed(int(_read_run_config(config.init).get("seed", 0))))
+    init_model.reset_parameters(torch.Generator().manual_seed(read_init_run(config.init).seed))
     init_state = {k: v.to(device) for k, v in init_model.state_dict().items()}
     return model, reference, start_state, init_state
 
@@ -567,8 +565,8 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
 
 def _raise_if_diverged(summary: dict) -> dict:
     if summary.get("stop_reason") == "diverged":
-        raise TrainingDiverged(f"training diverged: {summary.get('diverged')}: lower optim.lr, or set "
-                               "optim.grad_clip (summary.json says stop_reason: diverged)")
+        raise TrainingDiverged(f"training diverged: {summary.get('diverged')}: lower optim.lr "
+                               "(summary.json says stop_reason: diverged)")
     return summary
 
 

@@ -51,3 +51,49 @@ def test_sample_prints_decoded_text(tmp_path, tokenizer):
     result = run("sample", str(tmp_path), "--domain", "es", "-n", "2", "--seed", "3")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("--- sample") == 2 and "(domain es)" in result.stdout
+
+
+def test_version():
+    from selfreplay import __version__
+
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"selfreplay {__version__}"
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--top-k", "0"], "top-k must be at least 1, got 0"),
+    (["--top-k", "-3"], "top-k must be at least 1"),
+    (["--top-p", "-1"], "top-p must be in (0, 1], got -1.0"),
+    (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "nan"], "temperature must be >= 0"),
+    (["-n", "0"], "number of samples must be at least 1"),
+    (["--length", "0"], "sample length must be between 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+])
+def test_sampling_settings_out_of_range_are_one_line(tmp_path, tokenizer, flags, fragment):
+    Transformer(ModelConfig(D=16, L=1, H=8, T=12, V=tokenizer.vocab_size)).save_pretrained(tmp_path)
+    tokenizer.save(tmp_path)
+    one_line_error(run("sample", str(tmp_path), "--domain", "es", *flags), fragment)
+
+
+def test_tokenizer_train_never_replaces_a_tokenizer(tmp_path, corpora, tokenizer):
+    tokenizer.save(tmp_path)
+    before = (tmp_path / "tokenizer.json").read_bytes()
+    one_line_error(run("tokenizer", "train", str(corpora["en"]), "--vocab-size", "280", "--out", str(tmp_path)),
+                   "already holds a tokenizer")
+    assert (tmp_path / "tokenizer.json").read_bytes() == before
+
+
+def test_a_non_numeric_value_in_an_init_runs_config_is_one_line(tmp_path, tokenizer):
+    Transformer(ModelConfig(D=16, L=1, H=8, T=12, V=tokenizer.vocab_size)).save_pretrained(tmp_path / "init")
+    config = tmp_path / "init" / "config.yaml"
+    config.write_text(config.read_text().replace("D: 16", "D: sixteen"))
+    one_line_error(run("finetune", f"init={tmp_path / 'init'}", f"out={tmp_path / 'ft'}", "data.train=x.bin",
+                       "stop.tokens=10"), "'model.D' must be int, got 'sixteen'")
+    assert "init run's" in run("finetune", f"init={tmp_path / 'init'}", f"out={tmp_path / 'ft'}", "data.train=x.bin",
+                                "stop.tokens=10").stderr
+    config.write_text("seed: abc\ndata: {seed: x}\nmodel: {D: 16, L: 1, H: 8, T: 12, V: 300}\n")
+    one_line_error(run("finetune", f"init={tmp_path / 'init'}", f"out={tmp_path / 'ft'}", "data.train=x.bin",
+                       "stop.tokens=10"), "init run's")
+    assert not (tmp_path / "ft").exists()

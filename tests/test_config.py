@@ -75,3 +75,69 @@ def test_every_numeric_key_has_a_range_and_the_readme_states_it():
         row = next(line for line in readme.splitlines() if re.match(rf"^\| [^|]*`{re.escape(key)}`", line))
         expected = str(allowed) if key in RANGES else " \\| ".join(allowed)
         assert row.split(" | ")[2].startswith(expected), (key, row)
+
+
+VALID = ["out=runs/x", "data.train=x.bin", "data.tokenizer=tok", "stop.tokens=1000"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=0", "optim.lr must be > 0, got 0.0"),
+    ("optim.lr=nan", "optim.lr must be > 0, got nan"),
+    ("optim.lr=inf", "optim.lr must be > 0, got inf"),
+    ("optim.lr=-1e-3", "optim.lr must be > 0"),
+    ("optim.batch_size=0", "optim.batch_size must be >= 1"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.beta1=1.5", "optim.beta1 must be in [0, 1), got 1.5"),
+    ("optim.beta2=1", "optim.beta2 must be in [0, 1)"),
+    ("optim.beta1=-0.1", "optim.beta1 must be in [0, 1)"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be > 0"),
+    ("optim.grad_clip=0", "optim.grad_clip must be > 0"),
+    ("optim.schedule=linear", "unknown optim.schedule 'linear'"),
+    ("stop.tokens=0", "stop.tokens must be >= 1"),
+    ("stop.tokens=-5", "stop.tokens must be >= 1"),
+    ("stop.tokens=1e400", "'stop.tokens' must be int"),
+    ("stop.tokens_per_param=0", "stop.tokens_per_param must be > 0"),
+    ("stop.epochs=-1", "stop.epochs must be > 0"),
+    ("stop.target_loss=-1", "stop.target_loss must be >= 0"),
+    ("stop.wall_seconds=0", "stop.wall_seconds must be > 0"),
+    ("stop.patience=0", "stop.patience must be >= 1"),
+    ("log.every_tokens=0", "log.every_tokens must be >= 1"),
+    ("log.checkpoint_every=-1", "log.checkpoint_every must be >= 0"),
+    ("log.checkpoint_seconds=-1", "log.checkpoint_seconds must be >= 0"),
+    ("data.mix_fraction=1.5", "data.mix_fraction must be in [0, 1]"),
+    ("data.mix_fraction=0.5", "needs a second token file"),
+    ("data.val_sequences=-1", "data.val_sequences must be >= 0"),
+    ("data.seed=-1", "data.seed must be >= 0"),
+    ("seed=-1", "seed must be >= 0"),
+    ("seed=1.5", "'seed' must be int"),
+    ("replay.coeff=-1", "replay.coeff must be >= 0"),
+    ("replay.temperature=0", "replay.temperature must be > 0"),
+    ("replay.batch_size=0", "replay.batch_size must be >= 1"),
+    ("replay.buffer=0", "replay.buffer must be >= 1"),
+    ("lora.rank=-1", "lora.rank must be >= 0"),
+    ("lora.alpha=0", "lora.alpha must be > 0"),
+    ("model.rope_base=0", "model.rope_base must be > 1"),
+    ("model.D=0", "model.D must be positive"),
+    ("precision=fp16", "unknown precision 'fp16'"),
+    ("device=tpu", "unknown device 'tpu'"),
+    ("compile=maybe", "'compile' must be bool"),
+])
+def test_every_invalid_setting_is_refused_with_one_line_before_anything_is_written(tmp_path, override, message):
+    from selfreplay.config import validate
+
+    with pytest.raises(SelfReplayError) as e:
+        validate(load_config(None, [*VALID, f"out={tmp_path / 'run'}", override]), "pretrain")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("out, message", [("file", "is a file, not a directory"),
+                                          ("file/run", "lies under the file")])
+def test_output_paths_that_cannot_be_a_run_directory_are_refused(tmp_path, out, message):
+    from selfreplay.config import validate
+
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(SelfReplayError, match=message):
+        validate(load_config(None, [*VALID, f"out={tmp_path / out}"]), "pretrain")
+    assert (tmp_path / "file").read_text() == "keep me"

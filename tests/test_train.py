@@ -10,44 +10,7 @@ from selfreplay.errors import SelfReplayError
 from selfreplay.model import ModelConfig, Transformer
 from selfreplay.train import resolve_config, train, training_loss
 
-MODEL = ["model.D=32", "model.L=2", "model.H=8", "model.T=32", "model.V=320"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A tokenizer and two token files (old: en_synth, new: es_synth) from the synthetic corpus."""
-    from selfreplay.synth import LANGUAGES, write_corpus
-    from selfreplay.tokenizer import train_tokenizer
-    from selfreplay.tokens import write_token_file
-
-    root = tmp_path_factory.mktemp("corpus")
-    texts = write_corpus(root / "text", num_words=40_000, seed=1)
-    tokenizer = train_tokenizer([str(p) for p in texts.values()], vocab_size=320, out_dir=root / "tok",
-                                domains=list(LANGUAGES))
-    files = {}
-    for language in LANGUAGES:
-        files[language] = root / f"{language}.bin"
-        write_token_file(str(texts[language]), tokenizer, domain=language, out=files[language])
-    return {"tokenizer": root / "tok", "old": files[LANGUAGES[0]], "new": files[LANGUAGES[1]]}
-
-
-@pytest.fixture(scope="module")
-def pretrained(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "pretrain"
-    config = resolve_config("pretrain", None, [
-        f"out={out}", f"data.tokenizer={corpus['tokenizer']}", f"data.train={corpus['old']}", *MODEL,
-        "data.val_sequences=32", "optim.lr=3e-3", "optim.batch_size=16", "optim.warmup_steps=5",
-        "stop.tokens=16384", "log.every_tokens=4096", "log.progress=false"])
-    train(config, "pretrain")
-    return out
-
-
-def finetune_config(corpus, pretrained, out, *overrides):
-    return resolve_config("finetune", None, [
-        f"init={pretrained}", f"data.train={corpus['new']}", f"out={out}", "optim.lr=3e-3",
-        "optim.batch_size=8", "optim.warmup_steps=2", "replay.batch_size=4", "replay.buffer=2",
-        "stop.tokens=2048", "log.every_tokens=512", "log.progress=false", *overrides])
-
+from conftest import MODEL, finetune_config
 
 def test_pretraining_writes_a_complete_run_directory(pretrained):
     names = {p.name for p in pretrained.iterdir()}
