@@ -59,6 +59,7 @@ class ReplayConfig:
     batch_size: int = 16  # replay sequences per step
     buffer: int = 8  # self replay: the pool holds buffer × batch_size sequences, redrawn every `buffer` steps
     temperature: float = 1.0  # sampling temperature of self replay
+    domains: str | None = None  # self replay: comma-separated domains (names or ids) its samples start from, in turn; default: the old domain
 
 
 @dataclass

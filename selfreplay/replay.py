@@ -21,13 +21,18 @@ from selfreplay.sampling import sample
 
 class SelfReplayPool:
     """Replay batches [batch_size, T] sampled from the frozen model `reference`, with its hidden
-    states on them when keep_hidden (what the KL penalty needs; NTP replay needs only tokens)."""
+    states on them when keep_hidden (what the KL penalty needs; NTP replay needs only tokens).
 
-    def __init__(self, reference: Transformer, domain_id: int, batch_size: int, buffer: int,
+    Samples start at `domain_id`, or, given several ids, at each in turn (replay of every
+    earlier task in continual learning, say)."""
+
+    def __init__(self, reference: Transformer, domain_id: int | list[int], batch_size: int, buffer: int,
                  temperature: float = 1.0, seed: int = 0, keep_hidden: bool = True):
-        self.reference, self.domain_id, self.keep_hidden = reference, domain_id, keep_hidden
+        self.reference, self.keep_hidden = reference, keep_hidden
         self.batch_size, self.buffer, self.temperature = batch_size, buffer, temperature
         device = next(reference.parameters()).device
+        ids = torch.as_tensor(domain_id, dtype=torch.long).reshape(-1)
+        self.first_tokens = ids.repeat(buffer * batch_size // len(ids) + 1)[:buffer * batch_size].to(device)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.pool: torch.Tensor | None = None
@@ -36,7 +41,7 @@ class SelfReplayPool:
         self.draws = 0  # pools sampled so far
 
     def refill(self) -> None:
-        drawn = sample(self.reference, self.domain_id, self.buffer * self.batch_size,
+        drawn = sample(self.reference, self.first_tokens, self.buffer * self.batch_size,
                        temperature=self.temperature, generator=self.generator, return_hidden=self.keep_hidden)
         self.pool, self.hidden = drawn if self.keep_hidden else (drawn, None)
         self.cursor, self.draws = 0, self.draws + 1

@@ -229,6 +229,8 @@ def load_data(config: RunConfig, mode: str) -> Data:
     for sequences in (data.train, data.old, data.mix):
         if sequences is not None:
             sequences.check_vocabulary(config.model.V)
+    if mode == "finetune":
+        replay_domains(config, data)  # names the tokenizer does not know are refused here, before any write
     return data
 
 
@@ -245,7 +247,7 @@ def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> 
     loader = BatchLoader(SequenceStream(data.train, config.data.seed), config.optim.batch_size,
                          SequenceStream(data.mix, config.data.seed + 1) if data.mix else None,
                          config.data.mix_fraction)
-    replay = _make_replay(config, reference, data.old, device) if finetune else None
+    replay = _make_replay(config, reference, data, device) if finetune else None
     if config.replay.method == "replace":
         loader.batch_size -= replay.batch_size  # replay rows take the place of new rows
     tokens_per_step = loader.batch_size * config.model.T
@@ -277,7 +279,7 @@ def _load_models(config: RunConfig, finetune: bool, device):
     return model, reference, start_state, init_state
 
 
-def _make_replay(config: RunConfig, reference, old_data: TokenSequences, device):
+def _make_replay(config: RunConfig, reference, data: Data, device):
     """The replay source of a finetuning run, or None when its method replays nothing."""
     r = config.replay
     if r.method not in ("ntp", "kl", "replace"):
@@ -286,9 +288,20 @@ def _make_replay(config: RunConfig, reference, old_data: TokenSequences, device)
     if r.source == "self":
         # bf16 runs decode with bf16 weights (a copy of π0), as their training matmuls run in bf16
         sampler = copy.deepcopy(reference).to(torch.bfloat16) if config.precision == "bf16" else reference
-        return SelfReplayPool(sampler, old_data.domain_id, rows, r.buffer, r.temperature, config.seed,
+        return SelfReplayPool(sampler, replay_domains(config, data), rows, r.buffer, r.temperature, config.seed,
                               keep_hidden=r.method == "kl")
-    return RealReplay(SequenceStream(old_data, config.data.seed + 2), rows, device)
+    return RealReplay(SequenceStream(data.old, config.data.seed + 2), rows, device)
+
+
+def replay_domains(config: RunConfig, data: Data) -> list[int]:
+    """The domain ids self-replay samples start from: replay.domains, else the old domain's."""
+    if not config.replay.domains:
+        return [data.old.domain_id]
+    names = [name.strip() for name in config.replay.domains.split(",") if name.strip()]
+    try:
+        return [data.tokenizer.domain_id(name) for name in names]
+    except SelfReplayError as e:
+        raise SelfReplayError(f"replay.domains: {e}") from None
 
 
 def _step_budget(config: RunConfig, tokens_per_step: int, train_tokens: int) -> int | None:

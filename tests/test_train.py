@@ -188,3 +188,18 @@ def test_engine_settings_train_to_nearly_the_same_loss(corpus, pretrained, tmp_p
     other = train(finetune_config(corpus, pretrained, tmp_path / "other", "replay.method=kl", *engine), "finetune")
     assert other["new_loss"] == pytest.approx(reference["new_loss"], rel=0.01)
     assert other["old_loss"] == pytest.approx(reference["old_loss"], rel=0.01)
+
+
+def test_self_replay_can_start_from_several_domains_in_turn(corpus, pretrained, tmp_path):
+    from selfreplay.replay import SelfReplayPool
+
+    pool = SelfReplayPool(Transformer.from_pretrained(pretrained).eval(), [0, 1], batch_size=3, buffer=2, seed=0)
+    first = torch.cat([pool.next_batch()[0][:, 0] for _ in range(2)])
+    assert first.tolist() == [0, 1, 0, 1, 0, 1]
+    summary = train(finetune_config(corpus, pretrained, tmp_path / "two", "replay.method=kl",
+                                    "replay.domains=en_synth,es_synth"), "finetune")
+    assert summary["stop_reason"] == "budget"
+    with pytest.raises(SelfReplayError, match="replay.domains: unknown domain 'fr'"):
+        train(finetune_config(corpus, pretrained, tmp_path / "bad", "replay.method=kl", "replay.domains=fr"),
+              "finetune")
+    assert not (tmp_path / "bad").exists()
