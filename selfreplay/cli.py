@@ -67,6 +67,12 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(out_dir=args.out, scale=args.scale, seed=args.seed)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from selfreplay.sweep import sweep_cli
+
+    sweep_cli(args.sweep_file, args.overrides, args.out, args.workers, args.launcher, args.cluster)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfreplay",
@@ -141,6 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="small runs in minutes on a laptop CPU; large is a bigger model and corpus")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(func=_demo)
+
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of runs in stages from a sweep file",
+        description="Run every point of a sweep file (stages of pretrain/finetune grids), each in its own run "
+                    "directory under --out, several at a time; finished points are skipped, so the same command "
+                    "resumes a killed sweep. Writes OUT/results.csv. The sweep file format is documented in "
+                    "selfreplay/sweep.py and the README.")
+    sweep.add_argument("sweep_file", help="sweep YAML file (for example experiments/capacity/sweep.yaml)")
+    sweep.add_argument("overrides", nargs="*", help="NAME=VALUE: profile=small|paper, or a var of the sweep file "
+                                                    "(old=TOKEN_FILE new=TOKEN_FILE tokenizer=DIR for your own data)")
+    sweep.add_argument("--out", default=None, help="sweep directory (default: sweeps/<sweep file name>)")
+    sweep.add_argument("--workers", type=int, default=None,
+                       help="points run at once (default: 1); each gets cores/workers threads")
+    sweep.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                       help="local subprocesses, or submitit jobs (Slurm on a cluster)")
+    sweep.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                       help="submitit: where jobs run (default: Slurm when available, else this machine)")
+    sweep.set_defaults(func=_sweep)
     return parser
 
 
