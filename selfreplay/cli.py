@@ -67,6 +67,12 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(out_dir=args.out, scale=args.scale, seed=args.seed)
 
 
+def _continual(args: argparse.Namespace) -> None:
+    from selfreplay.experiments.continual import continual_cli
+
+    continual_cli(args.config, args.overrides)
+
+
 def _sweep(args: argparse.Namespace) -> None:
     from selfreplay.sweep import sweep_cli
 
@@ -147,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="small runs in minutes on a laptop CPU; large is a bigger model and corpus")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(func=_demo)
+
+    continual = sub.add_parser(
+        "continual", help="learn algorithmic tasks in sequence, with or without self-replay",
+        description="Train a small model on algorithmic tasks one after another (addition, reversal, sorting, "
+                    "modular addition; a task token each), optionally with self-replay sampled from the snapshot "
+                    "taken at each task's start; print the accuracy matrix, average accuracy and backward "
+                    "transfer. Settings: an optional YAML file, then dotted overrides such as replay.method=ntp "
+                    "replay.coeff=10 tasks.steps=1000.")
+    continual.add_argument("config", nargs="?", default=None, help="YAML config file (optional)")
+    continual.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE")
+    continual.set_defaults(func=_continual)
 
     sweep = sub.add_parser(
         "sweep", help="run a grid of runs in stages from a sweep file",

@@ -76,6 +76,7 @@ SWEEP_FIELDS = ("description", "vars", "profiles", "corpus", "stages", "report",
 STAGE_FIELDS = ("name", "mode", "init", "settings", "grid", "list")
 FROM_FIELDS = ("from", "min", "max", "argmin", "argmax", "take", "plus", "times", "match")
 INIT_FIELDS = ("stage", "where")
+REPORT_FIELDS = ("figure", "stage", "stages", "frontier", "name")
 CORPUS_FIELDS = ("words", "vocab", "seed")
 BUILTIN_VARS = ("old", "new", "tokenizer", "vocab", "sweep")
 PICKS = ("min", "max", "argmin", "argmax")
@@ -272,9 +273,10 @@ def _parse_stage(raw: dict, index: int, earlier: list[Stage], mode_keys: dict[st
 def mode_keys() -> dict[str, list[str]]:
     """The dotted settings each mode accepts."""
     from selfreplay.config import RunConfig, all_keys
+    from selfreplay.experiments.continual import ContinualConfig
 
     run = all_keys(RunConfig)
-    return {"pretrain": run, "finetune": run}
+    return {"pretrain": run, "finetune": run, "continual": all_keys(ContinualConfig)}
 
 
 def parse_sweep(document: dict, variables: dict) -> Sweep:
@@ -288,8 +290,30 @@ def parse_sweep(document: dict, variables: dict) -> Sweep:
     for i, raw in enumerate(stages_raw):
         stages.append(_parse_stage(_substitute(raw, variables, f"stage {i + 1}"), i, stages, keys))
     report = _substitute(document.get("report") or [], variables, "report")
+    _check_report(report, [s.name for s in stages])
     launcher = _substitute(document.get("launcher") or {}, variables, "launcher")
     return Sweep(str(document.get("description") or ""), stages, report, launcher)
+
+
+def _check_report(report: list, stage_names: list[str]) -> None:
+    """Each report entry names a known figure and stages of this sweep."""
+    from selfreplay.experiments.figures import FIGURES
+
+    if not isinstance(report, list):
+        raise SelfReplayError("report: must be a list of figures ({figure: KIND, stage: STAGE})")
+    for i, entry in enumerate(report):
+        _check_fields(entry, REPORT_FIELDS, f"report entry {i + 1}")
+        if entry.get("figure") not in FIGURES:
+            raise SelfReplayError(f"report entry {i + 1}: unknown figure {entry.get('figure')!r}"
+                                  f"{_nearest(str(entry.get('figure')), FIGURES)}")
+        named = entry.get("stages", entry.get("stage"))
+        named = [named] if isinstance(named, str) else list(named or [])
+        if "frontier" in entry:
+            named.append(entry["frontier"])
+        for name in named or [None]:
+            if name not in stage_names:
+                raise SelfReplayError(f"report entry {i + 1} ({entry.get('figure')}) names stage {name!r}, "
+                                      f"not a stage of this sweep{_nearest(str(name), stage_names)}")
 
 
 # ---------------------------------------------------------------- points
