@@ -79,6 +79,12 @@ def _sweep(args: argparse.Namespace) -> None:
     sweep_cli(args.sweep_file, args.overrides, args.out, args.workers, args.launcher, args.cluster)
 
 
+def _report(args: argparse.Namespace) -> None:
+    from selfreplay.report import write_report
+
+    print(f"report -> {write_report(args.directory)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfreplay",
@@ -182,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
                        help="submitit: where jobs run (default: Slurm when available, else this machine)")
     sweep.set_defaults(func=_sweep)
+
+    report = sub.add_parser(
+        "report", help="write a Markdown report with figures for a run or a sweep",
+        description="Write DIR/report.md and PNG figures under DIR/figures/ for a run directory or a sweep "
+                    "directory: the figures its sweep file lists, the claim each tests with the measured numbers, "
+                    "and a table of every run.")
+    report.add_argument("directory", help="a sweep directory (holds sweep.yaml) or a finished run directory")
+    report.set_defaults(func=_report)
     return parser
 
 

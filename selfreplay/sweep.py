@@ -306,6 +306,8 @@ def _check_report(report: list, stage_names: list[str]) -> None:
         if entry.get("figure") not in FIGURES:
             raise SelfReplayError(f"report entry {i + 1}: unknown figure {entry.get('figure')!r}"
                                   f"{_nearest(str(entry.get('figure')), FIGURES)}")
+        if entry["figure"] == "mix_frontier" and "frontier" not in entry:
+            raise SelfReplayError(f"report entry {i + 1}: mix_frontier needs frontier: STAGE, the pretrained mixes")
         named = entry.get("stages", entry.get("stage"))
         named = [named] if isinstance(named, str) else list(named or [])
         if "frontier" in entry:
