@@ -29,8 +29,8 @@ A sweep file is YAML:
 
 Settings are dotted config keys (`selfreplay pretrain --help` lists them); `grid` and `list`
 combine as grid × list. Built-in vars: `old`, `new` (token files), `tokenizer` (its directory),
-`vocab` (its size) and `sweep` (the sweep directory). `init` may also filter its stage's runs:
-`init: {stage: pretrain, where: {stop.tokens_per_param: [10, 1000]}}`.
+`vocab` (its size) and `sweep` (the sweep directory). `init` may also filter its stage's runs,
+`init: {stage: pretrain, where: {stop.tokens_per_param: [10, 1000]}}`, or list several such.
 
 A value taken from an earlier stage's finished runs:
 
@@ -122,7 +122,7 @@ class Stage:
     settings: dict[str, Any]  # dotted key -> value (or From)
     grid: dict[str, list]
     points: list[dict[str, Any]]  # the explicit `list`
-    init: InitSpec | None = None
+    inits: list[InitSpec] = field(default_factory=list)  # none: the stage starts from scratch
 
 
 @dataclass
@@ -199,7 +199,11 @@ def choose_vars(document: dict, overrides: list[str], builtins: dict) -> dict:
     profile = given.pop("profile", next(iter(profiles), None))
     if profiles and profile not in profiles:
         raise SelfReplayError(f"unknown profile {profile!r}{_nearest(str(profile), profiles)}")
-    variables = {**builtins, **(document.get("vars") or {}), **(profiles.get(profile) or {})}
+    declared = {**(document.get("vars") or {}), **(profiles.get(profile) or {})}
+    shadowed = [name for name in declared if name in BUILTIN_VARS]
+    if shadowed:
+        raise SelfReplayError(f"var {shadowed[0]!r} is built in ({', '.join(BUILTIN_VARS)}): give yours another name")
+    variables = {**builtins, **declared}
     for name in given:
         if name not in variables and name not in BUILTIN_VARS:
             raise SelfReplayError(f"unknown sweep var '{name}'{_nearest(name, [*variables, 'profile'])}")
@@ -258,16 +262,18 @@ def _parse_stage(raw: dict, index: int, earlier: list[Stage], mode_keys: dict[st
         if isinstance(value, dict):
             settings[key] = _parse_from(value, f"{where}, {key}")
             earlier_stage(settings[key].stage, f"{key}: from")
-    init = raw.get("init")
-    if init is not None:
-        spec = init if isinstance(init, dict) else {"stage": init}
+    raw_inits = raw.get("init")
+    raw_inits = raw_inits if isinstance(raw_inits, list) else [] if raw_inits is None else [raw_inits]
+    inits = []
+    for spec in raw_inits:
+        spec = spec if isinstance(spec, dict) else {"stage": spec}
         _check_fields(spec, INIT_FIELDS, f"{where}, init")
         where_values = {k: [_number(x) for x in (v if isinstance(v, list) else [v])]
                         for k, v in _flatten(spec.get("where") or {}).items()}
-        init = InitSpec(earlier_stage(str(spec.get("stage")), "init"), where_values)
-        if mode not in ("finetune",):
-            raise SelfReplayError(f"{where}: init is for finetune stages, not {mode}")
-    return Stage(name, mode, settings, grid, points, init)
+        inits.append(InitSpec(earlier_stage(str(spec.get("stage")), "init"), where_values))
+    if inits and mode != "finetune":
+        raise SelfReplayError(f"{where}: init is for finetune stages, not {mode}")
+    return Stage(name, mode, settings, grid, points, inits)
 
 
 def mode_keys() -> dict[str, list[str]]:
@@ -386,20 +392,22 @@ def expand(stage: Stage, sweep_dir: Path, earlier: dict[str, list[Run]]) -> list
     items = [{**combo, **item} for combo in combos for item in (stage.points or [{}])]
     varying = list(stage.grid) + [k for item in stage.points for k in item if k not in stage.grid]
     varying = list(dict.fromkeys(varying))
-    inits: list[Run | None] = [None]
-    if stage.init is not None:
-        inits = [r for r in earlier[stage.init.stage]
-                 if all(_number(r.value(k)) in values for k, values in stage.init.where.items())]
-        if not inits:
-            raise SelfReplayError(f"stage {stage.name!r}: no run of stage {stage.init.stage!r} matches "
-                                  f"init where {stage.init.where}")
+    inits: list[Run | None] = [None] if not stage.inits else []
+    for spec in stage.inits:
+        matching = [r for r in earlier[spec.stage]
+                    if all(_number(r.value(k)) in values for k, values in spec.where.items())]
+        if not matching:
+            raise SelfReplayError(f"stage {stage.name!r}: no run of stage {spec.stage!r} matches init where {spec.where}")
+        inits += matching
+    several = len({spec.stage for spec in stage.inits}) > 1  # then the init's stage is part of the name
     runs, names = [], set()
     for init in inits:
         for item in items:
             name = point_name(item, varying)
             if init is not None:
-                name = name if name != "run" else ""
-                name = ",".join(p for p in (init.run_dir.name, name) if p)
+                prefix = f"{init.stage}-{init.run_dir.name}" if several else init.run_dir.name
+                prefix = "" if prefix == "run" else prefix  # a one-point init stage adds nothing
+                name = ",".join(p for p in (prefix, name if name != "run" else "") if p) or "run"
             if name in names:
                 raise SelfReplayError(f"stage {stage.name!r} has two points named {name!r}: "
                                       "its grid or list repeats a combination")
@@ -621,8 +629,11 @@ def corpus_vars(corpus: dict | None, given: dict, sweep_dir: Path) -> dict:
         from selfreplay.experiments.corpora import synthetic_token_files
 
         _check_fields(corpus, CORPUS_FIELDS, "corpus")
-        files = synthetic_token_files(sweep_dir / "corpus", num_words=int(corpus.get("words", 300_000)),
-                                      vocab_size=int(corpus.get("vocab", 2048)), seed=int(corpus.get("seed", 0)))
+        sizes = {k: _number(corpus.get(k, default)) for k, default in (("words", 300_000), ("vocab", 2048), ("seed", 0))}
+        if not all(isinstance(v, int) for v in sizes.values()):
+            raise SelfReplayError(f"corpus words, vocab and seed must be whole numbers, got {sizes}")
+        files = synthetic_token_files(sweep_dir / "corpus", num_words=sizes["words"], vocab_size=sizes["vocab"],
+                                      seed=sizes["seed"])
         chosen = {"old": str(files.old), "new": str(files.new), "tokenizer": str(files.tokenizer)}
     if not chosen:
         return {}
@@ -641,7 +652,8 @@ def resolve_sweep(path: str | Path, overrides: list[str], sweep_dir: Path) -> tu
     variables = choose_vars(document, overrides, {"sweep": str(sweep_dir.resolve())})
     placeholders = {n: f"<{n}>" for n in ("old", "new", "tokenizer", "vocab")}
     parse_sweep(document, {**placeholders, **variables})  # check the whole file before making a corpus
-    variables.update(corpus_vars(document.get("corpus"), variables, sweep_dir))
+    corpus = _substitute(document.get("corpus"), variables, "corpus")
+    variables.update(corpus_vars(corpus, variables, sweep_dir))
     resolved = {k: _substitute(v, variables, k) for k, v in document.items()
                 if k in ("description", "stages", "report", "launcher")}
     return parse_sweep(resolved, variables), resolved

@@ -22,6 +22,10 @@ def stages(*raw):
     return parse_sweep({"stages": list(raw)}, {})
 
 
+SWEEP_STAGES = [{"name": "pre", "mode": "pretrain", "grid": {"stop.tokens": [100, 1000], "optim.lr": ["1e-3", "3e-3"]}},
+                {"name": "other", "mode": "pretrain", "grid": {"seed": [1, 2]}}]
+
+
 def test_grid_and_list_expand_to_every_combination_with_readable_names(tmp_path):
     sweep = stages(
         {"name": "pre", "mode": "pretrain", "settings": {"model.D": 32},
@@ -38,6 +42,11 @@ def test_grid_and_list_expand_to_every_combination_with_readable_names(tmp_path)
     assert {r.init.run_dir.name for r in ft} == {"tokens=1000,lr=0.001", "tokens=1000,lr=0.003"}
     assert ft[1].run_dir == tmp_path / "ft" / "tokens=1000,lr=0.001,coeff=1,method=kl,source=real"
     assert ft[1].settings == {"replay.coeff": 1, "replay.method": "kl", "replay.source": "real"}
+    scratch = parse_sweep({"stages": [*SWEEP_STAGES, {"name": "ft2", "mode": "finetune",
+                                                      "init": ["pre", {"stage": "other", "where": {"seed": 2}}]}]}, {})
+    by_stage = {"pre": pre, "other": expand(scratch.stages[1], tmp_path, {})}
+    names = [r.run_dir.name for r in expand(scratch.stages[2], tmp_path, by_stage)]
+    assert names == [f"pre-{r.run_dir.name}" for r in pre] + ["other-seed=2"]  # several init stages: named by stage
 
 
 def test_point_names_are_filesystem_safe_and_disambiguate_keys():
