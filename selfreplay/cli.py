@@ -85,6 +85,13 @@ def _report(args: argparse.Namespace) -> None:
     print(f"report -> {write_report(args.directory)}")
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    from selfreplay.experiments.reproduce import reproduce
+
+    only = [name for name in args.only.split(",") if name] if args.only else None
+    reproduce(args.profile, args.out, args.experiments, only, args.overrides, args.workers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfreplay",
@@ -196,6 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "and a table of every run.")
     report.add_argument("directory", help="a sweep directory (holds sweep.yaml) or a finished run directory")
     report.set_defaults(func=_report)
+
+    reproduce = sub.add_parser(
+        "reproduce", help="run every experiment of a profile and write one report of the paper's claims",
+        description="Run each experiments/NAME/sweep.yaml with the chosen profile into OUT/NAME (finished points "
+                    "are kept, so the same command resumes), then write OUT/report.md: every figure and a table "
+                    "of the paper's claims, what this run found, and whether it reproduced.")
+    reproduce.add_argument("overrides", nargs="*",
+                           help="VAR=VALUE for every experiment (old=, new=, tokenizer= for your own token files), "
+                                "or NAME:VAR=VALUE for one")
+    reproduce.add_argument("--profile", default="small", help="small (a 2-core CPU) or paper (a GPU); default small")
+    reproduce.add_argument("--out", default="reproduce", help="output directory (default: reproduce)")
+    reproduce.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run only these experiments")
+    reproduce.add_argument("--experiments", default=None, help="folder of NAME/sweep.yaml (default: experiments/)")
+    reproduce.add_argument("--workers", type=int, default=None, help="points run at once (default: 1)")
+    reproduce.set_defaults(func=_reproduce)
     return parser
 
 

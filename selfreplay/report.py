@@ -133,6 +133,11 @@ def render(title: str, sections: list[Section], root: Path, preface: str = "") -
 
 def write_report(directory: str | Path) -> Path:
     """Write DIR/report.md and DIR/figures/*.png for a sweep or run directory; returns the report's path."""
+    return report_directory(directory)[0]
+
+
+def report_directory(directory: str | Path) -> tuple[Path, Section]:
+    """write_report's work: (the report's path, the section it rendered)."""
     root = Path(directory).resolve()
     figures_dir = root / FIGURES_DIR
     if (root / SWEEP_FILE).is_file():
@@ -146,4 +151,4 @@ def write_report(directory: str | Path) -> Path:
                               f"({SUMMARY_FILE}): run selfreplay sweep, pretrain or finetune first")
     path = root / REPORT_NAME
     path.write_text(render(f"Report: {root.name}", [section], root))
-    return path
+    return path, section

@@ -643,15 +643,21 @@ def corpus_vars(corpus: dict | None, given: dict, sweep_dir: Path) -> dict:
     return {**chosen, "vocab": load_tokenizer(chosen["tokenizer"]).vocab_size}
 
 
-def resolve_sweep(path: str | Path, overrides: list[str], sweep_dir: Path) -> tuple[Sweep, dict]:
-    """The sweep of `path` with its vars (profile, overrides, corpus) substituted; (sweep, document)."""
+def check_sweep(path: str | Path, overrides: list[str], sweep_dir: Path) -> tuple[dict, dict]:
+    """(the file's mapping, its vars), the whole file checked before any corpus is made or run starts."""
     from selfreplay.config import read_yaml
 
     document = read_yaml(path)
     _check_fields(document, SWEEP_FIELDS, f"sweep file {path}")
-    variables = choose_vars(document, overrides, {"sweep": str(sweep_dir.resolve())})
+    variables = choose_vars(document, overrides, {"sweep": str(Path(sweep_dir).resolve())})
     placeholders = {n: f"<{n}>" for n in ("old", "new", "tokenizer", "vocab")}
-    parse_sweep(document, {**placeholders, **variables})  # check the whole file before making a corpus
+    parse_sweep(document, {**placeholders, **variables})
+    return document, variables
+
+
+def resolve_sweep(path: str | Path, overrides: list[str], sweep_dir: Path) -> tuple[Sweep, dict]:
+    """The sweep of `path` with its vars (profile, overrides, corpus) substituted; (sweep, document)."""
+    document, variables = check_sweep(path, overrides, sweep_dir)
     corpus = _substitute(document.get("corpus"), variables, "corpus")
     variables.update(corpus_vars(corpus, variables, sweep_dir))
     resolved = {k: _substitute(v, variables, k) for k, v in document.items()
