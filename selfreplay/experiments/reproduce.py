@@ -2,7 +2,7 @@
 
     selfreplay reproduce --profile small                     # the built-in synthetic corpus
     selfreplay reproduce --profile small old=en.bin new=es.bin tokenizer=tok
-    selfreplay reproduce --only capacity capacity:budgets=[10,100,1000]
+    selfreplay reproduce --only capacity 'capacity:budgets=[10,100,1000]'
 
 Each folder of `experiments/` holding a sweep.yaml is one experiment; it runs as
 `selfreplay sweep` into OUT/NAME (finished points are kept, so the same command resumes), gets
