@@ -537,8 +537,8 @@ def run_stage(runs: list[Run], launcher, workers: int, sweep_dir: Path, say=prin
             _clear_partial(run.run_dir)
             run.run_dir.parent.mkdir(parents=True, exist_ok=True)
             code, last_line = launcher.launch(command(run), log_path(run, sweep_dir))
-        except (SelfReplayError, OSError) as e:
-            code, last_line = -1, f"could not run: {e}"
+        except Exception as e:  # noqa: BLE001 - a point that cannot run (or a lost job) must not stop the others
+            code, last_line = -1, f"could not run: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
         read_outcome(run)
         if code != 0 and run.status != "failed":
             run.status, run.error = "failed", last_line or f"exit code {code}"
@@ -570,6 +570,20 @@ def prepare_stage(runs: list[Run], by_stage: dict[str, list[Run]]) -> None:
         except SelfReplayError as e:
             if run.status == "pending":
                 run.status, run.error = "failed", str(e)
+        if run.status == "done" and (changed := stale_setting(run)):
+            run.status, run.error = "failed", f"finished with other settings ({changed}): delete {run.run_dir} to rerun it"
+
+
+def stale_setting(run: Run) -> str | None:
+    """'KEY: was -> now' when a finished run's config.yaml disagrees with the sweep file's setting."""
+    for key, value in run.settings.items():
+        if isinstance(value, From) or key not in run.config:
+            continue
+        was = run.config[key]
+        now = str(Path(value).resolve()) if key.startswith("data.") and isinstance(value, str) else _number(value)
+        if was != now and not (isinstance(was, float) and isinstance(now, (int, float)) and math.isclose(was, now)):
+            return f"{key}: {was} -> {now}"
+    return None
 
 
 # ---------------------------------------------------------------- results

@@ -210,3 +210,12 @@ def test_the_submitit_launcher_runs_the_same_points(token_files, tmp_path):
                      say=lambda line: None)
     assert [(r.name, r.status) for r in runs] == [("pre/seed=1", "done"), ("pre/seed=2", "done")]
     assert any((tmp_path / "out" / "submitit").iterdir())  # the jobs went through submitit's folder
+
+
+def test_a_finished_point_whose_settings_changed_is_flagged_not_reused(token_files, tmp_path):
+    stage = {"name": "pre", "mode": "pretrain", "settings": {"stop.tokens": 256, "optim.lr": 3e-3}}
+    path = write_sweep(tmp_path / "sweep.yaml", dict(stage))
+    assert run_sweep(path, token_files, tmp_path / "out", say=lambda line: None)[0].status == "done"
+    write_sweep(path, {**stage, "settings": {"stop.tokens": 256, "optim.lr": 1e-3}})
+    run = run_sweep(path, token_files, tmp_path / "out", say=lambda line: None)[0]
+    assert run.status == "failed" and "optim.lr: 0.003 -> 0.001" in run.error and "delete" in run.error
