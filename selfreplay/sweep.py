@@ -253,7 +253,12 @@ def _parse_stage(raw: dict, index: int, earlier: list[Stage], mode_keys: dict[st
         if not isinstance(values, list) or not values:
             raise SelfReplayError(f"{where}: grid {key} must be a non-empty list of values, got {values!r}")
         grid[key] = [_number(v) for v in values]
-    for key, value in [*settings.items(), *grid.items(), *(kv for p in points for kv in p.items())]:
+    varied = [*((k, v) for k, values in grid.items() for v in values), *(kv for p in points for kv in p.items())]
+    for key, value in varied:
+        if isinstance(value, (dict, list)):
+            raise SelfReplayError(f"{where}: {key} in grid or list takes plain values, got {value!r} "
+                                  "(a value from an earlier stage goes in settings)")
+    for key, value in [*settings.items(), *varied]:
         if key in ("out", "init"):
             raise SelfReplayError(f"{where}: {key} is set by the sweep (the point's directory, the stage's init)")
         if key not in mode_keys[mode]:
@@ -262,18 +267,22 @@ def _parse_stage(raw: dict, index: int, earlier: list[Stage], mode_keys: dict[st
         if isinstance(value, dict):
             settings[key] = _parse_from(value, f"{where}, {key}")
             earlier_stage(settings[key].stage, f"{key}: from")
-    raw_inits = raw.get("init")
-    raw_inits = raw_inits if isinstance(raw_inits, list) else [] if raw_inits is None else [raw_inits]
-    inits = []
-    for spec in raw_inits:
+    inits = [InitSpec(earlier_stage(spec.stage, "init"), spec.where) for spec in _parse_inits(raw.get("init"), where)]
+    if inits and mode != "finetune":
+        raise SelfReplayError(f"{where}: init is for finetune stages, not {mode}")
+    return Stage(name, mode, settings, grid, points, inits)
+
+
+def _parse_inits(raw, where: str) -> list[InitSpec]:
+    """init: STAGE, {stage: STAGE, where: {KEY: values}}, or a list of those."""
+    specs = []
+    for spec in raw if isinstance(raw, list) else [] if raw is None else [raw]:
         spec = spec if isinstance(spec, dict) else {"stage": spec}
         _check_fields(spec, INIT_FIELDS, f"{where}, init")
         where_values = {k: [_number(x) for x in (v if isinstance(v, list) else [v])]
                         for k, v in _flatten(spec.get("where") or {}).items()}
-        inits.append(InitSpec(earlier_stage(str(spec.get("stage")), "init"), where_values))
-    if inits and mode != "finetune":
-        raise SelfReplayError(f"{where}: init is for finetune stages, not {mode}")
-    return Stage(name, mode, settings, grid, points, inits)
+        specs.append(InitSpec(str(spec.get("stage")), where_values))
+    return specs
 
 
 def mode_keys() -> dict[str, list[str]]:

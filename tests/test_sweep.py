@@ -65,6 +65,7 @@ def test_point_names_are_filesystem_safe_and_disambiguate_keys():
     ({"name": "a", "mode": "finetune", "settings": {"stop.target_loss": {"from": "x", "mni": "new_loss"}}},
      "did you mean 'min'"),
     ({"name": "a", "mode": "pretrain", "grid": {"optim.lr": 0.1}}, "non-empty list"),
+    ({"name": "a", "mode": "pretrain", "list": [{"optim.lr": {"from": "b", "min": "x"}}]}, "takes plain values"),
 ])
 def test_a_bad_sweep_file_is_one_line_naming_the_fix(raw, fragment):
     with pytest.raises(SelfReplayError, match=fragment):
