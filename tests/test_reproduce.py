@@ -67,3 +67,12 @@ def test_reproduce_runs_each_experiment_and_writes_one_report_of_claims(tmp_path
     assert "| methods |" in text.split("## Claims")[0]  # the wall-time table
     config = yaml.safe_load((out / "methods" / "pre" / "run" / "config.yaml").read_text())
     assert config["stop"]["tokens"] == 512  # the NAME:VAR=VALUE override reached that experiment
+
+
+@pytest.mark.parametrize("command", ["sweep", "report", "reproduce", "continual"])
+def test_the_new_subcommands_have_help(command, capsys):
+    from selfreplay.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "usage: selfreplay" in capsys.readouterr().out
