@@ -74,6 +74,31 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(out_dir=args.out, scale=args.scale, seed=args.seed)
 
 
+def _continual(args: argparse.Namespace) -> None:
+    from selfreplay.experiments.continual import continual_cli
+
+    continual_cli(args.config, args.overrides)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from selfreplay.sweep import sweep_cli
+
+    sweep_cli(args.sweep_file, args.overrides, args.out, args.workers, args.launcher, args.cluster)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from selfreplay.report import write_report
+
+    print(f"report -> {write_report(args.directory)}")
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from selfreplay.experiments.reproduce import reproduce
+
+    only = [name for name in args.only.split(",") if name] if args.only else None
+    reproduce(args.profile, args.out, args.experiments, only, args.overrides, args.workers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfreplay",
@@ -151,6 +176,58 @@ def build_parser() -> argparse.ArgumentParser:
                       help="small runs in minutes on a laptop CPU; large is a bigger model and corpus")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(func=_demo)
+
+    continual = sub.add_parser(
+        "continual", help="learn algorithmic tasks in sequence, with or without self-replay",
+        description="Train a small model on algorithmic tasks one after another (addition, reversal, sorting, "
+                    "modular addition; a task token each), optionally with self-replay sampled from the snapshot "
+                    "taken at each task's start; print the accuracy matrix, average accuracy and backward "
+                    "transfer. Settings: an optional YAML file, then dotted overrides such as replay.method=ntp "
+                    "replay.coeff=10 tasks.steps=1000.")
+    continual.add_argument("config", nargs="?", default=None, help="YAML config file (optional)")
+    continual.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE")
+    continual.set_defaults(func=_continual)
+
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of runs in stages from a sweep file",
+        description="Run every point of a sweep file (stages of pretrain/finetune grids), each in its own run "
+                    "directory under --out, several at a time; finished points are skipped, so the same command "
+                    "resumes a killed sweep. Writes OUT/results.csv. The sweep file format is documented in "
+                    "selfreplay/sweep.py and the README.")
+    sweep.add_argument("sweep_file", help="sweep YAML file (for example experiments/capacity/sweep.yaml)")
+    sweep.add_argument("overrides", nargs="*", help="NAME=VALUE: profile=small|paper, or a var of the sweep file "
+                                                    "(old=TOKEN_FILE new=TOKEN_FILE tokenizer=DIR for your own data)")
+    sweep.add_argument("--out", default=None, help="sweep directory (default: sweeps/<sweep file name>)")
+    sweep.add_argument("--workers", type=int, default=None,
+                       help="points run at once (default: 1); each gets cores/workers threads")
+    sweep.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                       help="local subprocesses, or submitit jobs (Slurm on a cluster)")
+    sweep.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                       help="submitit: where jobs run (default: Slurm when available, else this machine)")
+    sweep.set_defaults(func=_sweep)
+
+    report = sub.add_parser(
+        "report", help="write a Markdown report with figures for a run or a sweep",
+        description="Write DIR/report.md and PNG figures under DIR/figures/ for a run directory or a sweep "
+                    "directory: the figures its sweep file lists, the claim each tests with the measured numbers, "
+                    "and a table of every run.")
+    report.add_argument("directory", help="a sweep directory (holds sweep.yaml) or a finished run directory")
+    report.set_defaults(func=_report)
+
+    reproduce = sub.add_parser(
+        "reproduce", help="run every experiment of a profile and write one report of the paper's claims",
+        description="Run each experiments/NAME/sweep.yaml with the chosen profile into OUT/NAME (finished points "
+                    "are kept, so the same command resumes), then write OUT/report.md: every figure and a table "
+                    "of the paper's claims, what this run found, and whether it reproduced.")
+    reproduce.add_argument("overrides", nargs="*",
+                           help="VAR=VALUE for every experiment (old=, new=, tokenizer= for your own token files), "
+                                "or NAME:VAR=VALUE for one")
+    reproduce.add_argument("--profile", default="small", help="small (a 2-core CPU) or paper (a GPU); default small")
+    reproduce.add_argument("--out", default="reproduce", help="output directory (default: reproduce)")
+    reproduce.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run only these experiments")
+    reproduce.add_argument("--experiments", default=None, help="folder of NAME/sweep.yaml (default: experiments/)")
+    reproduce.add_argument("--workers", type=int, default=None, help="points run at once (default: 1)")
+    reproduce.set_defaults(func=_reproduce)
     return parser
 
 

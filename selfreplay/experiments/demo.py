@@ -26,9 +26,9 @@ SCALES = {
 
 def run_demo(out_dir: str | Path = "demo_runs", scale: str = "small", seed: int = 0) -> list[dict]:
     from selfreplay.experiments.compare import finetune_methods, format_table, plot_old_vs_new
-    from selfreplay.synth import LANGUAGES, write_corpus
-    from selfreplay.tokenizer import TOKENIZER_FILE, load_tokenizer, train_tokenizer
-    from selfreplay.tokens import metadata_path, read_token_meta, write_token_file
+    from selfreplay.experiments.corpora import synthetic_token_files
+    from selfreplay.synth import LANGUAGES
+    from selfreplay.tokens import read_token_meta
     from selfreplay.train import resolve_config, train
 
     if scale not in SCALES:
@@ -39,25 +39,11 @@ def run_demo(out_dir: str | Path = "demo_runs", scale: str = "small", seed: int 
     old, new = LANGUAGES
     started = time.perf_counter()
 
-    # text -> tokens (each step is skipped when an earlier, interrupted demo already made its output)
-    corpus = {language: out / "corpus" / f"{language}.jsonl" for language in LANGUAGES}
-    if not all(path.exists() for path in corpus.values()):
-        corpus = write_corpus(out / "corpus", num_words=s["words"], seed=seed)
-    tokenizer_dir = out / "tokenizer"
-    if (tokenizer_dir / TOKENIZER_FILE).exists():
-        tokenizer = load_tokenizer(tokenizer_dir)
-    else:
-        tokenizer = train_tokenizer([str(corpus[old]), str(corpus[new])], vocab_size=s["vocab"],
-                                    out_dir=tokenizer_dir, domains=list(LANGUAGES))
-    tokens = {}
+    # text -> tokens
+    files = synthetic_token_files(out / "data", num_words=s["words"], vocab_size=s["vocab"], seed=seed)
+    tokenizer_dir, tokens = files.tokenizer, {old: files.old, new: files.new}
     for language in LANGUAGES:
-        tokens[language] = out / "data" / f"{language}.bin"
-        tokens[language].parent.mkdir(exist_ok=True)
-        if metadata_path(tokens[language]).exists():
-            meta = read_token_meta(tokens[language])
-        else:
-            meta = write_token_file(str(corpus[language]), tokenizer, domain=language, out=tokens[language])
-        print(f"{language}: {meta.num_tokens:,} tokens")
+        print(f"{language}: {read_token_meta(tokens[language]).num_tokens:,} tokens")
 
     # pretrain on A
     pretrained = out / "pretrain"

@@ -1,0 +1,61 @@
+"""Measurements across runs: time to a target loss and the compute ratio of the learning-rate experiment.
+
+Both are pure functions of a run's curve (metrics.jsonl lines) or of a few numbers per run, so
+they can be checked on hand-made cases and recomputed for any sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def time_to_target(curve: list[dict], target: float, key: str = "new_loss") -> tuple[float, int] | None:
+    """(training seconds, steps) at the first log point whose `key` is at or below `target`;
+    None when the run never got there. The same rule as the `stop.target_loss` stop."""
+    for point in curve:
+        value = point.get(key)
+        if value is not None and value <= target:
+            return point["train_seconds"], point["step"]
+    return None
+
+
+@dataclass
+class Finetuned:
+    """What the learning-rate experiment needs of one finetuning run."""
+
+    label: str  # e.g. "lr=1e-4" or "replace 1/8"
+    forgetting: float  # old_loss - old_loss_0 at the end (nats/token)
+    seconds_to_target: float | None  # training wall time to the target new-domain loss; None: not reached
+
+
+@dataclass
+class ComputeRatio:
+    """How much longer plain finetuning takes to reach the target while forgetting no more than replay."""
+
+    ratio: float  # no_replay.seconds_to_target / replay.seconds_to_target
+    replay: Finetuned
+    no_replay: Finetuned  # the fastest no-replay run that reached the target forgetting <= replay's
+
+
+def compute_ratio(no_replay: list[Finetuned], replay: Finetuned) -> ComputeRatio | None:
+    """The wall time to target of the no-replay learning rate needed for the replay run's
+    forgetting, over the replay run's own time to target.
+
+    Among no-replay runs that reached the target with forgetting <= the replay run's, the fastest
+    is the one needed (a slower one only adds time: the ratio is not inflated by how far down the
+    learning-rate grid goes). None when the replay run missed the target or no such run exists
+    (no learning rate in the sweep forgets as little: the ratio is then beyond what it measured).
+    """
+    if replay.seconds_to_target is None or replay.seconds_to_target <= 0:
+        return None
+    qualifying = [run for run in no_replay
+                  if run.seconds_to_target is not None and run.forgetting <= replay.forgetting]
+    if not qualifying:
+        return None
+    needed = min(qualifying, key=lambda run: run.seconds_to_target)
+    return ComputeRatio(needed.seconds_to_target / replay.seconds_to_target, replay, needed)
+
+
+def rises(values: list[float], tolerance: float = 0.0) -> bool:
+    """True when each value is at least the one before it, less `tolerance` (noise allowed)."""
+    return all(b >= a - tolerance for a, b in zip(values, values[1:]))
