@@ -42,6 +42,17 @@ def tokenizer(corpora, tmp_path_factory):
 
 # ---------------------------------------------------------------- Hugging Face models (tests/test_hf_*.py)
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny models on a shared CPU run many times slower with threads contending."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                  "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -102,3 +113,30 @@ def tiny_gpt2_dir(hf_tokenizer, tmp_path_factory):
     config = GPT2Config(vocab_size=len(hf_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128,
                         bos_token_id=hf_tokenizer.bos_token_id, eos_token_id=hf_tokenizer.eos_token_id)
     return _save_hf(GPT2LMHeadModel(config), hf_tokenizer, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def taught_llama_dir(hf_tokenizer, tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama trained briefly on packed sentences and on chat conversations, so that its
+    samples end documents with EOS and follow the chat template (turns end with <|im_end|>)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selfreplay.hf.data import pack_documents, pad_batch, rows_from_dataset
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `one_thread`, which a session fixture cannot use
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    text = pack_documents([sentences("en", 200)], hf_tokenizer, T=48)
+    chats = rows_from_dataset([{"messages": c} for c in conversations(100)], hf_tokenizer, T=128)
+    chats = [{**r, "labels": r["input_ids"]} for r in chats]  # learn the user turns too
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(120):
+        rows = text[(step * 8) % len(text):][:8] if step % 2 else chats[(step * 4) % len(chats):][:8]
+        batch = pad_batch(rows, hf_tokenizer.pad_token_id)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.set_num_threads(threads)
+    return _save_hf(model, hf_tokenizer, tmp_path_factory.mktemp("taught_llama"))

@@ -4,6 +4,7 @@ import json
 import pytest
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from conftest import conversations, sentences, write_jsonl  # noqa: E402
 from selfreplay.errors import SelfReplayError  # noqa: E402

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from selfreplay.errors import SelfReplayError  # noqa: E402
 from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm, num_parameters  # noqa: E402
@@ -34,7 +35,7 @@ def test_hidden_states_through_a_kv_cache_equal_the_full_pass(tiny_llama_dir):
     tokens = torch.randint(0, model.config.vocab_size, (3, 9))
     with torch.no_grad():
         full = lm.hidden(tokens)
-        cache = lm.new_cache()
+        cache = lm.new_cache(9)
         steps = [lm.hidden(tokens[:, :4], cache)] + [lm.hidden(tokens[:, t:t + 1], cache) for t in range(4, 9)]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 

@@ -70,11 +70,12 @@ class CausalLM:
                                     output_hidden_states=True, **self._no_logits)
         return out.hidden_states[-1]
 
-    def new_cache(self):
-        """An empty KV cache for `hidden(..., cache=)`."""
-        from transformers import DynamicCache
+    def new_cache(self, length: int):
+        """An empty KV cache for `hidden(..., cache=)` of sequences up to `length` tokens,
+        preallocated: a growing cache copies itself at every token, most of the decoding time."""
+        from transformers import StaticCache
 
-        return DynamicCache(config=self.config)
+        return StaticCache(config=self.config, max_cache_len=length)
 
     def parameters(self):
         return self.model.parameters()
