@@ -85,8 +85,13 @@ class AdapterFreeReference(CausalLM):
     """π0 of a peft model: the very same network, run with its adapters disabled and no gradients."""
 
     def hidden(self, tokens: torch.Tensor, cache=None, model: nn.Module | None = None) -> torch.Tensor:
-        with torch.no_grad(), self.model.disable_adapter():
-            return super().hidden(tokens, cache)
+        training = self.model.training
+        self.model.eval()  # π0 has no dropout, even in the middle of a training step
+        try:
+            with torch.no_grad(), self.model.disable_adapter():
+                return super().hidden(tokens, cache)
+        finally:
+            self.model.train(training)
 
 
 def frozen_reference(lm: CausalLM, dtype: torch.dtype | None = None) -> CausalLM:

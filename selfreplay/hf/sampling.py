@@ -69,7 +69,7 @@ class ReplaySamples:
     hidden: torch.Tensor | None = None
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the samples and masks go on into training steps' autograd
 def sample_replay(lm: CausalLM, form: ReplayFormat, num_samples: int, length: int, temperature: float = 1.0,
                   top_p: float | None = None, generator: torch.Generator | None = None, seed: int = 0,
                   batch_size: int = 64, keep_hidden: bool = False, offset: int = 0) -> ReplaySamples:
