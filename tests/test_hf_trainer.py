@@ -138,3 +138,12 @@ def test_trainer_runs_under_torchrun_with_each_rank_drawing_its_own_replay(taugh
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["steps"] == 2 for r in ranks)
     assert ranks[0]["replay"] != ranks[1]["replay"]
+
+
+def test_gpt2_with_its_tied_head_trains_with_replay_kl(tiny_gpt2_dir, tmp_path):
+    trainer = SelfReplayTrainer(tiny_gpt2_dir, _args(tmp_path, max_steps=2, learning_rate=1e-2),
+                                train_dataset=_spanish())
+    embedding = trainer.model.get_input_embeddings().weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(trainer.model.get_input_embeddings().weight, embedding)
+    assert trainer.state.log_history[-2]["replay_loss"] >= 0
