@@ -49,21 +49,38 @@ HEAD_CHUNK_ROWS = 512
 
 
 def head_next_token_loss(hidden: torch.Tensor, head_weight: torch.Tensor, tokens: torch.Tensor,
-                         compile: bool = False) -> torch.Tensor:
+                         compile: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """`next_token_loss(hidden @ head_weight.T, tokens)` for final hidden states [B, T, D].
-    compile: run each block's softmax arithmetic as one `torch.compile`d kernel."""
+    compile: run each block's softmax arithmetic as one `torch.compile`d kernel.
+    mask [B, T] (bool): the tokens whose prediction counts (a chat's assistant tokens, a
+    sample's tokens before the padding after its EOS); the mean runs over those alone."""
     D = hidden.shape[-1]
-    return _HeadLoss.apply(hidden[:, :-1].reshape(-1, D), head_weight, tokens[:, 1:].reshape(-1), None, None,
-                           _compute_dtype(hidden), compile)
+    hidden, targets = hidden[:, :-1].reshape(-1, D), tokens[:, 1:].reshape(-1)
+    if mask is not None:
+        keep = mask[:, 1:].reshape(-1)
+        hidden, targets = hidden[keep], targets[keep]
+    if len(targets) == 0:  # nothing to predict: zero, still connected to the graph
+        return hidden.sum().float() * 0.0
+    return _HeadLoss.apply(hidden, head_weight, targets, None, None, _compute_dtype(hidden), compile)
 
 
 def head_kl_divergence(ref_hidden: torch.Tensor, ref_head_weight: torch.Tensor, hidden: torch.Tensor,
-                       head_weight: torch.Tensor, compile: bool = False) -> torch.Tensor:
+                       head_weight: torch.Tensor, compile: bool = False,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """`kl_divergence(ref_hidden @ ref_head_weight.T, hidden @ head_weight.T)`; gradients reach
-    only `hidden` and `head_weight`."""
+    only `hidden` and `head_weight`. mask [B, T] (bool), as for `head_next_token_loss`: the
+    mean runs over the positions t-1 whose next token t has mask[t] (position T-1, which
+    predicts past the sequence, is then left out)."""
     D = hidden.shape[-1]
-    return _HeadLoss.apply(hidden.reshape(-1, D), head_weight, None, ref_hidden.detach().reshape(-1, D),
-                           ref_head_weight.detach(), _compute_dtype(hidden), compile)
+    ref_hidden = ref_hidden.detach()
+    if mask is not None:
+        keep = mask[:, 1:]
+        hidden, ref_hidden = hidden[:, :-1][keep], ref_hidden[:, :-1][keep]
+    hidden, ref_hidden = hidden.reshape(-1, D), ref_hidden.reshape(-1, D)
+    if len(hidden) == 0:
+        return hidden.sum().float() * 0.0
+    return _HeadLoss.apply(hidden, head_weight, None, ref_hidden, ref_head_weight.detach(),
+                           _compute_dtype(hidden), compile)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -87,3 +87,104 @@ def finetune_config(corpus, pretrained, out, *overrides):
     from selfreplay.train import resolve_config
 
     return resolve_config("finetune", None, finetune_overrides(corpus, pretrained, out, *overrides))
+
+# ---------------------------------------------------------------- Hugging Face models (tests/test_hf_*.py)
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny models on a shared CPU run many times slower with threads contending."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def conversations(n: int, seed: int = 0) -> list[list[dict]]:
+    """n short conversations: an English user turn answered in Spanish."""
+    return [[{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+            for u, a in zip(sentences("en", n, seed), sentences("es", n, seed))]
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer():
+    """A byte-level BPE PreTrainedTokenizerFast (vocab ~300) with <s>, </s>, <pad> and a ChatML-style template."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sentences("en", 300) + sentences("es", 300), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def _save_hf(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(hf_tokenizer, tmp_path_factory):
+    """A random 2-layer Llama (width 32, untied head) with the chat tokenizer, saved with save_pretrained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(hf_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=hf_tokenizer.bos_token_id, eos_token_id=hf_tokenizer.eos_token_id,
+                         pad_token_id=hf_tokenizer.pad_token_id, tie_word_embeddings=False)
+    return _save_hf(LlamaForCausalLM(config), hf_tokenizer, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(hf_tokenizer, tmp_path_factory):
+    """A random 2-layer GPT-2 (width 32, head tied to the embedding) with the chat tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(hf_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                        bos_token_id=hf_tokenizer.bos_token_id, eos_token_id=hf_tokenizer.eos_token_id)
+    return _save_hf(GPT2LMHeadModel(config), hf_tokenizer, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def taught_llama_dir(hf_tokenizer, tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama trained briefly on packed sentences and on chat conversations, so that its
+    samples end documents with EOS and follow the chat template (turns end with <|im_end|>)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from selfreplay.hf.data import pack_documents, pad_batch, rows_from_dataset
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `one_thread`, which a session fixture cannot use
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    text = pack_documents([sentences("en", 200)], hf_tokenizer, T=48)
+    chats = rows_from_dataset([{"messages": c} for c in conversations(100)], hf_tokenizer, T=128)
+    chats = [{**r, "labels": r["input_ids"]} for r in chats]  # learn the user turns too
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(120):
+        rows = text[(step * 8) % len(text):][:8] if step % 2 else chats[(step * 4) % len(chats):][:8]
+        batch = pad_batch(rows, hf_tokenizer.pad_token_id)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.set_num_threads(threads)
+    return _save_hf(model, hf_tokenizer, tmp_path_factory.mktemp("taught_llama"))

@@ -119,3 +119,32 @@ def test_compiled_loss_blocks_give_the_eager_values_and_gradients(small_chunks):
         assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
         for a, b in zip(_grads(compiled, hidden, head), _grads(eager, hidden, head)):
             assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_masked_head_losses_equal_full_logit_losses_over_the_kept_tokens_alone(small_chunks):
+    torch.manual_seed(3)
+    hidden = torch.randn(3, 9, 5, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    ref_hidden, ref_head = torch.randn(3, 9, 5, dtype=torch.float64), torch.randn(12, 5, dtype=torch.float64)
+    tokens = torch.randint(0, 12, (3, 9))
+    mask = torch.rand(3, 9) < 0.6
+    mask[0, 1:] = False  # a row with nothing to predict
+    keep = mask[:, 1:]  # token t counts: the prediction made at position t-1
+    direct_ntp = lambda: token_losses(hidden @ head.T, tokens)[keep].mean()  # noqa: E731
+    direct_kl = lambda: token_kl((ref_hidden @ ref_head.T)[:, :-1], (hidden @ head.T)[:, :-1])[keep].mean()  # noqa: E731
+    for fused, direct in [(head_next_token_loss(hidden, head, tokens, mask=mask), direct_ntp()),
+                          (head_kl_divergence(ref_hidden, ref_head, hidden, head, mask=mask), direct_kl())]:
+        assert fused.item() == pytest.approx(direct.item(), rel=1e-6)
+        for a, b in zip(_grads(fused, hidden, head), _grads(direct, hidden, head)):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_an_all_true_mask_gives_the_unmasked_next_token_loss_and_an_empty_one_zero(small_chunks):
+    hidden, head = torch.randn(2, 6, 4, requires_grad=True), torch.randn(7, 4)
+    tokens = torch.randint(0, 7, (2, 6))
+    full = torch.ones(2, 6, dtype=torch.bool)
+    assert head_next_token_loss(hidden, head, tokens, mask=full).item() == pytest.approx(
+        head_next_token_loss(hidden, head, tokens).item(), rel=1e-6)
+    empty = head_kl_divergence(hidden, head, hidden + 1, head, mask=~full)
+    assert empty.item() == 0.0
+    empty.backward()  # still part of the graph

@@ -1,0 +1,129 @@
+"""Any `AutoModelForCausalLM` as the losses see a model: final hidden states and an output projection.
+
+The objective (selfreplay.losses) takes a model's final, normalised hidden states
+[B, T, D] and its output-projection weight [V, D], and forms the logits itself a
+block of rows at a time. `CausalLM` gives those two for a transformers model, or a
+peft model around one, by its ordinary forward pass (so DDP and peft wrappers see
+the call) with no logits computed.
+
+π0, the frozen pretrained model, is the same network with its adapters disabled
+when the model is a peft model (no second copy), and a frozen copy otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from selfreplay.corpus import one_line
+from selfreplay.errors import SelfReplayError
+
+_NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep: project no position onto the vocabulary
+# config attributes of models whose logits are not hidden @ head.T (Gemma 2/3, Cohere, Granite)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                   trust_remote_code: bool = False):
+    """(model, tokenizer) from a local directory or a hub id; one line of error when either is missing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(name_or_path)
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise SelfReplayError(f"model directory not found: {name}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:  # transformers reports a missing or unknown model these ways
+        raise SelfReplayError(f"could not load model {name}: {one_line(e)}") from None
+    return model.to(device), tokenizer
+
+
+class CausalLM:
+    """A transformers causal LM (or a peft model around one) as hidden states and a head.
+
+    hidden(tokens) -> [B, T, D], the states that `head` maps to the model's logits;
+    with a KV cache (`cache=`, as `new_cache()` gives) it continues a sequence."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        inner = _transformers_model(model)
+        self.config = inner.config
+        check_plain_head(inner)
+        accepts = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        self._no_logits = {"logits_to_keep": _NO_POSITIONS} if accepts else {}
+
+    @property
+    def head(self) -> nn.Module:
+        """The output projection; `head.weight` is [V, D] (tied to the input embedding in GPT-2)."""
+        return _transformers_model(self.model).get_output_embeddings()
+
+    def hidden(self, tokens: torch.Tensor, cache=None, model: nn.Module | None = None) -> torch.Tensor:
+        """Final hidden states [B, t, D] of tokens [B, t]; `model` runs the call instead of
+        self.model (the DDP-wrapped module inside a Trainer step)."""
+        out = (model or self.model)(input_ids=tokens, past_key_values=cache, use_cache=cache is not None,
+                                    output_hidden_states=True, **self._no_logits)
+        return out.hidden_states[-1]
+
+    def new_cache(self, length: int):
+        """An empty KV cache for `hidden(..., cache=)` of sequences up to `length` tokens,
+        preallocated: a growing cache copies itself at every token, most of the decoding time."""
+        from transformers import StaticCache
+
+        return StaticCache(config=self.config, max_cache_len=length)
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+class AdapterFreeReference(CausalLM):
+    """π0 of a peft model: the very same network, run with its adapters disabled and no gradients."""
+
+    def hidden(self, tokens: torch.Tensor, cache=None, model: nn.Module | None = None) -> torch.Tensor:
+        training = self.model.training
+        self.model.eval()  # π0 has no dropout, even in the middle of a training step
+        try:
+            with torch.no_grad(), self.model.disable_adapter():
+                return super().hidden(tokens, cache)
+        finally:
+            self.model.train(training)
+
+
+def frozen_reference(lm: CausalLM, dtype: torch.dtype | None = None) -> CausalLM:
+    """π0 for finetuning `lm`: the adapter-disabled view of a peft model, else a frozen copy
+    (in `dtype`, say bfloat16 to halve its memory; default the model's own dtype)."""
+    if hasattr(lm.model, "disable_adapter"):
+        return AdapterFreeReference(lm.model)
+    copied = copy.deepcopy(_transformers_model(lm.model)).eval().requires_grad_(False)
+    return CausalLM(copied.to(dtype) if dtype is not None else copied)
+
+
+def check_plain_head(model: nn.Module) -> None:
+    """Refuse a model whose logits are not `hidden @ head.weight.T`: soft-capped or scaled logits,
+    or a biased output projection, which the blockwise losses would silently get wrong."""
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(model.config, name, None)
+        if value not in (None, 1, 1.0):
+            raise SelfReplayError(f"{type(model).__name__} transforms its logits ({name}={value}): "
+                                  "self-replay supports models whose logits are hidden states @ lm_head.weight")
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None:
+        raise SelfReplayError(f"{type(model).__name__} has no bias-free output projection: "
+                              "self-replay supports models whose logits are hidden states @ lm_head.weight")
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+def num_parameters(*models) -> int:
+    """Parameters held by the given models together, a shared tensor counted once."""
+    seen = {p.data_ptr(): p.numel() for m in models for p in m.parameters()}
+    return sum(seen.values())

@@ -1,0 +1,177 @@
+"""Replay batches for a Hugging Face model: drawn on the fly from π0, or read from a pool directory.
+
+A pool directory, written once by `selfreplay sample init=... --out POOL` (`write_pool`), holds
+
+    samples.jsonl   one sample a line: {"ids": [token ids, padding left out], "text": "..."}
+    pool.json       what drew them: model, format, temperature, top_p, length, seed, count
+
+A run reading a pool replays its samples in order and never draws them again; when
+they run out, it draws fresh ones from π0 (or, with repeat, goes through the file again).
+Each rank of a multi-process run takes every world_size-th sample of the file, and
+draws with its own seed (seed + rank).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from selfreplay.errors import SelfReplayError
+from selfreplay.hf.model import CausalLM
+from selfreplay.hf.sampling import ReplayFormat, ReplaySamples, sample_replay
+
+SAMPLES_NAME, HEADER_NAME = "samples.jsonl", "pool.json"
+
+
+class PoolWriter:
+    """Appends samples to a new pool directory; `close` writes pool.json, which marks it complete."""
+
+    def __init__(self, out: str | Path, tokenizer, drawn_by: dict):
+        self.out, self.tokenizer, self.drawn_by, self.count = Path(out), tokenizer, drawn_by, 0
+        if (self.out / HEADER_NAME).exists() or (self.out / SAMPLES_NAME).exists():
+            raise SelfReplayError(f"{out} already holds a replay pool: choose another --out or delete it")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.out / SAMPLES_NAME, "w", encoding="utf-8")
+
+    def write(self, samples: ReplaySamples) -> None:
+        for row, mask in zip(samples.tokens.tolist(), samples.mask.tolist()):
+            ids = [t for t, real in zip(row, mask) if real]
+            text = self.tokenizer.decode(ids, skip_special_tokens=False)
+            self.file.write(json.dumps({"ids": ids, "text": text}, ensure_ascii=False) + "\n")
+        self.count += len(samples.tokens)
+
+    def close(self) -> dict:
+        self.file.close()
+        header = {**self.drawn_by, "count": self.count, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (self.out / HEADER_NAME).write_text(json.dumps(header, indent=2))
+        return header
+
+
+def read_pool(pool_dir: str | Path, rank: int = 0, world_size: int = 1) -> tuple[list[list[int]], dict]:
+    """(token ids of this rank's samples, in file order; the pool's header)."""
+    pool_dir = Path(pool_dir)
+    if not (pool_dir / HEADER_NAME).is_file():
+        what = "an unfinished pool (no pool.json)" if (pool_dir / SAMPLES_NAME).is_file() else "no replay pool"
+        raise SelfReplayError(f"{pool_dir} holds {what}: write one with selfreplay sample init=... --out {pool_dir}")
+    header = json.loads((pool_dir / HEADER_NAME).read_text())
+    with open(pool_dir / SAMPLES_NAME, encoding="utf-8") as f:
+        rows = [json.loads(line)["ids"] for i, line in enumerate(f) if i % world_size == rank]
+    if not rows:
+        raise SelfReplayError(f"{pool_dir} holds too few samples to give rank {rank} of {world_size} any")
+    return rows, header
+
+
+class ReplayPool:
+    """Replay batches [batch_size, t] from π0 (`reference`): first the samples of `pool_dir`
+    when given, then fresh draws of `buffer` batches at a time. With keep_hidden (the KL
+    penalty), each batch comes with π0's final hidden states: kept from decoding for a
+    draw, computed by one π0 pass for a batch read from a file."""
+
+    def __init__(self, reference: CausalLM, form: ReplayFormat, batch_size: int, buffer: int, length: int,
+                 temperature: float = 1.0, top_p: float | None = None, seed: int = 0, keep_hidden: bool = True,
+                 pool_dir: str | Path | None = None, repeat: bool = False, rank: int = 0, world_size: int = 1):
+        self.reference, self.form, self.keep_hidden = reference, form, keep_hidden
+        self.batch_size, self.buffer, self.length = batch_size, buffer, length
+        self.temperature, self.top_p, self.repeat = temperature, top_p, repeat
+        self.generator = torch.Generator(device=reference.head.weight.device).manual_seed(seed + rank)
+        self.file_rows = read_pool(pool_dir, rank, world_size)[0] if pool_dir is not None else []
+        self.file_cursor = 0
+        self.pool: ReplaySamples | None = None
+        self.cursor = 0
+        self.draws = 0  # pools drawn from π0 so far
+
+    def next_batch(self) -> ReplaySamples:
+        if self.file_cursor < len(self.file_rows):
+            batch = self._from_file()
+        else:
+            if self.pool is None or self.cursor >= len(self.pool.tokens):
+                self.refill()
+            rows = slice(self.cursor, self.cursor + self.batch_size)
+            self.cursor += self.batch_size
+            hidden = self.pool.hidden[rows] if self.pool.hidden is not None else None
+            batch = ReplaySamples(self.pool.tokens[rows], self.pool.mask[rows], hidden)
+        return _trimmed(batch)
+
+    def refill(self) -> None:
+        """Draw `buffer × batch_size` fresh samples from π0."""
+        count = self.buffer * self.batch_size
+        self.pool = sample_replay(self.reference, self.form, count, self.length, self.temperature, self.top_p,
+                                  self.generator, keep_hidden=self.keep_hidden, offset=self.draws * count)
+        self.cursor, self.draws = 0, self.draws + 1
+
+    def _from_file(self) -> ReplaySamples:
+        rows = self.file_rows[self.file_cursor: self.file_cursor + self.batch_size]
+        self.file_cursor += len(rows)
+        if self.repeat and self.file_cursor >= len(self.file_rows):
+            self.file_cursor = 0
+        device = self.reference.head.weight.device
+        width = max(len(r) for r in rows)
+        tokens = torch.full((len(rows), width), self.form.pad, dtype=torch.long, device=device)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)], mask[i, : len(r)] = torch.as_tensor(r), True
+        hidden = self.reference.hidden(tokens) if self.keep_hidden else None
+        return ReplaySamples(tokens, mask, hidden)
+
+    def state_dict(self) -> dict:
+        return {"file_cursor": self.file_cursor, "cursor": self.cursor, "draws": self.draws,
+                "generator": self.generator.get_state(), "pool": self.pool}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.file_cursor, self.cursor, self.draws = state["file_cursor"], state["cursor"], state["draws"]
+        self.generator.set_state(state["generator"])
+        self.pool = state["pool"]
+
+
+def _trimmed(batch: ReplaySamples) -> ReplaySamples:
+    """The batch cut after its longest sample: padding past every stop is not worth a forward pass."""
+    width = int(batch.mask.sum(1).max())
+    return ReplaySamples(batch.tokens[:, :width], batch.mask[:, :width],
+                         batch.hidden[:, :width] if batch.hidden is not None else None)
+
+
+def sample_pool(init: str, out: str | Path, count: int, length: int, temperature: float = 1.0,
+                top_p: float | None = None, seed: int = 0, chat: bool = False, system: str | None = None,
+                prompts: str | None = None, stop_at_eos: bool = True, batch_size: int = 64,
+                device: str = "cpu", trust_remote_code: bool = False) -> dict:
+    """`selfreplay sample init=hf:MODEL --out POOL`: draw `count` samples of π0 into a pool
+    directory, a batch at a time; returns the pool's header. prompts: a .txt file (one prompt
+    a line) or a .jsonl file with a `prompt` field; chat sampling answers them."""
+    from selfreplay.hf.model import load_causal_lm
+    from selfreplay.hf.sampling import base_format, chat_format
+
+    if count < 1 or length < 2:
+        raise SelfReplayError(f"a pool needs count >= 1 and length >= 2, got count={count}, length={length}")
+    name = init[len("hf:"):] if init.startswith("hf:") else init
+    model, tokenizer = load_causal_lm(name, device=device, trust_remote_code=trust_remote_code)
+    lm = CausalLM(model.eval())
+    chat = chat or system is not None or prompts is not None
+    form = chat_format(tokenizer, system, read_prompts(prompts) if prompts else None) if chat \
+        else base_format(tokenizer, stop_at_eos)
+    drawn_by = {"model": name, "format": "chat" if chat else "base", "system": system, "prompts": prompts,
+                "stop_at_eos": stop_at_eos or chat, "temperature": temperature, "top_p": top_p,
+                "length": length, "seed": seed, "pad_id": form.pad}
+    writer = PoolWriter(out, tokenizer, drawn_by)
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    for lo in range(0, count, batch_size):
+        writer.write(sample_replay(lm, form, min(batch_size, count - lo), length, temperature, top_p, generator,
+                                   batch_size=batch_size, offset=lo))
+    return writer.close()
+
+
+def read_prompts(path: str) -> list[str]:
+    """User prompts: the lines of a .txt file, or the `prompt` field of a .jsonl file."""
+    from selfreplay.hf.data import iter_field
+
+    if str(path).endswith(".txt"):
+        if not Path(path).is_file():
+            raise SelfReplayError(f"prompts file not found: {path}")
+        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        prompts = [str(value) for _, value in iter_field(path, "prompt")]
+    if not prompts:
+        raise SelfReplayError(f"{path} holds no prompts")
+    return prompts

@@ -1,0 +1,182 @@
+"""A `transformers.Trainer` that finetunes without forgetting: loss = NTP(new) + c · R(replay).
+
+    trainer = SelfReplayTrainer(model="path/or/hub-id", args=SelfReplayConfig(output_dir="out"),
+                                train_dataset=dataset, peft_config=LoraConfig(r=16))
+    trainer.train()
+
+R is the forward KL(π0 ‖ πθ) (or πθ's next-token loss) on sequences that π0, the model as
+it was before finetuning, samples from itself (selfreplay.hf.pool). Both terms go through
+the blockwise losses of selfreplay.losses, so the [tokens, vocabulary] logits never exist
+whole. With a peft model π0 is the same network with its adapters disabled. Under torchrun
+or accelerate every rank draws its own replay with its own seed (seed + rank).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from selfreplay.errors import SelfReplayError
+from selfreplay.hf.data import IGNORE, pad_batch, rows_from_dataset
+from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm
+from selfreplay.hf.pool import ReplayPool, read_prompts
+from selfreplay.hf.sampling import ReplaySamples, base_format, chat_format
+from selfreplay.losses import head_kl_divergence, head_next_token_loss
+
+REPLAY_METHODS = ("none", "kl", "ntp")
+
+
+@dataclass
+class SelfReplayConfig(TrainingArguments):
+    """TrainingArguments plus the replay settings (per device: each rank draws its own replay)."""
+
+    replay_method: str = field(default="kl", metadata={"help": "none | kl (KL(π0‖πθ) on replay) | ntp (next-token loss on replay)"})
+    replay_coeff: float = field(default=10.0, metadata={"help": "c in loss = NTP(new) + c·R"})
+    replay_batch_size: int = field(default=8, metadata={"help": "replay sequences per device per step"})
+    replay_buffer: int = field(default=8, metadata={"help": "a draw holds buffer × replay_batch_size samples"})
+    replay_length: int = field(default=256, metadata={"help": "longest replay sample in tokens, prompt included"})
+    replay_temperature: float = 1.0
+    replay_top_p: float | None = None
+    replay_chat: bool = field(default=False, metadata={"help": "sample conversations inside the chat template"})
+    replay_system: str | None = field(default=None, metadata={"help": "system turn of chat samples"})
+    replay_prompts: str | None = field(default=None, metadata={"help": ".txt/.jsonl of user prompts to answer"})
+    replay_stop_at_eos: bool = True
+    replay_pool: str | None = field(default=None, metadata={"help": "a pool directory from `selfreplay sample`"})
+    max_length: int = field(default=1024, metadata={"help": "sequence length of packed text and conversations"})
+    reference_dtype: str | None = field(default=None, metadata={"help": "dtype of π0's copy (full finetuning)"})
+    remove_unused_columns: bool = False  # rows are already input_ids and labels
+
+
+class SelfReplayTrainer(Trainer):
+    """`Trainer` with the replay term; takes the model (or its name), `args`, `train_dataset`
+    (text, messages or input_ids rows), `processing_class` (the tokenizer), an optional
+    `peft_config` and `ref_model` (π0 when it is not the model itself), and
+    `old_eval_dataset`: old-domain text on which evaluation reports old_loss, old_kl, forgetting."""
+
+    def __init__(self, model, args: SelfReplayConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, ref_model=None, old_eval_dataset=None, **kwargs):
+        args = args or SelfReplayConfig(output_dir="selfreplay-output")
+        if args.replay_method not in REPLAY_METHODS:
+            raise SelfReplayError(f"unknown replay_method {args.replay_method!r}: choose one of {', '.join(REPLAY_METHODS)}")
+        if isinstance(model, str):
+            model, tokenizer = load_causal_lm(model)
+            processing_class = processing_class or tokenizer
+        if processing_class is None:
+            raise SelfReplayError("pass the model's tokenizer as processing_class")
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        tokenizer, T = processing_class, args.max_length
+        rows = rows_from_dataset(train_dataset, tokenizer, T) if train_dataset is not None else None
+        evals = rows_from_dataset(eval_dataset, tokenizer, T) if eval_dataset is not None else None
+        self.old_rows = rows_from_dataset(old_eval_dataset, tokenizer, T) if old_eval_dataset is not None else None
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if evals is None and self.old_rows is not None:
+            evals = {}  # old-domain measurement alone: Trainer wants some eval_dataset to schedule evaluation
+        super().__init__(model=model, args=args, train_dataset=rows, eval_dataset=evals,
+                         processing_class=tokenizer, data_collator=partial(pad_batch, pad_id=pad), **kwargs)
+        self.model_accepts_loss_kwargs = False  # compute_loss returns a mean: Trainer scales it for accumulation
+        self.lm = CausalLM(self.model)
+        dtype = getattr(torch, args.reference_dtype) if args.reference_dtype else None
+        self.reference = CausalLM(ref_model.eval().requires_grad_(False)) if ref_model is not None \
+            else frozen_reference(self.lm, dtype)
+        self.replay = self._replay_source(tokenizer) if args.replay_method != "none" else None
+        self.old_loss_0: float | None = None
+        self._logged: dict[str, list[float]] = {"ntp_loss": [], "replay_loss": [], "replay_seconds": []}
+
+    def _replay_source(self, tokenizer) -> ReplayPool:
+        a = self.args
+        if a.replay_chat or a.replay_system is not None or a.replay_prompts is not None:
+            form = chat_format(tokenizer, a.replay_system, read_prompts(a.replay_prompts) if a.replay_prompts else None)
+        else:
+            form = base_format(tokenizer, a.replay_stop_at_eos)
+        return ReplayPool(self.reference, form, a.replay_batch_size, a.replay_buffer, a.replay_length,
+                          a.replay_temperature, a.replay_top_p, seed=a.seed, keep_hidden=a.replay_method == "kl",
+                          pool_dir=a.replay_pool, rank=a.process_index, world_size=a.world_size)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        new = inputs["input_ids"]
+        new_mask = inputs["labels"] != IGNORE if "labels" in inputs else None
+        head = self.lm.head.weight
+        if self.replay is None or not model.training:
+            ntp = head_next_token_loss(self.lm.hidden(new, model=model), head, new, mask=new_mask)
+            reg = torch.zeros((), device=new.device)
+        else:
+            start = time.perf_counter()
+            replay = self.replay.next_batch()
+            self._logged["replay_seconds"].append(time.perf_counter() - start)
+            tokens, masks = _stacked(new, new_mask, replay)
+            hidden = self.lm.hidden(tokens, model=model)
+            B, t_new, t_rep = len(new), new.shape[1], replay.tokens.shape[1]
+            ntp = head_next_token_loss(hidden[:B, :t_new], head, new, mask=masks[:B, :t_new])
+            if self.args.replay_method == "kl":
+                reg = head_kl_divergence(replay.hidden, self.reference.head.weight, hidden[B:, :t_rep], head,
+                                         mask=replay.mask)
+            else:
+                reg = head_next_token_loss(hidden[B:, :t_rep], head, replay.tokens, mask=replay.mask)
+        if model.training:
+            self._logged["ntp_loss"].append(ntp.item())
+            self._logged["replay_loss"].append(reg.item())
+        loss = ntp + self.args.replay_coeff * reg
+        return (loss, {"ntp_loss": ntp.detach(), "replay_loss": reg.detach()}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Adds the mean of ntp_loss, replay_loss and replay_seconds since the last log, over all ranks."""
+        if "loss" in logs:  # a training log point
+            for key, values in self._logged.items():
+                if values:
+                    mean = torch.tensor(sum(values) / len(values), device=self.args.device)
+                    logs[key] = self.accelerator.reduce(mean, reduction="mean").item()
+                    values.clear()
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's evaluation (when there is an eval_dataset) plus, on the old-domain rows,
+        old_loss, old_kl = KL(π0 ‖ πθ) and forgetting = old_loss − π0's old_loss (nats)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) \
+            if eval_dataset is not None or self.eval_dataset else {}
+        if self.old_rows is not None:
+            old = self.measure_old()
+            self.log({f"{metric_key_prefix}_{k}": v for k, v in old.items()})
+            metrics.update({f"{metric_key_prefix}_{k}": v for k, v in old.items()})
+        return metrics
+
+    @torch.no_grad()
+    def measure_old(self, batch_size: int = 8) -> dict[str, float]:
+        """old_loss, old_kl and forgetting on the old-domain rows, a batch at a time with the blockwise losses."""
+        was_training = self.model.training
+        self.model.eval()
+        head, ref_head, device = self.lm.head.weight, self.reference.head.weight, self.args.device
+        sums = {"loss": 0.0, "kl": 0.0, "loss_0": 0.0}
+        count = 0
+        for lo in range(0, len(self.old_rows), batch_size):
+            batch = pad_batch(self.old_rows[lo:lo + batch_size], pad_id=0)
+            tokens, mask = batch["input_ids"].to(device), (batch["labels"] != IGNORE).to(device)
+            n = int(mask[:, 1:].sum())
+            hidden, ref_hidden = self.lm.hidden(tokens), self.reference.hidden(tokens)
+            sums["loss"] += n * head_next_token_loss(hidden, head, tokens, mask=mask).item()
+            sums["kl"] += n * head_kl_divergence(ref_hidden, ref_head, hidden, head, mask=mask).item()
+            if self.old_loss_0 is None:
+                sums["loss_0"] += n * head_next_token_loss(ref_hidden, ref_head, tokens, mask=mask).item()
+            count += n
+        self.model.train(was_training)
+        if self.old_loss_0 is None:
+            self.old_loss_0 = sums["loss_0"] / count
+        old_loss = sums["loss"] / count
+        return {"old_loss": old_loss, "old_kl": sums["kl"] / count, "forgetting": old_loss - self.old_loss_0}
+
+
+def _stacked(new: torch.Tensor, new_mask: torch.Tensor | None, replay: ReplaySamples):
+    """New and replay rows in one batch [B + b, t] right-padded to the longer of the two, and
+    their masks (False on the padding; every new token counts when new_mask is None)."""
+    width = max(new.shape[1], replay.tokens.shape[1])
+    pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)  # noqa: E731
+    new_mask = new_mask if new_mask is not None else torch.ones_like(new, dtype=torch.bool)
+    tokens = torch.cat([pad(new, 0), pad(replay.tokens.to(new.device), 0)])
+    masks = torch.cat([pad(new_mask, False), pad(replay.mask.to(new.device), False)])
+    return tokens, masks

@@ -1,0 +1,149 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+from conftest import conversations, sentences  # noqa: E402
+from selfreplay.hf.data import pad_batch, rows_from_dataset  # noqa: E402
+from selfreplay.hf.model import load_causal_lm, num_parameters  # noqa: E402
+from selfreplay.hf.sampling import base_format, sample_replay  # noqa: E402
+from selfreplay.hf.trainer import SelfReplayConfig, SelfReplayTrainer  # noqa: E402
+
+
+def _args(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path / "out"), max_steps=4, learning_rate=3e-2, per_device_train_batch_size=4,
+                    replay_batch_size=3, replay_buffer=2, replay_length=32, max_length=32, logging_steps=2,
+                    report_to=[], save_strategy="no", use_cpu=True, seed=0, lr_scheduler_type="constant",
+                    disable_tqdm=True)
+    return SelfReplayConfig(**{**settings, **overrides})
+
+
+def _spanish():
+    return [{"text": s} for s in sentences("es", 60)]
+
+
+def _fixed_replay(trainer, tokenizer, seed=7):
+    """Make every replay batch the same known samples (with π0's hidden states) and return them."""
+    samples = sample_replay(trainer.reference, base_format(tokenizer), 3, 32, seed=seed, keep_hidden=True)
+    trainer.replay.next_batch = lambda: samples
+    return samples
+
+
+def _direct_forward_kl(reference_model, model, samples) -> float:
+    """mean over counted positions of Σ_v π0(v) (log π0(v) − log πθ(v)), from the full logits."""
+    with torch.no_grad():
+        log_p0 = torch.log_softmax(reference_model(samples.tokens).logits.double(), -1)
+        log_p = torch.log_softmax(model(samples.tokens).logits.double(), -1)
+    per_position = (log_p0.exp() * (log_p0 - log_p)).sum(-1)[:, :-1]
+    reverse = (log_p.exp() * (log_p - log_p0)).sum(-1)[:, :-1]
+    counted = samples.mask[:, 1:]
+    return per_position[counted].mean().item(), reverse[counted].mean().item()
+
+
+def test_replay_kl_is_zero_at_the_start_then_positive_and_the_forward_kl_of_the_full_logits(
+        taught_llama_dir, tmp_path):
+    model, tokenizer = load_causal_lm(taught_llama_dir)
+    trainer = SelfReplayTrainer(model, _args(tmp_path), train_dataset=_spanish(), processing_class=tokenizer)
+    samples = _fixed_replay(trainer, tokenizer)
+    batch = pad_batch(trainer.train_dataset[:4], tokenizer.pad_token_id)
+    model.train()
+    _, terms = trainer.compute_loss(model, batch, return_outputs=True)
+    assert terms["replay_loss"].item() == pytest.approx(0.0, abs=1e-6)
+    trainer.train()
+    model.train()
+    _, terms = trainer.compute_loss(model, batch, return_outputs=True)
+    forward, reverse = _direct_forward_kl(trainer.reference.model, model, samples)
+    assert forward > 1e-3 and abs(forward - reverse) > 1e-2 * forward  # the two directions differ here
+    assert terms["replay_loss"].item() == pytest.approx(forward, rel=1e-4)
+    logged = [entry for entry in trainer.state.log_history if "replay_loss" in entry]
+    assert logged and all(entry["ntp_loss"] > 0 for entry in logged)
+
+
+def test_lora_trains_with_pi0_as_the_adapter_disabled_network_and_saves_an_adapter(taught_llama_dir, tmp_path):
+    from peft import AutoPeftModelForCausalLM, LoraConfig
+
+    model, tokenizer = load_causal_lm(taught_llama_dir)
+    original, _ = load_causal_lm(taught_llama_dir)
+    trainer = SelfReplayTrainer(model, _args(tmp_path, replay_chat=True), train_dataset=_spanish(),
+                                processing_class=tokenizer,
+                                peft_config=LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    assert num_parameters(trainer.lm, trainer.reference) == num_parameters(trainer.lm)
+    trainer.train()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(trainer.reference.hidden(tokens), original(tokens, output_hidden_states=True).hidden_states[-1],
+                              atol=1e-5)
+        adapted = trainer.lm.hidden(tokens)
+    trainer.save_model(str(tmp_path / "adapter"))
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens, output_hidden_states=True).hidden_states[-1], adapted, atol=1e-5)
+
+
+def test_full_finetuning_on_conversations_saves_a_model_that_loads_alone(taught_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    chats = [{"messages": c} for c in conversations(20)]
+    old = [{"text": s} for s in sentences("en", 40)]
+    trainer = SelfReplayTrainer(taught_llama_dir, _args(tmp_path, replay_method="ntp", max_length=96),
+                                train_dataset=chats, old_eval_dataset=old)
+    start = trainer.evaluate()
+    assert start["eval_old_kl"] == pytest.approx(0.0, abs=1e-6) and start["eval_forgetting"] == pytest.approx(0, abs=1e-6)
+    trainer.train()
+    end = trainer.evaluate()
+    assert end["eval_old_kl"] > 0
+    trainer.save_model(str(tmp_path / "model"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"))
+    tokens = torch.randint(0, loaded.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(loaded(tokens).logits, trainer.model(tokens).logits, atol=1e-5)
+
+
+DISTRIBUTED_SCRIPT = '''
+import json, os, sys, torch
+torch.set_num_threads(1)
+from selfreplay.hf.trainer import SelfReplayConfig, SelfReplayTrainer
+model_dir, out = sys.argv[1], sys.argv[2]
+args = SelfReplayConfig(output_dir=out, max_steps=2, per_device_train_batch_size=2, replay_batch_size=2,
+                        replay_buffer=1, replay_length=24, max_length=24, report_to=[], save_strategy="no",
+                        use_cpu=True, disable_tqdm=True, logging_steps=1)
+texts = [{"text": "el gato camina con el perro hoy y ve la casa roja " * 3} for _ in range(16)]
+trainer = SelfReplayTrainer(model_dir, args, train_dataset=texts)
+draw = trainer.replay.next_batch
+drawn = []
+trainer.replay.next_batch = lambda: drawn.append(draw()) or drawn[-1]
+trainer.train()
+rank = int(os.environ["RANK"])
+json.dump({"world": trainer.args.world_size, "replay": drawn[0].tokens.tolist(),
+           "steps": trainer.state.global_step}, open(os.path.join(out, f"rank{rank}.json"), "w"))
+'''
+
+
+def test_trainer_runs_under_torchrun_with_each_rank_drawing_its_own_replay(taught_llama_dir, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(script), taught_llama_dir, str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["steps"] == 2 for r in ranks)
+    assert ranks[0]["replay"] != ranks[1]["replay"]
+
+
+def test_gpt2_with_its_tied_head_trains_with_replay_kl(tiny_gpt2_dir, tmp_path):
+    trainer = SelfReplayTrainer(tiny_gpt2_dir, _args(tmp_path, max_steps=2, learning_rate=1e-2),
+                                train_dataset=_spanish())
+    embedding = trainer.model.get_input_embeddings().weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(trainer.model.get_input_embeddings().weight, embedding)
+    assert trainer.state.log_history[-2]["replay_loss"] >= 0
