@@ -1,9 +1,13 @@
 """Shared fixtures: two small generated corpora and a tokenizer trained on them once per session."""
 
 import json
+import os
 import random
 
 import pytest
+
+# No hub: set before anything imports huggingface_hub, which reads it once at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 WORDS = {
     "en": "the cat dog house river walks sees big small red old new quickly today and with under".split(),
@@ -114,9 +118,6 @@ def conversations(n: int, seed: int = 0) -> list[list[dict]]:
 @pytest.fixture(scope="session")
 def hf_tokenizer():
     """A byte-level BPE PreTrainedTokenizerFast (vocab ~300) with <s>, </s>, <pad> and a ChatML-style template."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
