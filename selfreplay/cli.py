@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(old=TOKEN_FILE new=TOKEN_FILE tokenizer=DIR for your own data)")
     sweep.add_argument("--out", default=None, help="sweep directory (default: sweeps/<sweep file name>)")
     sweep.add_argument("--workers", type=int, default=None,
-                       help="points run at once (default: 1); each gets cores/workers threads")
+                       help="points run at once (default: 2, or 1 on one core); each gets cores/workers threads")
     sweep.add_argument("--launcher", choices=("local", "submitit"), default="local",
                        help="local subprocesses, or submitit jobs (Slurm on a cluster)")
     sweep.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--out", default="reproduce", help="output directory (default: reproduce)")
     reproduce.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run only these experiments")
     reproduce.add_argument("--experiments", default=None, help="folder of NAME/sweep.yaml (default: experiments/)")
-    reproduce.add_argument("--workers", type=int, default=None, help="points run at once (default: 1)")
+    reproduce.add_argument("--workers", type=int, default=None, help="points run at once (default: 2, or 1 on one core)")
     reproduce.set_defaults(func=_reproduce)
     return parser
 
