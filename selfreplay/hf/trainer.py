@@ -34,7 +34,7 @@ REPLAY_METHODS = ("none", "kl", "ntp")
 class SelfReplayConfig(TrainingArguments):
     """TrainingArguments plus the replay settings (per device: each rank draws its own replay)."""
 
-    replay_method: str = field(default="kl", metadata={"help": "none | kl (KL(π0‖πθ) on replay) | ntp (next-token loss on replay)"})
+    replay_method: str = field(default="kl", metadata={"help": "none | kl: KL(π0‖πθ) on replay | ntp: NTP on replay"})
     replay_coeff: float = field(default=10.0, metadata={"help": "c in loss = NTP(new) + c·R"})
     replay_batch_size: int = field(default=8, metadata={"help": "replay sequences per device per step"})
     replay_buffer: int = field(default=8, metadata={"help": "a draw holds buffer × replay_batch_size samples"})
@@ -48,7 +48,7 @@ class SelfReplayConfig(TrainingArguments):
     replay_pool: str | None = field(default=None, metadata={"help": "a pool directory from `selfreplay sample`"})
     max_length: int = field(default=1024, metadata={"help": "sequence length of packed text and conversations"})
     reference_dtype: str | None = field(default=None, metadata={"help": "dtype of π0's copy (full finetuning)"})
-    lm_eval_tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval tasks scored before and after training"})
+    lm_eval_tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval tasks scored before and after"})
     lm_eval_limit: int | None = field(default=None, metadata={"help": "documents per lm-eval task"})
     lm_eval_include_path: str | None = field(default=None, metadata={"help": "folder of lm-eval task YAML files"})
     remove_unused_columns: bool = False  # rows are already input_ids and labels
@@ -64,7 +64,8 @@ class SelfReplayTrainer(Trainer):
                  processing_class=None, peft_config=None, ref_model=None, old_eval_dataset=None, **kwargs):
         args = args or SelfReplayConfig(output_dir="selfreplay-output")
         if args.replay_method not in REPLAY_METHODS:
-            raise SelfReplayError(f"unknown replay_method {args.replay_method!r}: choose one of {', '.join(REPLAY_METHODS)}")
+            raise SelfReplayError(f"unknown replay_method {args.replay_method!r}: "
+                                  f"choose one of {', '.join(REPLAY_METHODS)}")
         if isinstance(model, str):
             model, tokenizer = load_causal_lm(model)
             processing_class = processing_class or tokenizer
