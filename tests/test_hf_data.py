@@ -83,6 +83,7 @@ def test_chat_turns_cut_the_template_around_the_user_turn_and_the_answer(hf_toke
     assert turns.user_end == im_end and turns.answer_end == im_end
     assert hf_tokenizer.decode(turns.assistant_header) == "\n<|im_start|>assistant\n"
     with_system = chat_turns(hf_tokenizer, system="Be brief.")
-    assert hf_tokenizer.decode(with_system.user_prefix) == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    assert hf_tokenizer.decode(with_system.user_prefix) == (
+        "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
     prompt = prompt_tokens(hf_tokenizer, "The cat.")
     assert hf_tokenizer.decode(prompt) == "<s><|im_start|>user\nThe cat.<|im_end|>\n<|im_start|>assistant\n"

@@ -6,5 +6,6 @@
     sampling  replay samples with a KV cache: from BOS, or inside the chat template
     pool      replay batches: drawn on the fly, or read from a pre-generated pool directory
     trainer   a transformers.Trainer that adds the replay term
+    scores    lm-eval benchmark scores before and after finetuning (lm-eval optional)
     export    a selfreplay-pretrained model written as a transformers model directory
 """

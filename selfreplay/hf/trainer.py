@@ -34,7 +34,7 @@ REPLAY_METHODS = ("none", "kl", "ntp")
 class SelfReplayConfig(TrainingArguments):
     """TrainingArguments plus the replay settings (per device: each rank draws its own replay)."""
 
-    replay_method: str = field(default="kl", metadata={"help": "none | kl (KL(π0‖πθ) on replay) | ntp (next-token loss on replay)"})
+    replay_method: str = field(default="kl", metadata={"help": "none | kl: KL(π0‖πθ) on replay | ntp: NTP on replay"})
     replay_coeff: float = field(default=10.0, metadata={"help": "c in loss = NTP(new) + c·R"})
     replay_batch_size: int = field(default=8, metadata={"help": "replay sequences per device per step"})
     replay_buffer: int = field(default=8, metadata={"help": "a draw holds buffer × replay_batch_size samples"})
@@ -48,6 +48,9 @@ class SelfReplayConfig(TrainingArguments):
     replay_pool: str | None = field(default=None, metadata={"help": "a pool directory from `selfreplay sample`"})
     max_length: int = field(default=1024, metadata={"help": "sequence length of packed text and conversations"})
     reference_dtype: str | None = field(default=None, metadata={"help": "dtype of π0's copy (full finetuning)"})
+    lm_eval_tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval tasks scored before and after"})
+    lm_eval_limit: int | None = field(default=None, metadata={"help": "documents per lm-eval task"})
+    lm_eval_include_path: str | None = field(default=None, metadata={"help": "folder of lm-eval task YAML files"})
     remove_unused_columns: bool = False  # rows are already input_ids and labels
 
 
@@ -61,7 +64,8 @@ class SelfReplayTrainer(Trainer):
                  processing_class=None, peft_config=None, ref_model=None, old_eval_dataset=None, **kwargs):
         args = args or SelfReplayConfig(output_dir="selfreplay-output")
         if args.replay_method not in REPLAY_METHODS:
-            raise SelfReplayError(f"unknown replay_method {args.replay_method!r}: choose one of {', '.join(REPLAY_METHODS)}")
+            raise SelfReplayError(f"unknown replay_method {args.replay_method!r}: "
+                                  f"choose one of {', '.join(REPLAY_METHODS)}")
         if isinstance(model, str):
             model, tokenizer = load_causal_lm(model)
             processing_class = processing_class or tokenizer
@@ -98,6 +102,30 @@ class SelfReplayTrainer(Trainer):
         return ReplayPool(self.reference, form, a.replay_batch_size, a.replay_buffer, a.replay_length,
                           a.replay_temperature, a.replay_top_p, seed=a.seed, keep_hidden=a.replay_method == "kl",
                           pool_dir=a.replay_pool, rank=a.process_index, world_size=a.world_size)
+
+    def train(self, *args, **kwargs):
+        """Trainer.train, with the lm-eval tasks of `args.lm_eval_tasks` scored before and after
+        (on the main process) and logged as lm_eval_TASK_METRIC_before/_after."""
+        tasks = self.args.lm_eval_tasks
+        before = self._benchmark_scores(tasks) if tasks else None
+        output = super().train(*args, **kwargs)
+        if tasks:
+            after = self._benchmark_scores(tasks)
+            self.benchmark_scores = {"before": before, "after": after}
+            if self.is_world_process_zero():
+                self.log({f"lm_eval_{task}_{metric}_{when}": value for when, scores in self.benchmark_scores.items()
+                          for task, metrics in scores.items() for metric, value in metrics.items()})
+        return output
+
+    def _benchmark_scores(self, tasks: list[str]) -> dict | None:
+        from selfreplay.hf.scores import benchmark_scores
+
+        scores = None
+        if self.is_world_process_zero():
+            scores = benchmark_scores(self.model, self.processing_class, tasks, self.args.lm_eval_limit,
+                                      self.args.per_device_eval_batch_size, self.args.lm_eval_include_path)
+        self.accelerator.wait_for_everyone()
+        return scores
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         new = inputs["input_ids"]
