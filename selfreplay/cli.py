@@ -49,11 +49,33 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    source = args.run_dir.removeprefix("init=")
+    if args.out is not None:  # a replay pool file, drawn once and reused by runs
+        if not source.startswith("hf:"):
+            raise SelfReplayError("--out writes a replay pool of a Hugging Face model: give init=hf:NAME_OR_PATH")
+        if args.length is None:
+            raise SelfReplayError("a replay pool needs --length, the tokens per sample")
+        from selfreplay.hf.pool import sample_pool
+
+        header = sample_pool(source, args.out, count=args.n, length=args.length, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed, chat=args.chat, system=args.system,
+                             prompts=args.prompts, stop_at_eos=not args.no_stop_at_eos, device=args.device,
+                             trust_remote_code=args.trust_remote_code)
+        print(f"{args.n} samples of {header['model']} ({header['format']}) -> {args.out}")
+        return
+    if args.domain is None:
+        raise SelfReplayError("give --domain, the domain a sample starts from (or --out POOL for a Hugging Face model)")
     from selfreplay.sampling import sample_cli
 
-    sample_cli(args.run_dir, domain=args.domain, num_samples=args.n, length=args.length,
+    sample_cli(source, domain=args.domain, num_samples=args.n, length=args.length,
                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                seed=args.seed, device=args.device)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from selfreplay.hf.export import export_hf
+
+    print(f"{args.run_dir} -> {export_hf(args.run_dir, args.hf, args.domain)} (a transformers model directory)")
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -146,9 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser(
         "sample", help="print sequences sampled from a trained model",
         description="Sample sequences from a run directory's model, starting at a domain token.")
-    sample.add_argument("run_dir", help="run directory (weights.safetensors, config.yaml, tokenizer.json)")
-    sample.add_argument("--domain", required=True, help="domain name (or reserved id) to start from")
+    sample.add_argument("run_dir", metavar="SOURCE",
+                        help="run directory (weights.safetensors, config.yaml, tokenizer.json), "
+                             "or init=hf:NAME_OR_PATH for a Hugging Face model (with --out)")
+    sample.add_argument("--domain", help="domain name (or reserved id) to start from (selfreplay runs)")
     sample.add_argument("-n", type=int, default=4, help="number of samples (default: 4)")
+    sample.add_argument("--out", help="write the samples as a replay pool directory (ids + text + what drew "
+                                      "them) that runs reuse with replay.pool=DIR, instead of printing")
+    sample.add_argument("--chat", action="store_true",
+                        help="pool: sample conversations inside the chat template (the model writes the user turn "
+                             "and the answer) instead of from BOS")
+    sample.add_argument("--system", help="pool: a system turn for chat sampling")
+    sample.add_argument("--prompts", help="pool: a .txt (one a line) or .jsonl (`prompt`) file of user turns to answer")
+    sample.add_argument("--no-stop-at-eos", action="store_true", help="pool: keep sampling past EOS (base models)")
+    sample.add_argument("--trust-remote-code", action="store_true", help="pool: allow the model's own code")
     sample.add_argument("--length", type=int, default=None, help="tokens per sample, first included (default: model T)")
     sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default: 1)")
     sample.add_argument("--top-k", type=int, default=None, help="keep only the k most likely tokens")
@@ -156,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="random seed")
     sample.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     sample.set_defaults(func=_sample)
+
+    export = sub.add_parser(
+        "export", help="write a selfreplay run as a transformers model directory",
+        description="Export a selfreplay-pretrained run as a transformers model directory with its tokenizer "
+                    "(Apertus architecture: loads with AutoModelForCausalLM, no remote code).")
+    export.add_argument("run_dir", help="run directory (weights.safetensors, config.yaml, tokenizer.json)")
+    export.add_argument("--hf", required=True, metavar="OUT", help="directory to write (must be new or empty)")
+    export.add_argument("--domain", help="domain whose token becomes BOS (default: the one the run trained on)")
+    export.set_defaults(func=_export)
 
     for name, func, what in (("pretrain", _pretrain, "pretrain a model on the old domain"),
                              ("finetune", _finetune, "finetune on the new domain with replay")):

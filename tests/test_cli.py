@@ -1,5 +1,6 @@
 """The command line: every subcommand has help, and bad input is one line on stderr with exit 1."""
 
+import json
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ from selfreplay.cli import main
 from selfreplay.model import ModelConfig, Transformer
 
 COMMANDS = [[], ["tokenizer"], ["tokenizer", "train"], ["tokenize"], ["synth"], ["sample"], ["pretrain"],
-            ["finetune"], ["demo"]]
+            ["finetune"], ["demo"], ["export"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "selfreplay")
@@ -97,3 +98,17 @@ def test_a_non_numeric_value_in_an_init_runs_config_is_one_line(tmp_path, tokeni
     one_line_error(run("finetune", f"init={tmp_path / 'init'}", f"out={tmp_path / 'ft'}", "data.train=x.bin",
                        "stop.tokens=10"), "init run's")
     assert not (tmp_path / "ft").exists()
+
+
+def test_export_then_a_replay_pool_from_the_exported_model(pretrained, tmp_path):
+    pytest.importorskip("transformers")
+    exported, pool = tmp_path / "hf", tmp_path / "pool"
+    result = run("export", str(pretrained), "--hf", str(exported))
+    assert result.returncode == 0, result.stderr
+    result = run("sample", f"init=hf:{exported}", "--out", str(pool), "-n", "3", "--length", "8", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (pool / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and json.loads((pool / "pool.json").read_text())["length"] == 8
+    one_line_error(run("sample", str(pretrained), "--out", str(tmp_path / "p2"), "-n", "2", "--length", "8"),
+                   "give init=hf:")
+    one_line_error(run("export", str(pretrained), "--hf", str(exported)), "is not empty")
