@@ -132,6 +132,8 @@ def test_each_task_finetunes_the_previous_tasks_run_with_replay_of_every_earlier
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(SelfReplayError, match="holds no continual run"):
         train_continual(load_continual_config(None, [f"out={tmp_path / 'other'}", *TINY]))
+    with pytest.raises(SelfReplayError, match="too few for tasks.val_sequences=64 plus training"):
+        train_continual(load_continual_config(None, [f"out={tmp_path / 'small'}", *TINY, "tasks.val_sequences=64"]))
 
 
 # Runs the CLI with the second task's run SIGKILLed right after its second checkpoint.

@@ -279,14 +279,22 @@ def open_continual_dir(out: Path, settings: dict) -> bool:
 def task_data(config: ContinualConfig, out: Path):
     """(tokenizer, {task: token file}) in OUT/data, written once: into a staging folder renamed when complete."""
     from selfreplay.tokenizer import load_tokenizer
+    from selfreplay.tokens import read_token_meta
 
-    data, names = out / "data", config.task_names
+    data, names, t = out / "data", config.task_names, config.tasks
     if not data.is_dir():
         staging = out / ".data.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        write_task_files(names, staging, config.tasks.train_examples, config.seed)
+        write_task_files(names, staging, t.train_examples, config.seed)
         staging.rename(data)
-    return load_tokenizer(data / "tokenizer"), {name: data / f"{name}.bin" for name in names}
+    files = {name: data / f"{name}.bin" for name in names}
+    for name, path in files.items():  # said here in this command's keys, not the task runs' data.val_sequences
+        count = read_token_meta(path).num_tokens // config.model.T
+        if count <= t.val_sequences:
+            raise SelfReplayError(f"task {name} makes {count} sequences of {config.model.T} tokens, too few for "
+                                  f"tasks.val_sequences={t.val_sequences} plus training: raise tasks.train_examples "
+                                  "or lower tasks.val_sequences")
+    return load_tokenizer(data / "tokenizer"), files
 
 
 def train_continual(config: ContinualConfig) -> dict:
