@@ -59,7 +59,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -471,7 +470,7 @@ def read_outcome(run: Run) -> None:
         run.status, run.error = "failed", f"unreadable {summary_path}: {e}"
         return
     if run.summary.get("stop_reason") == "diverged":
-        run.status, run.error = "failed", run.summary.get("error") or "diverged"
+        run.status, run.error = "failed", f"diverged: {run.summary.get('diverged') or 'no detail in the summary'}"
     else:
         run.status, run.error = "done", None
 
@@ -501,15 +500,6 @@ def execute(argv: list[str], log: str, threads: int) -> tuple[int, str | None]:
         code = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
     return code, (lines[-1] if lines else None)
-
-
-def _clear_partial(run_dir: Path) -> None:
-    """A killed point's directory without a checkpoint is started over (removed: it holds only that run)."""
-    if run_dir.is_dir() and not (run_dir / "checkpoint.json").exists():
-        if any(p.name not in ("config.yaml", "tokenizer.json", "metrics.jsonl", "weights.safetensors")
-               and not p.name.startswith((".", "ckpt-")) for p in run_dir.iterdir()):
-            raise SelfReplayError(f"{run_dir} holds files that are not a selfreplay run's: move them away")
-        shutil.rmtree(run_dir)
 
 
 class LocalLauncher:
@@ -545,7 +535,6 @@ def run_stage(runs: list[Run], launcher, workers: int, sweep_dir: Path, say=prin
     def one(run: Run) -> Run:
         started = time.perf_counter()
         try:
-            _clear_partial(run.run_dir)
             run.run_dir.parent.mkdir(parents=True, exist_ok=True)
             code, last_line = launcher.launch(command(run), log_path(run, sweep_dir))
         except Exception as e:  # noqa: BLE001 - a point that cannot run (or a lost job) must not stop the others

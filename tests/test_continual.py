@@ -1,10 +1,15 @@
 """Continual tasks: the generators, exact-answer accuracy, the accuracy matrix and BWT, a tiny run."""
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.experiments.continual import (TASKS, Exam, accuracy, average_accuracy, backward_transfer, examples,
@@ -76,36 +81,92 @@ def test_config_errors_name_the_fix():
         load_continual_config(None, ["out=x", "tasks.names=addition,division"])
     with pytest.raises(SelfReplayError, match="none, ntp or kl"):
         load_continual_config(None, ["out=x", "replay.method=replace"])
+    with pytest.raises(SelfReplayError, match="replay.domains is set by continual"):
+        load_continual_config(None, ["out=x", "replay.method=ntp", "replay.domains=addition"])
+    with pytest.raises(SelfReplayError, match="replay.coeff must be >= 0"):
+        load_continual_config(None, ["out=x", "replay.coeff=-1"])
     assert load_continual_config(None, ["out=x", "model.D=64"]).model.L == 2  # section defaults survive an override
 
 
+TINY = ["tasks.names=reversal,sorting,addition", "tasks.steps=3", "tasks.train_examples=60", "tasks.eval_examples=8",
+        "tasks.val_sequences=4", "model.D=16", "model.H=8", "model.T=16", "optim.batch_size=4", "optim.warmup_steps=1",
+        "replay.batch_size=3", "replay.buffer=2", "log.progress=false"]
+
+
 @pytest.mark.parametrize("method", ["none", "ntp", "kl"])
-def test_a_tiny_continual_run_writes_the_matrix(tmp_path, method):
-    config = load_continual_config(None, [
-        f"out={tmp_path / 'run'}", "tasks.names=reversal,sorting,addition", "tasks.steps=3", "tasks.train_examples=60",
-        "tasks.eval_examples=8", "model.D=16", "model.H=8", "model.T=16", "optim.batch_size=4", "optim.warmup_steps=1",
-        f"replay.method={method}", "replay.batch_size=3", "replay.buffer=2", "log.progress=false"])
+def test_a_tiny_continual_run_writes_the_matrix(tmp_path, method, capsys, one_thread):
+    config = load_continual_config(None, [f"out={tmp_path / 'run'}", *TINY, f"replay.method={method}"])
     summary = train_continual(config)
     assert summary["tasks"] == ["reversal", "sorting", "addition"]
+    assert summary["runs"] == ["1-reversal", "2-sorting", "3-addition"]
     assert len(summary["accuracy"]) == 3 and all(len(row) == 3 for row in summary["accuracy"])
     assert summary["bwt"] == pytest.approx(backward_transfer(summary["accuracy"]))
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["accuracy"] == summary["accuracy"] and saved["method"] == method
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    replay_losses = [x["replay_loss"] for x in lines if "train_loss" in x and x["task"] != "reversal"]
-    assert all((v is None) == (method == "none") for v in replay_losses)  # replay from the second task on
-    with pytest.raises(SelfReplayError, match="already holds a finished run"):
-        train_continual(config)
+    for i, run in enumerate(summary["runs"]):  # each task is a run of the training loop
+        task = json.loads((tmp_path / "run" / run / "summary.json").read_text())
+        assert (task["mode"], task["steps"]) == ("pretrain" if i == 0 else "finetune", 3)
+        lines = [json.loads(x) for x in (tmp_path / "run" / run / "metrics.jsonl").read_text().splitlines()]
+        assert all((x["replay_loss"] is None) == (method == "none" or i == 0) for x in lines[1:])
+    assert train_continual(config) == summary  # the same command again: nothing to do
+    assert "nothing to do" in capsys.readouterr().err
 
 
-def test_replay_starts_from_every_earlier_task_token():
-    from selfreplay.experiments.continual import replay_pool
-    from selfreplay.model import ModelConfig, Transformer
+def test_each_task_finetunes_the_previous_tasks_run_with_replay_of_every_earlier_task(tmp_path, one_thread):
+    out = tmp_path / "run"
+    config = load_continual_config(None, [f"out={out}", *TINY, "replay.method=ntp", "replay.coeff=3"])
+    train_continual(config)
+    configs = [yaml.safe_load((out / run / "config.yaml").read_text()) for run in ("1-reversal", "2-sorting", "3-addition")]
+    assert configs[0]["data"]["train"] == str(out / "data" / "reversal.bin") and configs[0]["replay"]["method"] == "none"
+    third = configs[2]
+    assert third["init"] == str(out / "2-sorting")  # π0: the model as the third task starts
+    assert third["data"]["train"] == str(out / "data" / "addition.bin")
+    assert third["data"]["old"] == str(out / "data" / "sorting.bin")
+    assert (third["replay"]["method"], third["replay"]["coeff"], third["replay"]["source"]) == ("ntp", 3.0, "self")
+    assert third["replay"]["domains"] == "reversal,sorting"
+    assert third["stop"]["tokens"] == 3 * 4 * 16  # steps x batch x T
+    with pytest.raises(SelfReplayError, match="holds a continual run with tasks.steps=3, not 4"):
+        train_continual(load_continual_config(None, [f"out={out}", *TINY, "replay.method=ntp", "replay.coeff=3",
+                                                     "tasks.steps=4"]))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SelfReplayError, match="holds no continual run"):
+        train_continual(load_continual_config(None, [f"out={tmp_path / 'other'}", *TINY]))
+    with pytest.raises(SelfReplayError, match="too few for tasks.val_sequences=64 plus training"):
+        train_continual(load_continual_config(None, [f"out={tmp_path / 'small'}", *TINY, "tasks.val_sequences=64"]))
 
-    config = load_continual_config(None, ["out=x", "replay.method=ntp", "replay.batch_size=6", "replay.buffer=2"])
-    snapshot = Transformer(ModelConfig(D=16, L=1, H=8, T=8, V=265)).eval()
-    pool = replay_pool(config, snapshot, earlier=[0, 1, 2])
-    for _ in range(2):
-        batch, hidden = pool.next_batch()
-        assert batch.shape == (6, 8) and hidden is None
-        assert batch[:, 0].tolist() == [0, 1, 2, 0, 1, 2]
+
+# Runs the CLI with the second task's run SIGKILLed right after its second checkpoint.
+DIE_IN_SECOND_TASK = """
+import os, signal, sys
+from selfreplay.rundir import RunDirectory
+real = RunDirectory.save_checkpoint
+def save_checkpoint(self, *args, **kwargs):
+    real(self, *args, **kwargs)
+    if self.path.name.startswith("2-") and len(self.checkpoints()) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+RunDirectory.save_checkpoint = save_checkpoint
+from selfreplay.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_killed_continual_run_finishes_with_the_same_command_and_matches(tmp_path, one_thread):
+    from test_rundir import assert_same_run
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread, as in this process: the same arithmetic
+    settings = [*TINY, "tasks.steps=8", "log.every_steps=2", "log.checkpoint_every=1", "replay.method=kl"]
+    command = lambda out: [sys.executable, "-m", "selfreplay.cli", "continual", f"out={out}", *settings]  # noqa: E731
+    train_continual(load_continual_config(None, [f"out={tmp_path / 'whole'}", *settings]))
+    killed = subprocess.run([sys.executable, "-c", DIE_IN_SECOND_TASK, *command(tmp_path / "run")[3:]],
+                            capture_output=True, text=True, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (tmp_path / "run" / "1-reversal" / "summary.json").exists()
+    assert not (tmp_path / "run" / "2-sorting" / "summary.json").exists()
+    finished = subprocess.run(command(tmp_path / "run"), capture_output=True, text=True, env=env)
+    assert finished.returncode == 0, finished.stderr
+    assert "resuming" in finished.stderr and "Traceback" not in finished.stderr
+    whole, resumed = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "run"))
+    assert resumed["accuracy"] == whole["accuracy"]
+    for run in whole["runs"]:
+        assert_same_run(tmp_path / "run" / run, tmp_path / "whole" / run)

@@ -26,7 +26,7 @@ CONTINUAL = {
     "profiles": {"small": {"steps": 2}},
     "stages": [{"name": "tasks", "mode": "continual",
                 "settings": {**TINY_MODEL, "tasks.steps": "${steps}", "tasks.train_examples": 40,
-                             "tasks.eval_examples": 4, "optim.batch_size": 4, "replay.batch_size": 2,
+                             "tasks.eval_examples": 4, "tasks.val_sequences": 4, "optim.batch_size": 4, "replay.batch_size": 2,
                              "replay.buffer": 1},
                 "list": [{"replay.method": "none"}, {"replay.method": "ntp"}]}],
     "report": [{"figure": "continual", "stage": "tasks"}]}

@@ -1,6 +1,7 @@
 """Sweeps: grid and list expansion, values from earlier stages, and the runner on tiny models."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -104,6 +105,16 @@ def test_derived_values_pick_over_finished_runs_grouped_by_init():
     assert derive(best, Run("ft", "finetune", Path("/s/ft/y"), {}, init=b), probe) == 1
     with pytest.raises(SelfReplayError, match="no finished run of stage 'probe'"):
         derive(best, Run("ft", "finetune", Path("/s/ft/z"), {}, init=consumer), probe)
+
+
+def test_a_diverged_point_is_failed_with_what_diverged(tmp_path):
+    from selfreplay.sweep import read_outcome
+
+    run = Run("pre", "pretrain", tmp_path, {})
+    (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "diverged",
+                                                      "diverged": "the gradient norm is nan at step 3 (lr 1e+09)"}))
+    read_outcome(run)
+    assert (run.status, run.error) == ("failed", "diverged: the gradient norm is nan at step 3 (lr 1e+09)")
 
 
 # ---------------------------------------------------------------- the runner, on tiny models

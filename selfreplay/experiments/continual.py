@@ -14,28 +14,34 @@ Tasks, fixed-width digits so that every question of a task has one length:
     sorting           52813=12358
     modular_addition  47+85=35    the sum mod 97; the same questions as addition: only the task token differs
 
-Each run writes its tasks as token files (`data/TASK.bin`, documents "question=answer" joined by
-EOS), then trains; accuracy is exact match of the greedy answer to held-out questions. The run's
-summary.json holds the accuracy matrix A (A[i][j]: accuracy on task j after training on task i),
-the average final accuracy and the backward transfer BWT = mean over j < n-1 of A[n-1][j] - A[j][j].
+Each task is one run of the training loop (`selfreplay.train.train`) in its own run directory
+under OUT: task 0 pretrains (OUT/1-addition), task i finetunes the run of task i-1
+(OUT/2-reversal, ...), so π0 is the model as task i starts; its old domain (old_loss, forgetting)
+is task i-1. The tasks' token files (OUT/data/TASK.bin, documents "question=answer" joined by
+EOS) are written once. After each task, accuracy is the exact match of the greedy answer to
+held-out questions of every task. OUT/summary.json holds the accuracy matrix A (A[i][j]:
+accuracy on task j after training on task i), the average final accuracy and the backward
+transfer BWT = mean over j < n-1 of A[n-1][j] - A[j][j]. Running the same command again carries
+on where a killed run stopped: finished task runs are kept, an unfinished one resumes or starts over.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 import shutil
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import yaml
 
-from selfreplay.config import OptimConfig, ReplayConfig, _build, merge, parse_overrides, read_yaml, to_dict
+from selfreplay.config import (DataConfig, LogConfig, OptimConfig, ReplayConfig, RunConfig, build, check_ranges, merge,
+                               parse_overrides, read_yaml, to_dict)
 from selfreplay.errors import SelfReplayError
 from selfreplay.model import ModelConfig, Transformer
+from selfreplay.rundir import CONFIG_NAME, RESUMABLE, SUMMARY_NAME, RunDirectory, changed_settings, notice, write_atomic
+from selfreplay.runtime import resolve_device
 
 MODULUS = 97
 
@@ -73,11 +79,14 @@ class TaskConfig:
     steps: int = 1000  # training steps per task
     train_examples: int = 20000  # examples generated per task
     eval_examples: int = 256  # held-out questions per task for accuracy
+    val_sequences: int = 256  # sequences held out of each task's token file for the validation losses
 
 
 @dataclass
 class ContinualLogConfig:
-    every_steps: int = 100  # log the training loss every this many steps
+    every_steps: int = 100  # measure and log every this many steps (each task run's log.every_tokens)
+    checkpoint_every: int = 0  # each task run's log.checkpoint_every
+    checkpoint_seconds: float = 300.0  # each task run's log.checkpoint_seconds
     progress: bool = True  # tqdm progress bar
 
 
@@ -88,7 +97,7 @@ class ContinualConfig:
     device: str = "cpu"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(**DEFAULTS["model"]))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(**DEFAULTS["optim"]))
-    replay: ReplayConfig = field(default_factory=ReplayConfig)  # method none, ntp or kl
+    replay: ReplayConfig = field(default_factory=ReplayConfig)  # method none, ntp or kl; self replay of every earlier task
     tasks: TaskConfig = field(default_factory=TaskConfig)
     log: ContinualLogConfig = field(default_factory=ContinualLogConfig)
 
@@ -100,8 +109,8 @@ class ContinualConfig:
 def load_continual_config(path: str | None, overrides: list[str]) -> ContinualConfig:
     """Defaults <- YAML file <- dotted overrides, checked; an unknown key names the nearest."""
     values = merge(DEFAULTS, read_yaml(path) if path else {})
-    config = _build(ContinualConfig, merge(values, parse_overrides(overrides)))
-    names, r = config.task_names, config.replay
+    config = build(ContinualConfig, merge(values, parse_overrides(overrides)))
+    names, r, t = config.task_names, config.replay, config.tasks
     checks = [
         (not config.out, "set out=RUN_DIR, the directory the run writes to"),
         (not names, "set tasks.names to a comma-separated list of tasks"),
@@ -109,15 +118,21 @@ def load_continual_config(path: str | None, overrides: list[str]) -> ContinualCo
                                              f"choose from {', '.join(TASKS)}"),
         (len(set(names)) != len(names), "tasks.names repeats a task"),
         (r.method not in ("none", "ntp", "kl"), f"replay.method must be none, ntp or kl here, got {r.method!r}"),
-        (r.coeff < 0 or r.batch_size < 1 or r.buffer < 1, "replay.coeff >= 0, replay.batch_size and buffer >= 1"),
-        (min(config.tasks.steps, config.tasks.train_examples, config.tasks.eval_examples) < 1,
+        (r.source != "self", "replay here is self-replay from the snapshot at each task's start: set replay.source=self"),
+        (r.domains is not None, "replay.domains is set by continual (every earlier task): drop it"),
+        (min(t.steps, t.train_examples, t.eval_examples) < 1,
          "tasks.steps, tasks.train_examples and tasks.eval_examples must be at least 1"),
-        (config.optim.lr <= 0 or config.optim.batch_size < 1, "optim.lr must be > 0 and optim.batch_size >= 1"),
         (config.log.every_steps < 1, "log.every_steps must be at least 1"),
     ]
     for failed, message in checks:
         if failed:
             raise SelfReplayError(message)
+    # the settings the task runs share, checked before anything is written
+    check_ranges(RunConfig(seed=config.seed, model=config.model, optim=config.optim, replay=config.replay,
+                           data=DataConfig(val_sequences=t.val_sequences),
+                           log=LogConfig(checkpoint_every=config.log.checkpoint_every,
+                                         checkpoint_seconds=config.log.checkpoint_seconds)))
+    resolve_device(config.device)
     return config
 
 
@@ -199,99 +214,119 @@ def retention(matrix: list[list[float]]) -> list[float | None]:
     return [matrix[-1][j] / matrix[j][j] if matrix[j][j] > 0 else None for j in range(n - 1)]
 
 
-# ---------------------------------------------------------------- training
+# ---------------------------------------------------------------- the sequence of runs
 
-def replay_pool(config: ContinualConfig, snapshot: Transformer, earlier: list[int]):
-    """Self-replay from the snapshot, its rows started at the earlier tasks' tokens in turn."""
-    from selfreplay.replay import SelfReplayPool
-
-    r = config.replay
-    rows = r.buffer * r.batch_size
-    first_tokens = torch.tensor(earlier).repeat(rows // len(earlier) + 1)[:rows]
-    # sample() takes one first token per row; the pool passes them through as its domain id
-    return SelfReplayPool(snapshot, first_tokens, r.batch_size, r.buffer, r.temperature, config.seed,
-                          keep_hidden=r.method == "kl")
+def run_name(names: list[str], i: int) -> str:
+    """The directory of task i's run under OUT: 1-addition, 2-reversal, ..."""
+    return f"{i + 1}-{names[i]}"
 
 
-def train_task(model: Transformer, snapshot: Transformer, batches, replay, config: ContinualConfig,
-               log, task: str) -> float:
-    """Train one task for tasks.steps steps with a fresh AdamW; returns the training seconds."""
-    from selfreplay.train import learning_rate, training_loss
+def task_run(config: ContinualConfig, out: Path, i: int, files: dict[str, Path]) -> tuple[str, list[str]]:
+    """(mode, overrides) of task i's run in OUT/<i+1>-<task>: task 0 pretrains a fresh model; task i > 0
+    finetunes the run of task i-1 (π0 = the model as task i starts), its old domain task i-1 and, with
+    replay, self-replay started at every earlier task's token."""
+    names, t, o = config.task_names, config.tasks, config.optim
+    tokens_per_step = o.batch_size * config.model.T
+    settings = {
+        "out": out / run_name(names, i), "seed": config.seed, "device": config.device,
+        "data.tokenizer": out / "data" / "tokenizer", "data.train": files[names[i]],
+        "data.val_sequences": t.val_sequences, "data.seed": config.seed,
+        **{f"optim.{key}": value for key, value in vars(o).items()},
+        "stop.tokens": t.steps * tokens_per_step,
+        "log.every_tokens": config.log.every_steps * tokens_per_step,
+        "log.checkpoint_every": config.log.checkpoint_every, "log.checkpoint_seconds": config.log.checkpoint_seconds,
+        "log.progress": config.log.progress,
+    }
+    if i == 0:
+        mode = "pretrain"
+        settings.update({f"model.{key}": value for key, value in vars(config.model).items()})
+    else:
+        mode = "finetune"
+        settings.update({"init": out / run_name(names, i - 1), "data.old": files[names[i - 1]]})
+        if config.replay.method != "none":
+            settings.update({f"replay.{key}": value for key, value in vars(config.replay).items()})
+            settings["replay.domains"] = ",".join(names[:i])
+    return mode, [f"{key}={value}" for key, value in settings.items()]
 
-    o, r, steps = config.optim, config.replay, config.tasks.steps
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-    method = r.method if replay is not None else "none"
-    device = next(model.parameters()).device
-    seconds, loss_sum, reg_sum = 0.0, 0.0, 0.0
-    for step in range(steps):
-        tick = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, config, steps)
-        new = batches.next_batch().to(device)
-        replay_batch, replay_hidden = replay.next_batch() if replay is not None else (None, None)
-        loss, ntp, reg = training_loss(model, snapshot, new, replay_batch, method, r.coeff,
-                                       replay_hidden=replay_hidden)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-        optimizer.step()
-        seconds += time.perf_counter() - tick
-        loss_sum, reg_sum = loss_sum + ntp.item(), reg_sum + reg.item()
-        if (step + 1) % config.log.every_steps == 0 or step + 1 == steps:
-            every = (step % config.log.every_steps) + 1
-            log({"task": task, "step": step + 1, "train_loss": loss_sum / every,
-                 "replay_loss": reg_sum / every if method != "none" else None, "train_seconds": round(seconds, 3)})
-            loss_sum = reg_sum = 0.0
-    return seconds
+
+def open_continual_dir(out: Path, settings: dict) -> bool:
+    """Make `out` ready for the continual run of `settings`; True when it already holds it finished.
+
+    The restart rule of a run directory, one level up: the same settings carry on (each task run
+    then resumes, starts over or is found finished by itself), other settings are refused naming
+    the key, and a directory holding anything else is refused untouched."""
+    saved = out / CONFIG_NAME
+    if saved.is_file():
+        try:
+            before = yaml.safe_load(saved.read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            before = None
+        if not isinstance(before, dict):
+            raise SelfReplayError(f"{out} holds a continual run whose {CONFIG_NAME} is unreadable: choose another out=")
+        changed = [c for c in changed_settings(before, settings) if c[0] not in RESUMABLE]
+        if changed:
+            key, old, new = changed[0]
+            raise SelfReplayError(f"{out} holds a continual run with {key}={old}, not {new}: run it with {key}={old}, "
+                                  "or choose another out=")
+        return (out / SUMMARY_NAME).is_file()
+    if out.exists() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in out.iterdir()):
+        raise SelfReplayError(f"{out} is not empty and holds no continual run: choose another out=")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(saved, lambda p: p.write_text(yaml.safe_dump(settings, sort_keys=False)))
+    return False
+
+
+def task_data(config: ContinualConfig, out: Path):
+    """(tokenizer, {task: token file}) in OUT/data, written once: into a staging folder renamed when complete."""
+    from selfreplay.tokenizer import load_tokenizer
+    from selfreplay.tokens import read_token_meta
+
+    data, names, t = out / "data", config.task_names, config.tasks
+    if not data.is_dir():
+        staging = out / ".data.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        write_task_files(names, staging, t.train_examples, config.seed)
+        staging.rename(data)
+    files = {name: data / f"{name}.bin" for name in names}
+    for name, path in files.items():  # said here in this command's keys, not the task runs' data.val_sequences
+        count = read_token_meta(path).num_tokens // config.model.T
+        if count <= t.val_sequences:
+            raise SelfReplayError(f"task {name} makes {count} sequences of {config.model.T} tokens, too few for "
+                                  f"tasks.val_sequences={t.val_sequences} plus training: raise tasks.train_examples "
+                                  "or lower tasks.val_sequences")
+    return load_tokenizer(data / "tokenizer"), files
 
 
 def train_continual(config: ContinualConfig) -> dict:
-    """Train the tasks in order; after each, measure accuracy on all of them. Returns the summary."""
-    from selfreplay.data import BatchLoader, SequenceStream, TokenSequences
-    from selfreplay.runtime import resolve_device
+    """Train the tasks in order, each a `train()` run under `out`; after each, measure accuracy on all
+    of them. Returns the summary (also in OUT/summary.json). The same command resumes a killed run."""
+    from selfreplay.train import TrainingDiverged, resolve_config, train
 
-    out, names = Path(config.out), config.task_names
-    if (out / "summary.json").exists():
-        raise SelfReplayError(f"{out} already holds a finished run: choose another out= or delete it")
-    if out.exists() and any(out.iterdir()):
-        if not (out / "config.yaml").exists():
-            raise SelfReplayError(f"{out} is not empty and is not a continual run: choose another out=")
-        print(f"{out} holds an unfinished run: starting it over")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    device = resolve_device(config.device)
-    tokenizer, files = write_task_files(names, out / "data", config.tasks.train_examples, config.seed)
-    if tokenizer.vocab_size > config.model.V:
-        raise SelfReplayError(f"the task tokenizer has {tokenizer.vocab_size} ids: set model.V >= {tokenizer.vocab_size}")
+    out, names = Path(config.out).resolve(), config.task_names
+    directory = RunDirectory(out)  # for its strict-JSON summary
+    if open_continual_dir(out, to_dict(replace(config, out=str(out)))):
+        notice(f"{out} already holds this finished continual run: nothing to do")
+        return directory.read_summary()
+    tokenizer, files = task_data(config, out)
     exams = {name: make_exam(name, tokenizer, config.tasks.eval_examples, config.seed) for name in names}
-    model = Transformer(config.model)
-    model.reset_parameters(torch.Generator().manual_seed(config.seed))
-    model.to(device).train()
-
-    metrics = open(out / "metrics.jsonl", "w", buffering=1)  # line-buffered: a line per log point
-    log = lambda line: metrics.write(json.dumps(line) + "\n")  # noqa: E731
+    device = resolve_device(config.device)
     matrix, seconds = [], 0.0
     for i, name in enumerate(names):
-        sequences = TokenSequences(str(files[name]), config.model.T, 0, config.seed, tokenizer.fingerprint)
-        batches = BatchLoader(SequenceStream(sequences, config.seed + i), config.optim.batch_size)
-        snapshot = copy.deepcopy(model).eval().requires_grad_(False)  # the model as task i starts
-        earlier = [tokenizer.domain_id(n) for n in names[:i]]
-        replay = replay_pool(config, snapshot, earlier) if earlier and config.replay.method != "none" else None
-        seconds += train_task(model, snapshot, batches, replay, config, log, name)
+        mode, overrides = task_run(config, out, i, files)
+        run_config = resolve_config(mode, None, overrides)
+        try:
+            seconds += train(run_config, mode)["train_seconds"]
+        except TrainingDiverged as e:
+            raise TrainingDiverged(f"task {name} ({run_config.out}): {e}") from None
+        model = Transformer.from_pretrained(run_config.out, device=device)
         matrix.append([accuracy(model, exams[n]) for n in names])
-        log({"task": name, "after_task": i, "accuracy": dict(zip(names, matrix[-1]))})
         if config.log.progress:
             print(f"after {name}: " + "  ".join(f"{n} {a:.0%}" for n, a in zip(names, matrix[-1])))
-    metrics.close()
-    model.save_pretrained(out, to_dict(config))
-    summary = {"mode": "continual", "tasks": names, "accuracy": matrix, "final_accuracy": matrix[-1],
-               "average_accuracy": average_accuracy(matrix), "bwt": backward_transfer(matrix),
-               "retention": retention(matrix), "method": config.replay.method, "coeff": config.replay.coeff,
-               "steps": config.tasks.steps * len(names), "train_seconds": seconds}
-    (out / ".summary.json.tmp").write_text(json.dumps(summary, indent=2))
-    (out / ".summary.json.tmp").replace(out / "summary.json")
+    summary = {"mode": "continual", "tasks": names, "runs": [run_name(names, i) for i in range(len(names))],
+               "accuracy": matrix, "final_accuracy": matrix[-1], "average_accuracy": average_accuracy(matrix),
+               "bwt": backward_transfer(matrix), "retention": retention(matrix), "method": config.replay.method,
+               "coeff": config.replay.coeff, "steps": config.tasks.steps * len(names), "train_seconds": seconds}
+    directory.write_summary(summary)
     return summary
 
 
