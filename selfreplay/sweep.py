@@ -84,7 +84,7 @@ NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 def default_workers() -> int:
     """Workers when --workers is not given: two single-threaded runs side by side finished a small
-    sweep 2.8x sooner than one two-threaded run at a time on a 2-core CPU (benchmarks/sweep_workers.py);
+    sweep 1.5x sooner than one two-threaded run at a time on a 2-core CPU (benchmarks/sweep_workers.py);
     more than two share a GPU or memory badly, so larger machines ask for them with --workers."""
     return min(2, cores())
 
