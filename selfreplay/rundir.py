@@ -155,11 +155,14 @@ class RunDirectory:
             if foreign:
                 raise SelfReplayError(f"{out} holds files that are not a selfreplay run's ({', '.join(foreign[:3])}): "
                                       "choose another out= (an empty or new directory)")
-            own = [p for p in out.iterdir()]
+            own = list(out.iterdir())
             if own:
                 notice(f"{out} holds an unfinished run with no usable checkpoint: starting it over")
-            for p in own:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            for path in own:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -30,7 +30,7 @@ from selfreplay.lora import add_lora, effective_weights, merge_lora
 from selfreplay.losses import head_kl_divergence, head_next_token_loss
 from selfreplay.model import CONFIG_NAME, ModelConfig, Transformer, save_checkpoint
 from selfreplay.replay import RealReplay, SelfReplayPool
-from selfreplay.rundir import METRICS_NAME, SUMMARY_NAME, RunDirectory, notice
+from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, resolve_device
 
 
