@@ -75,6 +75,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor, query_scale: float) -> torch.Tensor:
+    """[2, H, H] matrices R with x @ R = apply_rotary(x) at one position (cos, sin: [H/2]): the
+    first also multiplies by `query_scale`, for queries; the second is for keys. One decoding
+    step rotates every query and key of a layer with one batched matrix product."""
+    half = cos.shape[0]
+    idx = torch.arange(half, device=cos.device)
+    rotation = torch.zeros(2 * half, 2 * half, dtype=torch.float32, device=cos.device)
+    cos, sin = cos.float(), sin.float()
+    rotation[idx, idx] = rotation[idx + half, idx + half] = cos
+    rotation[idx + half, idx] = -sin
+    rotation[idx, idx + half] = sin
+    return torch.stack((rotation * query_scale, rotation))
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Fused causal attention over [B, heads, t, H]. On CPU it runs in float32 even under bf16
     autocast: PyTorch's CPU fused attention, forward and backward, is 2-2.4x slower in bf16
@@ -87,12 +101,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Preallocated keys and values for incremental decoding: [L, B, heads, T, H] each."""
+    """Preallocated keys and values for incremental decoding: [L, B, heads, T, H] each. Entries
+    past the positions written so far are never read, so they start uninitialised."""
 
     def __init__(self, config: ModelConfig, batch_size: int, device=None, dtype=torch.float32, length: int | None = None):
         shape = (config.L, batch_size, config.heads, length or config.T, config.H)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
 
     @staticmethod
     def storage_dtype(model_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
@@ -101,6 +116,12 @@ class KVCache:
         of the T slice lengths: that held 3.4 GB while sampling `small` at batch 128, and decoded
         slower than float32 does."""
         return torch.float32 if torch.device(device).type == "cpu" else model_dtype
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys and values [B, heads, t, H] of positions start..start+t-1."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
 
 
 class Attention(nn.Module):
@@ -118,19 +139,37 @@ class Attention(nn.Module):
             y = causal_attention(q, k, v)
         else:
             end = start + t
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-            q = q.to(k.dtype)  # the cache may be kept in float32 for a bf16 model (see KVCache)
+            cache.write(layer, start, k, v)
+            keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # [B, h, end, H] each
+            q = q.to(keys.dtype)  # the cache may be kept in float32 for a bf16 model (see KVCache)
             if t == 1:  # one new query attends to every cached position: two small matmuls, with
                 # the softmax in float32 (as fast as the fused kernel or faster: benchmarks/kernels.py)
-                scores = (q @ k.transpose(-1, -2)).float() * self.head_dim**-0.5
-                y = scores.softmax(-1).type_as(v) @ v
+                scores = (q @ keys.transpose(-1, -2)).float() * self.head_dim**-0.5
+                y = scores.softmax(-1).type_as(values) @ values
             else:  # new queries at positions start..end-1 see the cache and each other causally
                 mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
             y = y.type_as(x)
         return self.out(y.transpose(1, 2).reshape(B, t, D))
+
+    def decode(self, x: torch.Tensor, rotation: torch.Tensor, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
+        """Attention output [B, D] of one new position `pos` per row (x: [B, D], normalised), the
+        same as forward(x[:, None], ..., cache, layer, pos) up to rounding, in fewer operations:
+        queries and keys normalised together and rotated (and the queries scaled) by one
+        matrix product with `rotation` (see rotation_matrices)."""
+        B, D = x.shape
+        h, H = self.heads, self.head_dim
+        qkv = self.qkv(x).view(B, 3, h, H)
+        qk = rms_norm(qkv[:, :2]).transpose(0, 1).reshape(2, B * h, H)
+        qk = torch.bmm(qk.to(rotation.dtype), rotation).to(cache.k.dtype)
+        cache.k[layer, :, :, pos] = qk[1].view(B, h, H)
+        cache.v[layer, :, :, pos] = qkv[:, 2]
+        # one query per row against every cached position: two small batched matrix products
+        # (faster here than the fused kernel at one query: benchmarks/kernels.py); the queries
+        # are already scaled
+        scores = qk[0].view(B, h, 1, H) @ cache.k[layer, :, :, :pos + 1].transpose(-1, -2)
+        y = scores.float().softmax(-1).type_as(cache.v) @ cache.v[layer, :, :, :pos + 1]
+        return self.out(y.view(B, D).type_as(x))
 
 
 class Block(nn.Module):
@@ -142,6 +181,10 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, layer=0, start=0):
         x = x + self.attn(rms_norm(x), cos, sin, cache, layer, start)
+        return x + self.down(F.gelu(self.up(rms_norm(x))))
+
+    def decode(self, x: torch.Tensor, rotation: torch.Tensor, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
+        x = x + self.attn.decode(rms_norm(x), rotation, cache, layer, pos)
         return x + self.down(F.gelu(self.up(rms_norm(x))))
 
 
@@ -180,6 +223,19 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i, start)
+        return rms_norm(x)
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """One decoding step: the final hidden states [B, D] after tokens [B] at position `pos`,
+        with the cache holding positions < pos (this step writes `pos`). The same numbers as
+        hidden(tokens[:, None], cache, pos)[:, 0] up to rounding, in fewer and larger operations:
+        what the sampler runs once per position."""
+        if pos >= self.config.T:
+            raise ValueError(f"position {pos} is beyond the model's context T={self.config.T}")
+        rotation = rotation_matrices(self.rope_cos[pos], self.rope_sin[pos], self.config.H**-0.5)
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, rotation, cache, i, pos)
         return rms_norm(x)
 
     def num_params(self, embeddings: bool = True) -> int:

@@ -7,6 +7,7 @@ fixed length, deterministic given a seed, under `torch.inference_mode`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.model import KVCache, Transformer
@@ -29,11 +30,38 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None
         # drop a token when the ones before it already reach top_p (the most likely always stays)
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    # inverse-CDF sampling: one uniform draw per row (per-token noise costs V draws per row);
-    # the cumulative sum of unnormalised probabilities, scaled by its last entry, needs no softmax
-    cdf = (logits - logits.amax(-1, keepdim=True)).exp_().cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(cdf.shape[-1] - 1)
+    return inverse_cdf_draw((logits - logits.amax(-1, keepdim=True)).exp_(), generator)
+
+
+CDF_BLOCK = 64  # vocabulary entries per block of the two-level inverse CDF
+
+
+def inverse_cdf_draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of probs [B, V] (non-negative, any positive total), drawn with
+    probability proportional to its entry, from one uniform number per row (drawing noise per
+    entry would cost V random numbers per row).
+
+    The inverse CDF is found in two levels: the cumulative sums of blocks of CDF_BLOCK entries
+    pick the block the uniform falls in, then the cumulative sum within that block alone picks
+    the entry, so no running sum is taken along the whole vocabulary. An entry of probability 0
+    is never drawn."""
+    B, V = probs.shape
+    pad = -V % CDF_BLOCK
+    blocks = (F.pad(probs, (0, pad)) if pad else probs).view(B, -1, CDF_BLOCK)
+    block_cdf = blocks.sum(-1).cumsum(-1)  # [B, V / CDF_BLOCK]
+    u = below(torch.rand(B, 1, device=probs.device, generator=generator, dtype=probs.dtype)
+              * block_cdf[:, -1:], block_cdf[:, -1:])
+    block = torch.searchsorted(block_cdf, u, right=True)  # [B, 1]: block_cdf[block-1] <= u < block_cdf[block]
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp_min(0)), 0.0)
+    inner_cdf = blocks.gather(1, block[:, :, None].expand(B, 1, CDF_BLOCK))[:, 0].cumsum(-1)  # [B, CDF_BLOCK]
+    # where u falls within the block, rescaled to the within-block sums (rounding may differ)
+    u_inner = below((u - before) / (block_cdf.gather(1, block) - before) * inner_cdf[:, -1:], inner_cdf[:, -1:])
+    return (block * CDF_BLOCK + torch.searchsorted(inner_cdf, u_inner, right=True)).squeeze(1)
+
+
+def below(u: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """u kept strictly below total (a uniform draw times the total can round up to it)."""
+    return torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
 
 
 def check_sampling(num_samples: int, length: int, T: int, temperature: float, top_k: int | None,
@@ -83,12 +111,12 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
         tokens = out[lo:hi]
         tokens[:, 0] = first[lo:hi]
         for pos in range(length - 1):
-            h = model.hidden(tokens[:, pos:pos + 1], cache=cache, start=pos)
+            h = model.decode(tokens[:, pos], cache, pos)
             if hidden is not None:
-                hidden[lo:hi, pos] = h[:, 0]
-            tokens[:, pos + 1] = next_token(model.head(h)[:, -1], temperature, top_k, top_p, generator)
+                hidden[lo:hi, pos] = h
+            tokens[:, pos + 1] = next_token(model.head(h), temperature, top_k, top_p, generator)
         if hidden is not None:
-            hidden[lo:hi, length - 1] = model.hidden(tokens[:, -1:], cache=cache, start=length - 1)[:, 0]
+            hidden[lo:hi, length - 1] = model.decode(tokens[:, -1], cache, length - 1)
     return (out, hidden) if return_hidden else out
 
 

@@ -54,6 +54,22 @@ def test_kv_cache_matches_full_forward_at_every_position():
     assert (chunks - full).abs().max().item() <= 1e-4
 
 
+def test_single_token_decoding_step_matches_full_forward_at_every_position():
+    # Transformer.decode, the sampler's step (queries and keys rotated by one matrix product),
+    # gives the full forward pass's hidden states, in float32 and in bf16 (to bf16 rounding)
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+        model = make_model(seed=2).to(dtype)
+        x = torch.randint(0, TINY.V, (3, TINY.T))
+        with torch.no_grad():
+            full = model.hidden(x)
+            cache = KVCache(TINY, batch_size=3, dtype=KVCache.storage_dtype(dtype, "cpu"))
+            steps = torch.stack([model.decode(x[:, i], cache, i) for i in range(TINY.T)], dim=1)
+        assert steps.dtype == dtype
+        assert (steps.float() - full.float()).abs().max().item() <= tolerance
+    with pytest.raises(ValueError, match="beyond the model's context"):
+        model.decode(x[:, 0], cache, TINY.T)
+
+
 def test_bf16_model_decodes_through_a_float32_cache_on_cpu_and_matches_its_full_forward():
     # the sampler keeps a bf16 model's keys and values in float32 on CPU (KVCache.storage_dtype)
     assert KVCache.storage_dtype(torch.bfloat16, "cpu") == torch.float32

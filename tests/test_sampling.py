@@ -64,3 +64,46 @@ def test_hidden_states_kept_while_decoding_equal_the_full_forward_pass():
         with torch.no_grad():
             assert hidden.shape == (5, length, TINY.D)
             assert torch.allclose(hidden, m.hidden(tokens), atol=1e-5)
+
+
+def full_forward_sampler(m: Transformer, first: int, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """The plain reference: the whole prefix through the full forward pass at every step, then
+    torch.multinomial on the softmax."""
+    tokens = torch.full((n, 1), first, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(length - 1):
+            probs = m(tokens)[:, -1].softmax(-1)
+            tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return tokens
+
+
+def two_sample_chi_square(a: torch.Tensor, b: torch.Tensor, V: int) -> tuple[float, int]:
+    """Chi-square statistic that two samples of token ids come from one distribution, over the
+    tokens seen at least 20 times in both together, and its degrees of freedom."""
+    ca, cb = torch.bincount(a, minlength=V).double(), torch.bincount(b, minlength=V).double()
+    keep = (ca + cb) >= 20
+    ca, cb = ca[keep], cb[keep]
+    na, nb = ca.sum(), cb.sum()
+    stat = (((ca * (nb / na).sqrt() - cb * (na / nb).sqrt()) ** 2) / (ca + cb)).sum().item()
+    return stat, int(keep.sum()) - 1
+
+
+def test_token_frequencies_of_a_large_draw_match_the_full_forward_sampler():
+    # A vocabulary of 300 spans several blocks of the two-level inverse CDF (and a padded one);
+    # a peaked model makes the test sensitive where most of the mass is.
+    config = ModelConfig(D=32, L=2, H=8, T=20, V=300)
+    m = Transformer(config)
+    m.reset_parameters(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        m.head.weight.mul_(3.0)
+    m.eval()
+    n, length = 20000, 5
+    ours = sample(m, 7, n, length=length, seed=0, batch_size=5000)
+    reference = full_forward_sampler(m, 7, n, length, torch.Generator().manual_seed(1))
+    for pos in range(1, length):  # each position's marginal, which depends on every earlier draw
+        stat, dof = two_sample_chi_square(ours[:, pos], reference[:, pos], config.V)
+        assert dof > 20
+        assert stat < dof + 6 * (2 * dof) ** 0.5, (pos, stat, dof)  # about 6 standard deviations
+    # and a biased draw fails it: the reference shifted by one token id
+    stat, dof = two_sample_chi_square(ours[:, 1], (reference[:, 1] + 1) % config.V, config.V)
+    assert stat > dof + 6 * (2 * dof) ** 0.5
