@@ -28,7 +28,7 @@ import torch
 from selfreplay.model import ModelConfig, Transformer
 from selfreplay.replay import SelfReplayPool
 from selfreplay.sampling import sample
-from selfreplay.train import training_loss
+from selfreplay.objective import training_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,8 +47,7 @@ def built_in_kl_step_rate(model: Transformer, batch: int, replay_batch: int, buf
             _sync(device)
             start = time.perf_counter()
         new = torch.randint(0, model.config.V, (batch, T), device=device)
-        replay, hidden = pool.next_batch()
-        loss, _, _ = training_loss(model, reference, new, replay, "kl", 10.0, replay_hidden=hidden)
+        loss, _, _ = training_loss(model, reference, new, pool.next_batch(), "kl", 10.0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from torch.profiler import profile
 
 from selfreplay.model import ModelConfig, Transformer
 from selfreplay.runtime import autocast
-from selfreplay.train import training_loss
+from selfreplay.objective import ReplaySamples, training_loss
 
 
 def main() -> None:
@@ -39,15 +39,17 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     trunk = torch.compile(model.hidden, dynamic=False) if args.compile else model.hidden
     new = torch.randint(0, config.V, (32, config.T))
-    replay = torch.randint(0, config.V, (16, config.T)) if args.replay else None
-    with torch.no_grad():
-        replay_hidden = reference.hidden(replay) if args.replay else None
+    replay = None
+    if args.replay:
+        tokens = torch.randint(0, config.V, (16, config.T))
+        with torch.no_grad():
+            replay = ReplaySamples(tokens, hidden=reference.hidden(tokens))
     method = "kl" if args.replay else "none"
     device = torch.device("cpu")
 
     def step() -> None:
         with autocast(device, args.precision):
-            loss, _, _ = training_loss(model, reference, new, replay, method, 1.0, trunk, replay_hidden, args.compile)
+            loss, _, _ = training_loss(model, reference, new, replay, method, 1.0, trunk, args.compile)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -28,7 +28,7 @@ import torch
 from selfreplay.model import ModelConfig, Transformer
 from selfreplay.runtime import autocast
 from selfreplay.sampling import sample
-from selfreplay.train import training_loss
+from selfreplay.objective import ReplaySamples, training_loss
 
 STEPS_PER_POOL = 8  # replay.buffer
 REPLAY_BATCH = 16
@@ -63,14 +63,14 @@ def main() -> None:
     def draw(batch_size: int = pool_size):
         return sample(sampler, 0, pool_size, seed=0, batch_size=batch_size, return_hidden=True)
 
-    replay, replay_hidden = (x[:REPLAY_BATCH] for x in draw())
+    tokens, hidden = (x[:REPLAY_BATCH] for x in draw())
+    replay = ReplaySamples(tokens, hidden=hidden)
 
     def steps(kl: bool) -> None:
         for _ in range(STEPS_PER_POOL):
             with autocast(device, args.precision):
                 if kl:
-                    loss, _, _ = training_loss(model, reference, new, replay, "kl", 1.0, trunk, replay_hidden,
-                                               args.compile)
+                    loss, _, _ = training_loss(model, reference, new, replay, "kl", 1.0, trunk, args.compile)
                 else:
                     loss, _, _ = training_loss(model, reference, new, None, "none", 1.0, trunk,
                                                compile=args.compile)

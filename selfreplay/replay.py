@@ -7,7 +7,8 @@ computes π0's final hidden states at every position of every sample; the pool
 keeps them, so the KL penalty needs no second forward pass of π0 over its own
 samples.
 
-Both sources give `next_batch() -> (tokens [b, T], π0 hidden states [b, T, D] or None)`.
+Both sources give `next_batch() -> ReplaySamples` (tokens [b, T], and π0's hidden states
+[b, T, D] when the pool kept them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from selfreplay.data import SequenceStream
 from selfreplay.model import Transformer
+from selfreplay.objective import ReplaySamples
 from selfreplay.sampling import sample
 
 
@@ -46,12 +48,12 @@ class SelfReplayPool:
         self.pool, self.hidden = drawn if self.keep_hidden else (drawn, None)
         self.cursor, self.draws = 0, self.draws + 1
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def next_batch(self) -> ReplaySamples:
         if self.pool is None or self.cursor == len(self.pool):
             self.refill()
         rows = slice(self.cursor, self.cursor + self.batch_size)
         self.cursor += self.batch_size
-        return self.pool[rows], self.hidden[rows] if self.hidden is not None else None
+        return ReplaySamples(self.pool[rows], hidden=self.hidden[rows] if self.hidden is not None else None)
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "draws": self.draws, "generator": self.generator.get_state(),
@@ -69,8 +71,8 @@ class RealReplay:
     def __init__(self, stream: SequenceStream, batch_size: int, device: torch.device | str = "cpu"):
         self.stream, self.batch_size, self.device = stream, batch_size, device
 
-    def next_batch(self) -> tuple[torch.Tensor, None]:
-        return torch.from_numpy(self.stream.take(self.batch_size)).to(self.device), None
+    def next_batch(self) -> ReplaySamples:
+        return ReplaySamples(torch.from_numpy(self.stream.take(self.batch_size)).to(self.device))
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict()}

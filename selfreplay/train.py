@@ -1,6 +1,6 @@
 """Pretraining and finetuning: one plain loop, in named stages.
 
-    loss = NTP(θ; x_new) + c · R        (the regulariser R is chosen in `training_loss`)
+    loss = NTP(θ; x_new) + c · R        (the objective: `selfreplay.objective.training_loss`)
 
 `train` reads top to bottom: validate the settings and the data (before anything is
 written), open the run directory (new, resumed or finished: `selfreplay.rundir`), `setup`
@@ -27,8 +27,8 @@ from selfreplay.data import BatchLoader, SequenceStream, TokenSequences
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluate import ValidationSet, compute_multiplier, weight_drift
 from selfreplay.lora import add_lora, effective_weights, merge_lora
-from selfreplay.losses import head_kl_divergence, head_next_token_loss
 from selfreplay.model import CONFIG_NAME, ModelConfig, Transformer, save_checkpoint
+from selfreplay.objective import training_loss
 from selfreplay.replay import RealReplay, SelfReplayPool
 from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, resolve_device
@@ -74,46 +74,6 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     data = replace(config.data, tokenizer=absolute(config.data.tokenizer), train=absolute(config.data.train),
                    mix=absolute(config.data.mix), old=absolute(config.data.old))
     return replace(config, out=absolute(config.out), init=absolute(config.init), data=data)
-
-
-# ---------------------------------------------------------------- the objective
-
-def training_loss(model, reference, new: torch.Tensor, replay: torch.Tensor | None, method: str,
-                  coeff: float, trunk=None, replay_hidden: torch.Tensor | None = None,
-                  compile: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, NTP on the new batch, R) for new [B, T] and replay [b, T] sequences.
-
-    ntp and kl run the model once over new and replay rows together; the frozen
-    reference model only ever runs without gradients, so R's gradient reaches θ alone.
-    `trunk` computes the model's final hidden states (a compiled `model.hidden`, say);
-    the losses apply the output projection themselves, a block of rows at a time.
-    `replay_hidden`, π0's hidden states on the replay rows when the sampler kept them,
-    spares π0's forward pass over those rows. compile: the losses' softmax arithmetic compiled.
-    """
-    trunk = trunk or model.hidden
-    head = model.head.weight
-    B = len(new)
-    if method in ("ntp", "kl"):
-        hidden = trunk(torch.cat([new, replay]))
-        ntp = head_next_token_loss(hidden[:B], head, new, compile)
-        if method == "ntp":
-            reg = head_next_token_loss(hidden[B:], head, replay, compile)
-        else:
-            ref_hidden = replay_hidden
-            if ref_hidden is None:
-                with torch.no_grad():
-                    ref_hidden = reference.hidden(replay)
-            reg = head_kl_divergence(ref_hidden, reference.head.weight, hidden[B:], head, compile)
-    else:
-        hidden = trunk(new)
-        ntp = head_next_token_loss(hidden, head, new, compile)
-        if method == "kl_new":
-            with torch.no_grad():
-                ref_hidden = reference.hidden(new)
-            reg = head_kl_divergence(ref_hidden, reference.head.weight, hidden, head, compile)
-        else:  # none, replace (replay rows are already inside `new`)
-            reg = torch.zeros((), device=new.device)
-    return ntp + coeff * reg, ntp, reg
 
 
 def learning_rate(step: int, config: RunConfig, total_steps: int | None) -> float:
@@ -333,13 +293,13 @@ def train_step(run: Run, progress: Progress) -> None:
         group["lr"] = lr
     new = run.loader.next_batch().to(run.device)
     replay_tick = time.perf_counter()
-    replay_batch, replay_hidden = run.replay.next_batch() if run.replay is not None else (None, None)
+    replay = run.replay.next_batch() if run.replay is not None else None
     progress.replay_seconds += time.perf_counter() - replay_tick
     if r.method == "replace":
-        new = torch.cat([new, replay_batch])
+        new = torch.cat([new, replay.tokens])
     with autocast(run.device, config.precision):
-        loss, ntp, reg = training_loss(run.model, run.reference, new, replay_batch, r.method, r.coeff, run.trunk,
-                                       replay_hidden, config.compile)
+        loss, ntp, reg = training_loss(run.model, run.reference, new, replay, r.method, r.coeff, run.trunk,
+                                       config.compile)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])

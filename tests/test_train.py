@@ -8,7 +8,8 @@ import torch
 from selfreplay.config import load_config
 from selfreplay.errors import SelfReplayError
 from selfreplay.model import ModelConfig, Transformer
-from selfreplay.train import resolve_config, train, training_loss
+from selfreplay.objective import ReplaySamples, training_loss
+from selfreplay.train import resolve_config, train
 
 from conftest import MODEL, finetune_config
 
@@ -39,7 +40,7 @@ def test_regulariser_gradients_reach_only_the_finetuned_model():
     config = ModelConfig(D=16, L=1, H=8, T=8, V=32)
     model, reference = Transformer(config), Transformer(config)
     reference.requires_grad_(False)
-    new, replay = torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (3, 8))
+    new, replay = torch.randint(0, 32, (2, 8)), ReplaySamples(torch.randint(0, 32, (3, 8)))
     for method in ("ntp", "kl", "kl_new"):
         model.zero_grad()
         loss, ntp, reg = training_loss(model, reference, new, replay, method, coeff=5.0)
@@ -128,7 +129,8 @@ def test_self_replay_pool_starts_at_the_old_domain_and_is_redrawn_every_buffer_s
 
     reference = Transformer.from_pretrained(pretrained).eval()
     pool = SelfReplayPool(reference, domain_id=0, batch_size=3, buffer=4, seed=0)
-    batches, hidden = zip(*[pool.next_batch() for _ in range(9)])
+    drawn = [pool.next_batch() for _ in range(9)]
+    batches, hidden = [d.tokens for d in drawn], [d.hidden for d in drawn]
     assert all((b[:, 0] == 0).all() and b.shape == (3, reference.config.T) for b in batches)
     with torch.no_grad():  # the hidden states kept from decoding are π0's on the samples
         assert all(torch.allclose(h, reference.hidden(b), atol=1e-4) for b, h in zip(batches, hidden))
@@ -143,7 +145,7 @@ def test_replace_puts_floor_cB_replay_rows_in_each_batch(corpus, pretrained, tmp
     real_loss = train_module.training_loss
 
     def spy(model, reference, new, replay, method, coeff, *args):
-        seen.append((len(new), len(replay)))
+        seen.append((len(new), len(replay.tokens)))
         return real_loss(model, reference, new, replay, method, coeff, *args)
 
     monkeypatch.setattr(train_module, "training_loss", spy)
@@ -194,7 +196,7 @@ def test_self_replay_can_start_from_several_domains_in_turn(corpus, pretrained, 
     from selfreplay.replay import SelfReplayPool
 
     pool = SelfReplayPool(Transformer.from_pretrained(pretrained).eval(), [0, 1], batch_size=3, buffer=2, seed=0)
-    first = torch.cat([pool.next_batch()[0][:, 0] for _ in range(2)])
+    first = torch.cat([pool.next_batch().tokens[:, 0] for _ in range(2)])
     assert first.tolist() == [0, 1, 0, 1, 0, 1]
     summary = train(finetune_config(corpus, pretrained, tmp_path / "two", "replay.method=kl",
                                     "replay.domains=en_synth,es_synth"), "finetune")

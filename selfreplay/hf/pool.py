@@ -21,7 +21,8 @@ import torch
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.hf.model import CausalLM
-from selfreplay.hf.sampling import ReplayFormat, ReplaySamples, sample_replay
+from selfreplay.hf.sampling import ReplayFormat, sample_replay
+from selfreplay.objective import ReplaySamples
 
 SAMPLES_NAME, HEADER_NAME = "samples.jsonl", "pool.json"
 

@@ -18,6 +18,7 @@ import torch
 from selfreplay.errors import SelfReplayError
 from selfreplay.hf.chat import ChatTurns, chat_turns, prompt_tokens
 from selfreplay.hf.model import CausalLM
+from selfreplay.objective import ReplaySamples
 from selfreplay.sampling import next_token
 
 
@@ -57,16 +58,6 @@ def chat_format(tokenizer, system: str | None = None, prompts: list[str] | None 
 
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-@dataclass
-class ReplaySamples:
-    """tokens [N, L]; mask [N, L], True on every real token (padding after a stop is False);
-    hidden [N, L, D]: π0's final hidden states (zero where nothing follows), or None."""
-
-    tokens: torch.Tensor
-    mask: torch.Tensor
-    hidden: torch.Tensor | None = None
 
 
 @torch.no_grad()  # not inference_mode: the samples and masks go on into training steps' autograd

@@ -24,8 +24,9 @@ from selfreplay.errors import SelfReplayError
 from selfreplay.hf.data import IGNORE, pad_batch, rows_from_dataset
 from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm
 from selfreplay.hf.pool import ReplayPool, read_prompts
-from selfreplay.hf.sampling import ReplaySamples, base_format, chat_format
+from selfreplay.hf.sampling import base_format, chat_format
 from selfreplay.losses import head_kl_divergence, head_next_token_loss
+from selfreplay.objective import training_loss
 
 REPLAY_METHODS = ("none", "kl", "ntp")
 
@@ -130,27 +131,18 @@ class SelfReplayTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         new = inputs["input_ids"]
         new_mask = inputs["labels"] != IGNORE if "labels" in inputs else None
-        head = self.lm.head.weight
-        if self.replay is None or not model.training:
-            ntp = head_next_token_loss(self.lm.hidden(new, model=model), head, new, mask=new_mask)
-            reg = torch.zeros((), device=new.device)
-        else:
+        method = self.args.replay_method if self.replay is not None and model.training else "none"
+        replay = None
+        if method != "none":
             start = time.perf_counter()
             replay = self.replay.next_batch()
             self._logged["replay_seconds"].append(time.perf_counter() - start)
-            tokens, masks = _stacked(new, new_mask, replay)
-            hidden = self.lm.hidden(tokens, model=model)
-            B, t_new, t_rep = len(new), new.shape[1], replay.tokens.shape[1]
-            ntp = head_next_token_loss(hidden[:B, :t_new], head, new, mask=masks[:B, :t_new])
-            if self.args.replay_method == "kl":
-                reg = head_kl_divergence(replay.hidden, self.reference.head.weight, hidden[B:, :t_rep], head,
-                                         mask=replay.mask)
-            else:
-                reg = head_next_token_loss(hidden[B:, :t_rep], head, replay.tokens, mask=replay.mask)
+        # the objective of every front end (selfreplay.objective), run through the wrapped model
+        loss, ntp, reg = training_loss(self.lm, self.reference, new, replay, method, self.args.replay_coeff,
+                                       trunk=partial(self.lm.hidden, model=model), new_mask=new_mask)
         if model.training:
             self._logged["ntp_loss"].append(ntp.item())
             self._logged["replay_loss"].append(reg.item())
-        loss = ntp + self.args.replay_coeff * reg
         return (loss, {"ntp_loss": ntp.detach(), "replay_loss": reg.detach()}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -198,13 +190,3 @@ class SelfReplayTrainer(Trainer):
         old_loss = sums["loss"] / count
         return {"old_loss": old_loss, "old_kl": sums["kl"] / count, "forgetting": old_loss - self.old_loss_0}
 
-
-def _stacked(new: torch.Tensor, new_mask: torch.Tensor | None, replay: ReplaySamples):
-    """New and replay rows in one batch [B + b, t] right-padded to the longer of the two, and
-    their masks (False on the padding; every new token counts when new_mask is None)."""
-    width = max(new.shape[1], replay.tokens.shape[1])
-    pad = lambda x, value: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)  # noqa: E731
-    new_mask = new_mask if new_mask is not None else torch.ones_like(new, dtype=torch.bool)
-    tokens = torch.cat([pad(new, 0), pad(replay.tokens.to(new.device), 0)])
-    masks = torch.cat([pad(new_mask, False), pad(replay.mask.to(new.device), False)])
-    return tokens, masks
