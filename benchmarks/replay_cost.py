@@ -2,6 +2,7 @@
 
     python benchmarks/replay_cost.py                          # tiny and small, fp32 and bf16+compile
     python benchmarks/replay_cost.py --configs tiny --label before --out FILE.json
+    python benchmarks/replay_cost.py --configs tiny replay.decode_batch=128   # overrides for the finetuning runs
 
 For each config it pretrains a model briefly on real text (../shared/data/fortunes, else the
 built-in synthetic corpus) and measures, in one process:
@@ -55,7 +56,8 @@ def sampler_speed(model: Transformer, batch_size: int, repeats: int = 3) -> floa
     return batch_size / statistics.median(times)
 
 
-def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int, peak_fp32: float) -> dict:
+def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int, peak_fp32: float,
+            overrides: list[str]) -> dict:
     batch = 32
     tokens_per_step = batch * config.T
     common = [f"optim.batch_size={batch}", f"stop.tokens={steps * tokens_per_step}", "optim.warmup_steps=10"]
@@ -71,7 +73,7 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
         row[f"sample_fraction_of_fp32_peak_b{batch_size}"] = speed * decoding_flops(config) / (peak_fp32 * 1e9)
     del model
 
-    finetune = [f"init={pretrained}", f"data.train={files['new']}", *common]
+    finetune = [f"init={pretrained}", f"data.train={files['new']}", *common, *overrides]
     for precision, extra in PRECISIONS.items():
         plain, _, _ = run_training("finetune", [f"out={work / f'{name}-{precision}-plain'}", *finetune, *extra],
                                    tokens_per_step)
@@ -93,12 +95,14 @@ def main() -> None:
                         help=f"training steps per run (logged every {INTERVAL_STEPS}; the first interval is warm-up)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "replay_cost.json"))
     parser.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'before')")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the finetuning runs")
     args = parser.parse_args()
 
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     with tempfile.TemporaryDirectory() as tmp:
         files = token_files(Path(tmp), vocab=4096)
-        rows = [measure(name, CONFIGS[name], files, Path(tmp), args.steps, peaks["fp32"]) for name in args.configs]
+        rows = [measure(name, CONFIGS[name], files, Path(tmp), args.steps, peaks["fp32"], args.overrides)
+                for name in args.configs]
 
     print(f"{args.label or 'this checkout'}: matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} "
           f"GFLOP/s ({torch.get_num_threads()} threads)")
@@ -108,7 +112,7 @@ def main() -> None:
             shown = f"{value:.1%}" if "fraction" in key or "share" in key else (
                 f"{value:.3f}" if "vs" in key or "gflop" in key else f"{value:,.1f}" if isinstance(value, float) else value)
             print(f"  {key:40s} {shown}")
-    result = {"label": args.label, "matmul_peak_gflops": peaks, "rows": rows, "threads": torch.get_num_threads(),
+    result = {"label": args.label, "overrides": args.overrides, "matmul_peak_gflops": peaks, "rows": rows, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -57,7 +57,8 @@ class ReplayConfig:
     source: str = "self"  # self: sampled from the frozen pretrained model; real: the old domain's data
     coeff: float = 10.0  # c in loss = NTP(new) + c·R; for replace, the fraction of rows replaced
     batch_size: int = 16  # replay sequences per step
-    buffer: int = 8  # self replay: the pool holds buffer × batch_size sequences, redrawn every `buffer` steps
+    buffer: int = 8  # self replay: the pool holds buffer × batch_size sequences (or decode_batch), redrawn when used up
+    decode_batch: int = 128  # self replay: sequences decoded together; a pool holds at least this many
     temperature: float = 1.0  # sampling temperature of self replay
     domains: str | None = None  # self replay: comma-separated domains (names or ids) its samples start from, in turn; default: the old domain
 
@@ -281,7 +282,7 @@ RANGES = {
     "data.mix_fraction": Range(0, 1), "data.val_sequences": AT_LEAST_0, "data.seed": AT_LEAST_0,
     "optim.lr": ABOVE_0, "optim.batch_size": AT_LEAST_1, "optim.weight_decay": AT_LEAST_0,
     "optim.beta1": BETA, "optim.beta2": BETA, "optim.warmup_steps": AT_LEAST_0, "optim.grad_clip": ABOVE_0,
-    "replay.coeff": AT_LEAST_0, "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1,
+    "replay.coeff": AT_LEAST_0, "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1, "replay.decode_batch": AT_LEAST_1,
     "replay.temperature": ABOVE_0,
     "lora.rank": AT_LEAST_0, "lora.alpha": ABOVE_0,
     "stop.tokens": AT_LEAST_1, "stop.tokens_per_param": ABOVE_0, "stop.epochs": ABOVE_0,

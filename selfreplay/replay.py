@@ -1,8 +1,10 @@
 """Replay sequences: sampled from the frozen pretrained model (self) or read from old data (real).
 
 A self-replay pool holds `buffer × batch_size` fresh samples of π0 started at
-the old domain id; each training step consumes one replay batch, and an empty
-pool is redrawn, so the same sample is never replayed twice. Decoding the pool
+the old domain id, or `decode_batch` when that is more (π0 is frozen, so one large draw
+has the distribution of several small ones, and decodes faster); each training step
+consumes one replay batch, and an empty pool is redrawn, so the same sample is never
+replayed twice. Decoding the pool
 computes π0's final hidden states at every position of every sample; the pool
 keeps them, so the KL penalty needs no second forward pass of π0 over its own
 samples.
@@ -12,6 +14,8 @@ Both sources give `next_batch() -> ReplaySamples` (tokens [b, T], and π0's hidd
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -29,12 +33,15 @@ class SelfReplayPool:
     earlier task in continual learning, say)."""
 
     def __init__(self, reference: Transformer, domain_id: int | list[int], batch_size: int, buffer: int,
-                 temperature: float = 1.0, seed: int = 0, keep_hidden: bool = True):
+                 temperature: float = 1.0, seed: int = 0, keep_hidden: bool = True, decode_batch: int | None = None):
         self.reference, self.keep_hidden = reference, keep_hidden
-        self.batch_size, self.buffer, self.temperature = batch_size, buffer, temperature
+        self.batch_size, self.temperature = batch_size, temperature
+        self.decode_batch = decode_batch or buffer * batch_size
+        # a pool is a whole number of replay batches: buffer of them, or enough for decode_batch
+        self.size = batch_size * max(buffer, math.ceil(self.decode_batch / batch_size))
         device = next(reference.parameters()).device
         ids = torch.as_tensor(domain_id, dtype=torch.long).reshape(-1)
-        self.first_tokens = ids.repeat(buffer * batch_size // len(ids) + 1)[:buffer * batch_size].to(device)
+        self.first_tokens = ids.repeat(self.size // len(ids) + 1)[:self.size].to(device)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.pool: torch.Tensor | None = None
@@ -43,8 +50,8 @@ class SelfReplayPool:
         self.draws = 0  # pools sampled so far
 
     def refill(self) -> None:
-        drawn = sample(self.reference, self.first_tokens, self.buffer * self.batch_size,
-                       temperature=self.temperature, generator=self.generator, return_hidden=self.keep_hidden)
+        drawn = sample(self.reference, self.first_tokens, self.size, temperature=self.temperature,
+                       generator=self.generator, batch_size=self.decode_batch, return_hidden=self.keep_hidden)
         self.pool, self.hidden = drawn if self.keep_hidden else (drawn, None)
         self.cursor, self.draws = 0, self.draws + 1
 

@@ -248,7 +248,7 @@ def _make_replay(config: RunConfig, reference, data: Data, device):
     if r.source == "self":
         sampler = decoding_model(reference, config.precision, device)
         return SelfReplayPool(sampler, replay_domains(config, data), rows, r.buffer, r.temperature, config.seed,
-                              keep_hidden=r.method == "kl")
+                              keep_hidden=r.method == "kl", decode_batch=r.decode_batch)
     return RealReplay(SequenceStream(data.old, config.data.seed + 2), rows, device)
 
 

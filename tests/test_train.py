@@ -138,6 +138,21 @@ def test_self_replay_pool_starts_at_the_old_domain_and_is_redrawn_every_buffer_s
     assert len({tuple(row.tolist()) for b in batches[:8] for row in b}) == 24  # no sample replayed twice
 
 
+def test_a_pool_holds_at_least_decode_batch_samples_drawn_together(pretrained, monkeypatch):
+    import selfreplay.replay as replay_module
+    from selfreplay.replay import SelfReplayPool
+
+    calls = []
+    real_sample = replay_module.sample
+    monkeypatch.setattr(replay_module, "sample", lambda *a, **k: calls.append((a[2], k["batch_size"])) or real_sample(*a, **k))
+    reference = Transformer.from_pretrained(pretrained).eval()
+    # 3 rows a step, buffer 2, but 10 decoded together: pools of 12 (4 batches), drawn every 4 steps
+    pool = SelfReplayPool(reference, domain_id=0, batch_size=3, buffer=2, seed=0, decode_batch=10)
+    batches = [pool.next_batch().tokens for _ in range(8)]
+    assert calls == [(12, 10), (12, 10)] and pool.draws == 2
+    assert len({tuple(row.tolist()) for b in batches for row in b}) == 24  # still never replayed twice
+
+
 def test_replace_puts_floor_cB_replay_rows_in_each_batch(corpus, pretrained, tmp_path, monkeypatch):
     import selfreplay.train as train_module
 
