@@ -35,6 +35,8 @@ class DataConfig:
     mix: str | None = None  # pretraining: a second token file mixed into every batch
     mix_fraction: float = 0.0  # fraction of each batch's rows drawn from `mix`
     old: str | None = None  # finetuning: the old domain's token file (old_loss, real replay); default: init run's data.train
+    old_text: str | None = None  # init=hf: held-out old-domain text (old_loss, old_kl, forgetting), packed like data.train
+    text_field: str = "text"  # init=hf: the JSONL field (or dataset column) holding each document's text
     val_sequences: int = 256  # sequences held out of each token file for validation
     seed: int = 0  # seed of the train/validation split and of the epoch shuffles
 
@@ -61,6 +63,10 @@ class ReplayConfig:
     decode_batch: int = 128  # self replay: sequences decoded together; a pool holds at least this many
     temperature: float = 1.0  # sampling temperature of self replay
     domains: str | None = None  # self replay: comma-separated domains (names or ids) its samples start from, in turn; default: the old domain
+    length: int = 256  # init=hf: longest replay sample in tokens
+    top_p: float | None = None  # init=hf: nucleus sampling of self replay; null: the whole distribution
+    stop_at_eos: bool = True  # init=hf: a replay sample ends at EOS and the losses skip what follows
+    pool: str | None = None  # init=hf: a pool directory from `selfreplay sample init=hf:... --out POOL`, replayed first
 
 
 @dataclass
@@ -283,7 +289,7 @@ RANGES = {
     "optim.lr": ABOVE_0, "optim.batch_size": AT_LEAST_1, "optim.weight_decay": AT_LEAST_0,
     "optim.beta1": BETA, "optim.beta2": BETA, "optim.warmup_steps": AT_LEAST_0, "optim.grad_clip": ABOVE_0,
     "replay.coeff": AT_LEAST_0, "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1, "replay.decode_batch": AT_LEAST_1,
-    "replay.temperature": ABOVE_0,
+    "replay.temperature": ABOVE_0, "replay.length": Range(2), "replay.top_p": Range(0, 1, low_open=True),
     "lora.rank": AT_LEAST_0, "lora.alpha": ABOVE_0,
     "stop.tokens": AT_LEAST_1, "stop.tokens_per_param": ABOVE_0, "stop.epochs": ABOVE_0,
     "stop.target_loss": AT_LEAST_0, "stop.wall_seconds": ABOVE_0, "stop.patience": AT_LEAST_1,
@@ -312,10 +318,20 @@ def check_ranges(config: RunConfig) -> None:
             raise SelfReplayError(f"unknown {key} {value!r}: choose one of {', '.join(options)}")
 
 
+HF_PREFIX = "hf:"  # init=hf:NAME_OR_PATH finetunes a Hugging Face model
+
+
+def is_hf(config: RunConfig) -> bool:
+    """Whether the run finetunes a Hugging Face model (init=hf:NAME_OR_PATH)."""
+    return bool(config.init) and config.init.startswith(HF_PREFIX)
+
+
 def validate(config: RunConfig, mode: str) -> None:
     """Every check a run's settings must pass before anything is written; each failure is one
     line saying what to change."""
     check_ranges(config)
+    if is_hf(config):
+        _validate_hf(config)
     r, s, o = config.replay, config.stop, config.optim
     checks = [
         (not config.out, "set out=RUN_DIR, the directory the run writes to"),
@@ -343,6 +359,26 @@ def validate(config: RunConfig, mode: str) -> None:
 
     resolve_device(config.device)
     check_output_dir(config.out, "out")
+
+
+def _validate_hf(config: RunConfig) -> None:
+    """The settings a Hugging Face finetuning run cannot take, each refused with one line."""
+    r, hf = config.replay, "init=hf:"
+    checks = [
+        (config.init == HF_PREFIX, "init=hf: needs a model: init=hf:NAME_OR_PATH (a hub id or a local directory)"),
+        (not config.data.old_text, f"{hf} needs held-out old-domain text to measure forgetting: "
+                                   "set data.old_text=FILE (.jsonl, .txt or hf:DATASET)"),
+        (config.data.old or config.data.mix, f"{hf} takes text files: drop data.old and data.mix (use data.old_text)"),
+        (config.data.tokenizer, f"{hf} uses the model's own tokenizer: drop data.tokenizer"),
+        (r.method == "replace", f"{hf} takes replay.method none, ntp, kl or kl_new, not replace"),
+        (r.source != "self", f"{hf} replays samples of π0: replay.source=self"),
+        (r.domains, f"{hf} samples replay from BOS: drop replay.domains"),
+        (config.stop.tokens_per_param is not None, f"{hf}: set stop.tokens or stop.epochs, not stop.tokens_per_param"),
+        (config.compile, f"{hf} runs eagerly: set compile=false"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise SelfReplayError(message)
 
 
 def check_output_dir(path: str | Path, key: str) -> None:

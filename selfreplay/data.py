@@ -27,18 +27,31 @@ class TokenSequences:
         tokens, self.meta = open_tokens(path, fingerprint)
         self.path, self.T, self.domain_id = str(path), T, self.meta.domain_id
         count = len(tokens) // T
+        self._split(tokens[: count * T].reshape(count, T), val_sequences, seed)  # still memory-mapped
+
+    @classmethod
+    def from_rows(cls, rows: np.ndarray, val_sequences: int, seed: int = 0, name: str = "rows") -> "TokenSequences":
+        """Packed rows [N, T] already in memory (a Hugging Face tokenizer's ids, say), with the same
+        seeded split; no domain id: position 0 keeps its token."""
+        self = cls.__new__(cls)
+        self.path, self.T, self.domain_id, self.meta = name, rows.shape[1], None, None
+        self._split(np.asarray(rows, dtype=np.int64), val_sequences, seed)
+        return self
+
+    def _split(self, sequences: np.ndarray, val_sequences: int, seed: int) -> None:
+        count = len(sequences)
         if count < val_sequences + 1:
             raise SelfReplayError(
-                f"{path} holds {count} sequences of {T} tokens, too few for {val_sequences} validation "
-                f"sequences plus training: tokenize more text or lower data.val_sequences")
-        self.sequences = tokens[: count * T].reshape(count, T)  # still memory-mapped
+                f"{self.path} holds {count} sequences of {self.T} tokens, too few for {val_sequences} validation "
+                f"sequences plus training: give more text or lower data.val_sequences")
+        self.sequences = sequences
         order = np.random.default_rng(seed).permutation(count)
         self.val_index = np.sort(order[:val_sequences])
         self.train_index = order[val_sequences:]
 
     def check_vocabulary(self, V: int) -> None:
         """Refuse a file holding ids the model has no embedding for (one pass over the file)."""
-        largest = max(int(self.sequences.max()), self.domain_id)
+        largest = max(int(self.sequences.max()), self.domain_id or 0)
         if largest >= V:
             flat = np.flatnonzero(self.sequences.reshape(-1) >= V)
             where = f" at position {flat[0]:,}" if len(flat) else " (its domain id)"
@@ -46,9 +59,10 @@ class TokenSequences:
                                   f"(model.V={V}): tokenize it with the run's tokenizer, or raise model.V")
 
     def rows(self, index: np.ndarray) -> np.ndarray:
-        """Sequences [len(index), T] (int64) with the domain id at position 0."""
+        """Sequences [len(index), T] (int64) with the domain id (if any) at position 0."""
         rows = self.sequences[np.asarray(index)].astype(np.int64)
-        rows[:, 0] = self.domain_id
+        if self.domain_id is not None:
+            rows[:, 0] = self.domain_id
         return rows
 
     def validation(self) -> torch.Tensor:

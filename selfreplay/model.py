@@ -31,6 +31,7 @@ class ModelConfig:
     T: int = 256  # sequence length (the longest context)
     V: int = 4096  # vocabulary size
     rope_base: float = 10000.0
+    trust_remote_code: bool = False  # init=hf: run the model repository's own code (only for a model you trust)
 
     def __post_init__(self) -> None:
         for name in ("D", "L", "H", "T", "V"):

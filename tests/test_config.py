@@ -122,6 +122,9 @@ VALID = ["out=runs/x", "data.train=x.bin", "data.tokenizer=tok", "stop.tokens=10
     ("precision=fp16", "unknown precision 'fp16'"),
     ("device=tpu", "unknown device 'tpu'"),
     ("compile=maybe", "'compile' must be bool"),
+    ("replay.length=1", "replay.length must be >= 2"),
+    ("replay.top_p=0", "replay.top_p must be in (0, 1]"),
+    ("replay.top_p=1.5", "replay.top_p must be in (0, 1]"),
 ])
 def test_every_invalid_setting_is_refused_with_one_line_before_anything_is_written(tmp_path, override, message):
     from selfreplay.config import validate
@@ -141,3 +144,35 @@ def test_output_paths_that_cannot_be_a_run_directory_are_refused(tmp_path, out, 
     with pytest.raises(SelfReplayError, match=message):
         validate(load_config(None, [*VALID, f"out={tmp_path / out}"]), "pretrain")
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+HF_VALID = ["init=hf:some/model", "data.train=new.jsonl", "data.old_text=old.jsonl", "stop.tokens=1000"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.old_text=null", "needs held-out old-domain text to measure forgetting: set data.old_text="),
+    ("init=hf:", "init=hf: needs a model"),
+    ("replay.method=replace", "not replace"),
+    ("replay.source=real", "replay.source=self"),
+    ("data.old=old.bin", "drop data.old and data.mix"),
+    ("data.tokenizer=tok", "drop data.tokenizer"),
+    ("replay.domains=en", "drop replay.domains"),
+    ("stop.tokens_per_param=10", "not stop.tokens_per_param"),
+    ("compile=true", "compile=false"),
+])
+def test_hf_settings_it_cannot_take_are_refused_with_one_line(tmp_path, override, message):
+    from selfreplay.config import validate
+
+    with pytest.raises(SelfReplayError) as e:
+        validate(load_config(None, [*HF_VALID, f"out={tmp_path / 'run'}", override]), "finetune")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hf_settings_load_and_validate(tmp_path):
+    from selfreplay.config import is_hf, validate
+
+    config = load_config(None, [*HF_VALID, f"out={tmp_path / 'run'}", "replay.top_p=0.9", "replay.length=64",
+                                "replay.stop_at_eos=false", "model.trust_remote_code=true", "data.text_field=body"])
+    validate(config, "finetune")
+    assert is_hf(config) and config.replay.top_p == 0.9 and config.replay.length == 64
+    assert not config.replay.stop_at_eos and config.model.trust_remote_code and config.data.text_field == "body"

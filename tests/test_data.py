@@ -85,3 +85,17 @@ def test_too_little_data_and_bad_fractions_are_clear_errors(tmp_path):
     seqs = TokenSequences(path, T, val_sequences=1)
     with pytest.raises(SelfReplayError, match="mix_fraction"):
         BatchLoader(SequenceStream(seqs), 4, None, mix_fraction=0.5)
+
+
+def test_rows_in_memory_split_like_a_token_file_and_keep_their_first_token():
+    rows = np.arange(50 * T, dtype=np.int64).reshape(50, T) + 70000  # ids beyond uint16: a 128k vocabulary
+    a = TokenSequences.from_rows(rows, val_sequences=5, seed=3)
+    b = TokenSequences.from_rows(rows, val_sequences=5, seed=3)
+    assert a.validation().shape == (5, T) and a.train_tokens == 45 * T
+    assert torch.equal(a.validation(), b.validation())
+    assert not set(a.val_index) & set(a.train_index)
+    assert torch.equal(a.validation(), torch.from_numpy(rows[a.val_index]))  # position 0 is not a domain id
+    batch = BatchLoader(SequenceStream(a, seed=0), batch_size=4).next_batch()
+    assert batch.dtype == torch.int64 and set(batch[:, 0].tolist()) <= set(rows[a.train_index, 0].tolist())
+    with pytest.raises(SelfReplayError, match="too few for 50 validation"):
+        TokenSequences.from_rows(rows, val_sequences=50)
