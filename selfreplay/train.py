@@ -6,13 +6,14 @@
 written), open the run directory (new, resumed or finished: `selfreplay.rundir`), `setup`
 the models, data and replay, then `train_step` until a stop rule fires, with `measure` and
 a log line every `log.every_tokens` and a checkpoint now and then, and `finish` with the
-weights and summary.json. A non-finite loss or gradient norm stops the run at once
+weights and summary.json. What depends on the model (the built-in Transformer, or a Hugging
+Face causal LM with init=hf:NAME_OR_PATH) comes from its family (`selfreplay.families`).
+A non-finite loss or gradient norm stops the run at once
 (stop_reason "diverged"); Ctrl-C stops it after the current step with a checkpoint.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import signal
 import threading
@@ -22,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.config import RunConfig, build, load_config, read_yaml, save_config, to_dict, validate
-from selfreplay.data import BatchLoader, SequenceStream, TokenSequences
+from selfreplay.config import RunConfig, load_config, save_config, to_dict, validate
+from selfreplay.config import is_hf
+from selfreplay.data import BatchLoader, SequenceStream
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate import ValidationSet, compute_multiplier, weight_drift
-from selfreplay.lora import add_lora, effective_weights, merge_lora
-from selfreplay.model import CONFIG_NAME, ModelConfig, Transformer, save_checkpoint
+from selfreplay.evaluate import compute_multiplier
+from selfreplay.families import Data, family_of, read_init_run
+from selfreplay.model import CONFIG_NAME, ModelConfig
 from selfreplay.objective import training_loss
-from selfreplay.replay import RealReplay, SelfReplayPool
 from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, resolve_device
 
@@ -43,7 +44,7 @@ class TrainingDiverged(SelfReplayError):
 def resolve_config(mode: str, path: str | None, overrides: list[str] | None) -> RunConfig:
     """The run's config: defaults <- (finetuning) the init run's model and data <- YAML <- overrides."""
     config = load_config(path, overrides)
-    if mode == "finetune":
+    if mode == "finetune" and not is_hf(config):  # a Hugging Face model brings its own shape and data
         if not config.init:
             raise SelfReplayError("finetuning needs the pretrained run: set init=RUN_DIR")
         init = read_init_run(config.init)
@@ -58,22 +59,15 @@ def resolve_config(mode: str, path: str | None, overrides: list[str] | None) -> 
     return _absolute_paths(config)
 
 
-def read_init_run(run_dir: str) -> RunConfig:
-    """The settings of a finished pretraining run (π0), each checked for its type."""
-    path = Path(run_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise SelfReplayError(f"init run {run_dir} not found (no {CONFIG_NAME}): pretrain it first with selfreplay pretrain")
-    try:
-        return build(RunConfig, read_yaml(path))
-    except SelfReplayError as e:
-        raise SelfReplayError(f"the init run's {path}: {e}") from None
-
-
 def _absolute_paths(config: RunConfig) -> RunConfig:
-    absolute = lambda p: str(Path(p).resolve()) if p else p  # noqa: E731
+    absolute = lambda p: str(Path(p).resolve()) if p and not p.startswith("hf:") else p  # noqa: E731
     data = replace(config.data, tokenizer=absolute(config.data.tokenizer), train=absolute(config.data.train),
-                   mix=absolute(config.data.mix), old=absolute(config.data.old))
-    return replace(config, out=absolute(config.out), init=absolute(config.init), data=data)
+                   mix=absolute(config.data.mix), old=absolute(config.data.old), old_text=absolute(config.data.old_text))
+    init = absolute(config.init)
+    if is_hf(config) and Path(config.init.removeprefix("hf:")).expanduser().is_dir():  # a local model
+        init = "hf:" + str(Path(config.init.removeprefix("hf:")).expanduser().resolve())
+    return replace(config, out=absolute(config.out), init=init, data=data,
+                   replay=replace(config.replay, pool=absolute(config.replay.pool)))
 
 
 def learning_rate(step: int, config: RunConfig, total_steps: int | None) -> float:
@@ -129,36 +123,25 @@ class Progress:
 
 
 @dataclass
-class Data:
-    """The token files of a run, read and checked before anything is written."""
-
-    tokenizer: object
-    train: TokenSequences
-    old: TokenSequences | None
-    mix: TokenSequences | None
-
-
-@dataclass
 class Run:
     """What `setup` builds: the models, optimizer, batches, replay and validation sets."""
 
     config: RunConfig
     mode: str
+    family: object  # what depends on the model: selfreplay.families
     directory: RunDirectory
     device: torch.device
-    model: Transformer
-    reference: Transformer | None  # π0, frozen (finetuning)
+    model: object  # θ: the Transformer, or a Hugging Face model as selfreplay.hf.model.CausalLM
+    reference: object | None  # π0, frozen (finetuning)
     params: list
     trunk: object  # model.hidden, compiled or not
     optimizer: torch.optim.Optimizer
     loader: BatchLoader
-    replay: SelfReplayPool | RealReplay | None
+    replay: object | None  # a replay source: next_batch() -> ReplaySamples
     validation: dict
     total_steps: int | None
     tokens_per_step: int
     log_every: int
-    start_state: dict | None  # θ0 and θinit, for weight drift
-    init_state: dict | None
 
     @property
     def finetune(self) -> bool:
@@ -172,34 +155,16 @@ class Run:
 # ---------------------------------------------------------------- setup
 
 def load_data(config: RunConfig, mode: str) -> Data:
-    """The tokenizer and token files, each checked against the model's vocabulary."""
-    from selfreplay.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(config.data.tokenizer or config.init)
-    if tokenizer.vocab_size > config.model.V:
-        raise SelfReplayError(f"the tokenizer has {tokenizer.vocab_size} ids but model.V={config.model.V}: "
-                              f"set model.V >= {tokenizer.vocab_size}")
-    split = dict(T=config.model.T, val_sequences=config.data.val_sequences, seed=config.data.seed,
-                 fingerprint=tokenizer.fingerprint)
-    read = lambda path: TokenSequences(path, **split) if path else None  # noqa: E731
-    data = Data(tokenizer, read(config.data.train), read(config.data.old) if mode == "finetune" else None,
-                read(config.data.mix))
-    if mode == "finetune" and data.old is None:
-        raise SelfReplayError("finetuning needs the old domain's token file: set data.old=TOKEN_FILE")
-    for sequences in (data.train, data.old, data.mix):
-        if sequences is not None:
-            sequences.check_vocabulary(config.model.V)
-    if mode == "finetune":
-        replay_domains(config, data)  # names the tokenizer does not know are refused here, before any write
-    return data
+    """The tokenizer and the rows of each domain, checked before anything is written."""
+    return family_of(config).load_data(config, mode)
 
 
 def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> Run:
     """Models, optimizer, batch loader, replay source and validation sets of a run, at step 0."""
     finetune = mode == "finetune"
     device = resolve_device(config.device)
-    model, reference, start_state, init_state = _load_models(config, finetune, device)
-    params = add_lora(model, config.lora.rank, config.lora.alpha) if config.lora.rank > 0 else list(model.parameters())
+    family = family_of(config)
+    model, reference, params = family.load_models(config, mode, device)
     # the training forward may be compiled; evaluation and sampling run the same weights eagerly
     trunk = torch.compile(model.hidden, dynamic=False) if config.compile else model.hidden
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
@@ -207,69 +172,14 @@ def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> 
     loader = BatchLoader(SequenceStream(data.train, config.data.seed), config.optim.batch_size,
                          SequenceStream(data.mix, config.data.seed + 1) if data.mix else None,
                          config.data.mix_fraction)
-    replay = _make_replay(config, reference, data, device) if finetune else None
+    replay = family.make_replay(config, reference, data, device) if finetune else None
     if config.replay.method == "replace":
         loader.batch_size -= replay.batch_size  # replay rows take the place of new rows
     tokens_per_step = loader.batch_size * config.model.T
-    validation = {}
-    if config.data.val_sequences:
-        validation["new" if finetune else "old"] = ValidationSet(data.train.validation(), reference)
-        if finetune:
-            validation["old"] = ValidationSet(data.old.validation(), reference)
-        if data.mix is not None:
-            validation["mix"] = ValidationSet(data.mix.validation(), reference)
-    return Run(config, mode, directory, device, model, reference, params, trunk, optimizer, loader, replay,
+    validation = family.validation_sets(config, mode, data, reference)
+    return Run(config, mode, family, directory, device, model, reference, params, trunk, optimizer, loader, replay,
                validation, _step_budget(config, tokens_per_step, data.train.train_tokens), tokens_per_step,
-               max(1, round(config.log.every_tokens / tokens_per_step)), start_state, init_state)
-
-
-def _load_models(config: RunConfig, finetune: bool, device):
-    """θ (fresh, or the init run's weights), and for finetuning the frozen π0 and the
-    state dicts of θ0 (start of finetuning) and θinit (pretraining's random init)."""
-    if not finetune:
-        model = Transformer(config.model)
-        model.reset_parameters(torch.Generator().manual_seed(config.seed))
-        return model.to(device).train(), None, None, None
-    model = Transformer.from_pretrained(config.init, device=device).train()
-    reference = Transformer.from_pretrained(config.init, device=device).eval().requires_grad_(False)
-    start_state = {k: v.clone() for k, v in model.state_dict().items()}
-    init_model = Transformer(config.model)  # the same draw as the init run's, from its seed
-    init_model.reset_parameters(torch.Generator().manual_seed(read_init_run(config.init).seed))
-    init_state = {k: v.to(device) for k, v in init_model.state_dict().items()}
-    return model, reference, start_state, init_state
-
-
-def _make_replay(config: RunConfig, reference, data: Data, device):
-    """The replay source of a finetuning run, or None when its method replays nothing."""
-    r = config.replay
-    if r.method not in ("ntp", "kl", "replace"):
-        return None
-    rows = r.batch_size if r.method != "replace" else math.floor(r.coeff * config.optim.batch_size)
-    if r.source == "self":
-        sampler = decoding_model(reference, config.precision, device)
-        return SelfReplayPool(sampler, replay_domains(config, data), rows, r.buffer, r.temperature, config.seed,
-                              keep_hidden=r.method == "kl", decode_batch=r.decode_batch)
-    return RealReplay(SequenceStream(data.old, config.data.seed + 2), rows, device)
-
-
-def decoding_model(reference: Transformer, precision: str, device: torch.device) -> Transformer:
-    """The copy of π0 that draws self-replay: on a GPU a bf16 run decodes with bf16 weights (a
-    copy of π0); on CPU every run decodes with π0's float32 weights, which sample faster there
-    than bf16 ones (benchmarks/speed.py: the bf16 sampler was 17% slower on the 2-core CPU)."""
-    if precision == "bf16" and torch.device(device).type != "cpu":
-        return copy.deepcopy(reference).to(torch.bfloat16)
-    return reference
-
-
-def replay_domains(config: RunConfig, data: Data) -> list[int]:
-    """The domain ids self-replay samples start from: replay.domains, else the old domain's."""
-    if not config.replay.domains:
-        return [data.old.domain_id]
-    names = [name.strip() for name in config.replay.domains.split(",") if name.strip()]
-    try:
-        return [data.tokenizer.domain_id(name) for name in names]
-    except SelfReplayError as e:
-        raise SelfReplayError(f"replay.domains: {e}") from None
+               max(1, round(config.log.every_tokens / tokens_per_step)))
 
 
 def _step_budget(config: RunConfig, tokens_per_step: int, train_tokens: int) -> int | None:
@@ -332,9 +242,9 @@ def measure(run: Run) -> dict:
         metrics[f"{name}_loss_second_half"] = result["loss_second_half"]
         if "kl" in result:
             metrics[f"{name}_kl"] = result["kl"]
-    if run.finetune:
-        weights = effective_weights(run.model) if run.config.lora.rank > 0 else run.model.state_dict()
-        metrics["drift"] = weight_drift(weights, run.start_state, run.init_state)
+    drift = run.family.drift(run.model, run.config) if run.finetune else None
+    if drift is not None:
+        metrics["drift"] = drift
     return metrics
 
 
@@ -482,7 +392,7 @@ def train(config: RunConfig, mode: str) -> dict:
             run = setup(config, mode, data, directory)
         progress = Progress()
         save_config(config, directory.path / CONFIG_NAME)
-        data.tokenizer.save(directory.path)
+        run.family.save_start(directory, data)
         directory.reset_metrics()
 
     wall_start = time.perf_counter()
@@ -518,12 +428,16 @@ def _loop(run: Run, progress: Progress) -> None:
                 every, seconds = config.log.checkpoint_every, config.log.checkpoint_seconds
                 due = (every and (progress.metric_lines - 1) % every == 0) or \
                       (seconds and time.monotonic() - last_checkpoint >= seconds)
-                if due and progress.stop_reason is None and not at_end:
+                if due and progress.stop_reason is None and not at_end and run.family.checkpoints:
                     save_checkpoint_of(run, progress)
                     last_checkpoint = time.monotonic()
             if stop_request.requested and progress.stop_reason is None:
-                save_checkpoint_of(run, progress)
                 bar.close()
+                if not run.family.checkpoints:
+                    notice(f"interrupted at step {progress.step}: this model family keeps no checkpoints yet; "
+                           "the same command starts over")
+                    raise KeyboardInterrupt
+                save_checkpoint_of(run, progress)
                 notice(f"interrupted at step {progress.step}: checkpoint saved; run the same command to resume")
                 raise KeyboardInterrupt
     bar.close()
@@ -534,11 +448,9 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
     checkpoints are removed once the summary is in place."""
     if progress.last_line["step"] != progress.step:
         log_point(run, progress, measure(run))
-    if run.config.lora.rank > 0:
-        merge_lora(run.model)
     if progress.diverged is None:
-        save_checkpoint(run.model, run.directory.path, to_dict(run.config))
-    summary = _summary(run.config, run.mode, progress, wall_seconds)
+        run.family.save_final(run.model, run.config, run.directory)
+    summary = _summary(run.config, run.mode, progress, wall_seconds, run.family.params(run.model, run.config))
     run.directory.write_summary(summary)
     run.directory.clear_checkpoints()
     return _raise_if_diverged(summary)
@@ -559,7 +471,7 @@ def _same_device(key: str, old, new) -> bool:
         return False
 
 
-def _summary(config: RunConfig, mode: str, progress: Progress, wall_seconds: float) -> dict:
+def _summary(config: RunConfig, mode: str, progress: Progress, wall_seconds: float, params: tuple) -> dict:
     first, last = progress.start_metrics, progress.last_line
     summary = {"mode": mode, "steps": progress.step, "tokens": progress.tokens,
                "epochs": last.get("epochs"), "train_seconds": progress.train_seconds, "wall_seconds": wall_seconds,
@@ -568,7 +480,7 @@ def _summary(config: RunConfig, mode: str, progress: Progress, wall_seconds: flo
                "stop_reason": progress.stop_reason or "budget", "diverged": progress.diverged,
                "time_to_target_seconds": progress.time_to_target_seconds,
                "time_to_target_steps": progress.time_to_target_steps,
-               "params": config.model.params, "non_embedding_params": config.model.non_embedding_params}
+               "params": params[0], "non_embedding_params": params[1]}
     if mode == "finetune":
         summary.update({
             "method": config.replay.method, "source": config.replay.source, "coeff": config.replay.coeff,

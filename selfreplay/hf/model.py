@@ -80,6 +80,13 @@ class CausalLM:
     def parameters(self):
         return self.model.parameters()
 
+    def train(self, mode: bool = True) -> "CausalLM":
+        self.model.train(mode)
+        return self
+
+    def eval(self) -> "CausalLM":
+        return self.train(False)
+
 
 class AdapterFreeReference(CausalLM):
     """π0 of a peft model: the very same network, run with its adapters disabled and no gradients."""

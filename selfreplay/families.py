@@ -1,0 +1,294 @@
+"""Model families: what the training loop (`selfreplay.train`) does differently for the built-in
+Transformer and for a Hugging Face causal LM (init=hf:NAME_OR_PATH).
+
+The loop, the objective (`selfreplay.objective.training_loss`) and the log lines are shared; a
+family supplies only what depends on the model:
+
+    load_data(config, mode)                 -> Data: tokenizer, new (train), old and mix rows
+    load_models(config, mode, device)       -> (θ, π0 or None, trainable parameters)
+    make_replay(config, reference, data, device) -> replay source with next_batch(), or None
+    validation_sets(config, mode, data, reference) -> {domain: object with evaluate(model) -> dict}
+    drift(model, config)                    -> ‖θ − θ0‖ / ‖θ0 − θinit‖, or None where θinit is unknown
+    save_start(directory, data) / save_final(model, config, directory)
+    params(model, config)                   -> (parameters, non-embedding parameters) for summary.json
+    checkpoints                             -> whether a run can checkpoint and resume
+
+A model is anything with `hidden(tokens)` [B, t, D], `head.weight` [V, D], `parameters()`,
+`train()` and `eval()`: the Transformer itself, or selfreplay.hf.model.CausalLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfreplay.config import RunConfig, build, is_hf, read_yaml, to_dict
+from selfreplay.data import SequenceStream, TokenSequences
+from selfreplay.errors import SelfReplayError
+from selfreplay.evaluate import ValidationSet, weight_drift
+from selfreplay.losses import head_kl_divergence, head_next_token_loss
+from selfreplay.rundir import CONFIG_NAME
+
+
+@dataclass
+class Data:
+    """The rows of a run, read and checked before anything is written."""
+
+    tokenizer: object
+    train: TokenSequences
+    old: TokenSequences | None
+    mix: TokenSequences | None
+
+
+def family_of(config: RunConfig):
+    """The family that runs `config`: Hugging Face for init=hf:..., the built-in Transformer otherwise."""
+    return HuggingFaceFamily() if is_hf(config) else BuiltinFamily()
+
+
+def read_init_run(run_dir: str) -> RunConfig:
+    """The settings of a finished pretraining run (π0), each checked for its type."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise SelfReplayError(f"init run {run_dir} not found (no {CONFIG_NAME}): pretrain it first with selfreplay pretrain")
+    try:
+        return build(RunConfig, read_yaml(path))
+    except SelfReplayError as e:
+        raise SelfReplayError(f"the init run's {path}: {e}") from None
+
+
+# ---------------------------------------------------------------- the built-in Transformer
+
+class BuiltinFamily:
+    """selfreplay's own Transformer, pretrained by `selfreplay pretrain` (init=RUN_DIR)."""
+
+    checkpoints = True
+
+    def load_data(self, config: RunConfig, mode: str) -> Data:
+        """The tokenizer and token files, each checked against the model's vocabulary."""
+        from selfreplay.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.data.tokenizer or config.init)
+        if tokenizer.vocab_size > config.model.V:
+            raise SelfReplayError(f"the tokenizer has {tokenizer.vocab_size} ids but model.V={config.model.V}: "
+                                  f"set model.V >= {tokenizer.vocab_size}")
+        split = dict(T=config.model.T, val_sequences=config.data.val_sequences, seed=config.data.seed,
+                     fingerprint=tokenizer.fingerprint)
+        read = lambda path: TokenSequences(path, **split) if path else None  # noqa: E731
+        data = Data(tokenizer, read(config.data.train), read(config.data.old) if mode == "finetune" else None,
+                    read(config.data.mix))
+        if mode == "finetune" and data.old is None:
+            raise SelfReplayError("finetuning needs the old domain's token file: set data.old=TOKEN_FILE")
+        for sequences in (data.train, data.old, data.mix):
+            if sequences is not None:
+                sequences.check_vocabulary(config.model.V)
+        if mode == "finetune":
+            replay_domains(config, data)  # names the tokenizer does not know are refused here, before any write
+        return data
+
+    def load_models(self, config: RunConfig, mode: str, device):
+        """θ (fresh, or the init run's weights, with LoRA adapters when lora.rank > 0), the frozen
+        π0 when finetuning, and the trainable parameters; keeps θ0 and θinit for `drift`."""
+        from selfreplay.lora import add_lora
+        from selfreplay.model import Transformer
+
+        if mode != "finetune":
+            model = Transformer(config.model)
+            model.reset_parameters(torch.Generator().manual_seed(config.seed))
+            return model.to(device).train(), None, list(model.parameters())
+        model = Transformer.from_pretrained(config.init, device=device).train()
+        reference = Transformer.from_pretrained(config.init, device=device).eval().requires_grad_(False)
+        self.start_state = {k: v.clone() for k, v in model.state_dict().items()}
+        init_model = Transformer(config.model)  # the same draw as the init run's, from its seed
+        init_model.reset_parameters(torch.Generator().manual_seed(read_init_run(config.init).seed))
+        self.init_state = {k: v.to(device) for k, v in init_model.state_dict().items()}
+        params = add_lora(model, config.lora.rank, config.lora.alpha) if config.lora.rank > 0 else list(model.parameters())
+        return model, reference, params
+
+    def make_replay(self, config: RunConfig, reference, data: Data, device):
+        """The replay source of a finetuning run, or None when its method replays nothing."""
+        from selfreplay.replay import RealReplay, SelfReplayPool
+
+        r = config.replay
+        if r.method not in ("ntp", "kl", "replace"):
+            return None
+        rows = r.batch_size if r.method != "replace" else math.floor(r.coeff * config.optim.batch_size)
+        if r.source == "self":
+            sampler = decoding_model(reference, config.precision, device)
+            return SelfReplayPool(sampler, replay_domains(config, data), rows, r.buffer, r.temperature, config.seed,
+                                  keep_hidden=r.method == "kl", decode_batch=r.decode_batch)
+        return RealReplay(SequenceStream(data.old, config.data.seed + 2), rows, device)
+
+    def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
+        sets = {}
+        if config.data.val_sequences:
+            sets["new" if mode == "finetune" else "old"] = ValidationSet(data.train.validation(), reference)
+            if mode == "finetune":
+                sets["old"] = ValidationSet(data.old.validation(), reference)
+            if data.mix is not None:
+                sets["mix"] = ValidationSet(data.mix.validation(), reference)
+        return sets
+
+    def drift(self, model, config: RunConfig) -> float | None:
+        from selfreplay.lora import effective_weights
+
+        weights = effective_weights(model) if config.lora.rank > 0 else model.state_dict()
+        return weight_drift(weights, self.start_state, self.init_state)
+
+    def save_start(self, directory, data: Data) -> None:
+        data.tokenizer.save(directory.path)
+
+    def save_final(self, model, config: RunConfig, directory) -> None:
+        """weights.safetensors (LoRA adapters merged) and config.yaml."""
+        from selfreplay.lora import merge_lora
+        from selfreplay.model import save_checkpoint
+
+        if config.lora.rank > 0:
+            merge_lora(model)
+        save_checkpoint(model, directory.path, to_dict(config))
+
+    def params(self, model, config: RunConfig) -> tuple[int, int]:
+        return config.model.params, config.model.non_embedding_params
+
+
+def decoding_model(reference, precision: str, device: torch.device):
+    """The copy of π0 that draws self-replay: on a GPU a bf16 run decodes with bf16 weights (a
+    copy of π0); on CPU every run decodes with π0's float32 weights, which sample faster there
+    than bf16 ones (benchmarks/speed.py: the bf16 sampler was 17% slower on the 2-core CPU)."""
+    if precision == "bf16" and torch.device(device).type != "cpu":
+        return copy.deepcopy(reference).to(torch.bfloat16)
+    return reference
+
+
+def replay_domains(config: RunConfig, data: Data) -> list[int]:
+    """The domain ids self-replay samples start from: replay.domains, else the old domain's."""
+    if not config.replay.domains:
+        return [data.old.domain_id]
+    names = [name.strip() for name in config.replay.domains.split(",") if name.strip()]
+    try:
+        return [data.tokenizer.domain_id(name) for name in names]
+    except SelfReplayError as e:
+        raise SelfReplayError(f"replay.domains: {e}") from None
+
+
+# ---------------------------------------------------------------- a Hugging Face causal LM
+
+class HuggingFaceFamily:
+    """Any `AutoModelForCausalLM` (init=hf:NAME_OR_PATH), with its own tokenizer; LoRA through peft,
+    where π0 is the same network with its adapters disabled."""
+
+    checkpoints = False  # a run interrupted before its end starts over
+
+    def load_data(self, config: RunConfig, mode: str) -> Data:
+        """The model's tokenizer; data.train and data.old_text packed into rows of model.T tokens."""
+        from transformers import AutoTokenizer
+
+        from selfreplay.corpus import one_line
+        from selfreplay.hf.data import pack_text
+
+        name = model_name(config)
+        _check_local(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
+        except (OSError, ValueError, KeyError) as e:
+            raise SelfReplayError(f"could not load model {name}: {one_line(e)}") from None
+        T, d = config.model.T, config.data
+
+        def rows(source: str, val_sequences: int) -> TokenSequences:
+            packed = np.array([r["input_ids"] for r in pack_text(source, tokenizer, T, d.text_field)], dtype=np.int64)
+            return TokenSequences.from_rows(packed, val_sequences, d.seed, name=source)
+
+        # every old_text row is held out: the old domain is only measured
+        return Data(tokenizer, rows(d.train, d.val_sequences), rows(d.old_text, 0), None)
+
+    def load_models(self, config: RunConfig, mode: str, device):
+        from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm
+
+        dtype = torch.bfloat16 if config.precision == "bf16" and torch.device(device).type != "cpu" else torch.float32
+        model, _ = load_causal_lm(model_name(config), dtype, device, config.model.trust_remote_code)
+        if config.lora.rank > 0:
+            from peft import LoraConfig, get_peft_model
+
+            alpha = config.lora.alpha if config.lora.alpha is not None else config.lora.rank
+            model = get_peft_model(model, LoraConfig(r=config.lora.rank, lora_alpha=alpha, target_modules="all-linear"))
+        model.train()
+        lm = CausalLM(model)
+        reference = frozen_reference(lm)
+        return lm, reference, [p for p in model.parameters() if p.requires_grad]
+
+    def make_replay(self, config: RunConfig, reference, data: Data, device):
+        from selfreplay.hf.pool import ReplayPool
+        from selfreplay.hf.sampling import base_format
+
+        r = config.replay
+        if r.method not in ("ntp", "kl"):
+            return None
+        return ReplayPool(reference, base_format(data.tokenizer, r.stop_at_eos), r.batch_size, r.buffer, r.length,
+                          r.temperature, r.top_p, seed=config.seed, keep_hidden=r.method == "kl", pool_dir=r.pool)
+
+    def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
+        sets = {"old": HeadValidationSet(torch.from_numpy(data.old.sequences), reference)}  # all of old_text
+        if config.data.val_sequences:
+            sets = {"new": HeadValidationSet(data.train.validation(), reference), **sets}
+        return sets
+
+    def drift(self, model, config: RunConfig) -> None:
+        return None  # θinit, the random draw pretraining started from, is unknown
+
+    def save_start(self, directory, data: Data) -> None:
+        data.tokenizer.save_pretrained(directory.path)
+
+    def save_final(self, model, config: RunConfig, directory) -> None:
+        """The finetuned model (or, with LoRA, its adapter) by save_pretrained, loadable by
+        AutoModelForCausalLM (or peft) alone; the tokenizer is already there."""
+        model.model.save_pretrained(directory.path)
+
+    def params(self, model, config: RunConfig) -> tuple[int, None]:
+        from selfreplay.hf.model import num_parameters
+
+        return num_parameters(model), None
+
+
+def model_name(config: RunConfig) -> str:
+    return config.init.removeprefix("hf:")
+
+
+def _check_local(name: str) -> None:
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
+        raise SelfReplayError(f"model directory not found: {name}")
+
+
+class HeadValidationSet:
+    """Held-out rows [N, T] measured through hidden states and the head, a batch at a time with
+    the blockwise losses (a 128k vocabulary's logits never exist whole); nats."""
+
+    def __init__(self, tokens: torch.Tensor, reference, batch_size: int = 8):
+        self.tokens, self.reference, self.batch_size = tokens, reference, batch_size
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict[str, float]:
+        """loss (every prediction), loss_second_half (predictions of positions ≥ T/2) and
+        kl = KL(π0 ‖ πθ) (every position)."""
+        model.eval()
+        device = model.head.weight.device
+        N, T = self.tokens.shape
+        half = T // 2
+        sums = {"loss": 0.0, "loss_second_half": 0.0, "kl": 0.0}
+        for lo in range(0, N, self.batch_size):
+            batch = self.tokens[lo:lo + self.batch_size].to(device)
+            b = len(batch)
+            second_half = torch.zeros_like(batch, dtype=torch.bool)
+            second_half[:, half:] = True
+            hidden, ref_hidden = model.hidden(batch), self.reference.hidden(batch)
+            head, ref_head = model.head.weight, self.reference.head.weight
+            sums["loss"] += b * (T - 1) * head_next_token_loss(hidden, head, batch).item()
+            sums["loss_second_half"] += b * (T - half) * head_next_token_loss(hidden, head, batch,
+                                                                              mask=second_half).item()
+            sums["kl"] += b * T * head_kl_divergence(ref_hidden, ref_head, hidden, head).item()
+        model.train()
+        return {"loss": sums["loss"] / (N * (T - 1)), "loss_second_half": sums["loss_second_half"] / (N * (T - half)),
+                "kl": sums["kl"] / (N * T)}
