@@ -9,9 +9,9 @@ family supplies only what depends on the model:
     make_replay(config, reference, data, device) -> replay source with next_batch(), or None
     validation_sets(config, mode, data, reference) -> {domain: object with evaluate(model) -> dict}
     drift(model, config)                    -> ‖θ − θ0‖ / ‖θ0 − θinit‖, or None where θinit is unknown
+    weights(model) / load_weights(model, weights) -> what a checkpoint keeps of θ
     save_start(directory, data) / save_final(model, config, directory)
     params(model, config)                   -> (parameters, non-embedding parameters) for summary.json
-    checkpoints                             -> whether a run can checkpoint and resume
 
 A model is anything with `hidden(tokens)` [B, t, D], `head.weight` [V, D], `parameters()`,
 `train()` and `eval()`: the Transformer itself, or selfreplay.hf.model.CausalLM.
@@ -65,8 +65,6 @@ def read_init_run(run_dir: str) -> RunConfig:
 
 class BuiltinFamily:
     """selfreplay's own Transformer, pretrained by `selfreplay pretrain` (init=RUN_DIR)."""
-
-    checkpoints = True
 
     def load_data(self, config: RunConfig, mode: str) -> Data:
         """The tokenizer and token files, each checked against the model's vocabulary."""
@@ -139,6 +137,12 @@ class BuiltinFamily:
         weights = effective_weights(model) if config.lora.rank > 0 else model.state_dict()
         return weight_drift(weights, self.start_state, self.init_state)
 
+    def weights(self, model) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(weights)
+
     def save_start(self, directory, data: Data) -> None:
         data.tokenizer.save(directory.path)
 
@@ -181,8 +185,6 @@ class HuggingFaceFamily:
     """Any `AutoModelForCausalLM` (init=hf:NAME_OR_PATH), with its own tokenizer; LoRA through peft,
     where π0 is the same network with its adapters disabled."""
 
-    checkpoints = False  # a run interrupted before its end starts over
-
     def load_data(self, config: RunConfig, mode: str) -> Data:
         """The model's tokenizer; data.train and data.old_text packed into rows of model.T tokens."""
         from transformers import AutoTokenizer
@@ -214,7 +216,10 @@ class HuggingFaceFamily:
             from peft import LoraConfig, get_peft_model
 
             alpha = config.lora.alpha if config.lora.alpha is not None else config.lora.rank
-            model = get_peft_model(model, LoraConfig(r=config.lora.rank, lora_alpha=alpha, target_modules="all-linear"))
+            with torch.random.fork_rng():  # the adapters' random init, from the run's seed alone
+                torch.manual_seed(config.seed)
+                model = get_peft_model(model, LoraConfig(r=config.lora.rank, lora_alpha=alpha,
+                                                         target_modules="all-linear"))
         model.train()
         lm = CausalLM(model)
         reference = frozen_reference(lm)
@@ -238,6 +243,19 @@ class HuggingFaceFamily:
 
     def drift(self, model, config: RunConfig) -> None:
         return None  # θinit, the random draw pretraining started from, is unknown
+
+    def weights(self, model) -> dict[str, torch.Tensor]:
+        """The trainable weights alone (the LoRA adapters, or every weight; a tied one once):
+        the frozen rest is the model as loaded."""
+        return {name: p.detach() for name, p in model.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None:
+        params = {name: p for name, p in model.model.named_parameters() if p.requires_grad}
+        if set(params) != set(weights):
+            raise ValueError(f"the checkpoint holds {len(weights)} trainable weights, the model {len(params)}")
+        for name, p in params.items():
+            p.copy_(weights[name])
 
     def save_start(self, directory, data: Data) -> None:
         data.tokenizer.save_pretrained(directory.path)

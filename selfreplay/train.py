@@ -297,12 +297,12 @@ def save_checkpoint_of(run: Run, progress: Progress) -> None:
     tensors = _optimizer_tensors(run.optimizer)
     if run.replay is not None:
         state = run.replay.state_dict()
-        for key in ("generator", "pool", "hidden"):  # a self-replay pool's tensors
+        for key in ("generator", "pool", "mask", "hidden"):  # a self-replay pool's tensors
             value = state.pop(key, None)
             if value is not None:
                 tensors[f"replay.{key}"] = value
         progress.replay = state
-    run.directory.save_checkpoint(progress.step, run.model.state_dict(), tensors, asdict(progress))
+    run.directory.save_checkpoint(progress.step, run.family.weights(run.model), tensors, asdict(progress))
 
 
 def resume(run: Run) -> Progress | None:
@@ -311,7 +311,7 @@ def resume(run: Run) -> Progress | None:
         try:
             checkpoint = run.directory.read_checkpoint(folder, run.device)
             progress = Progress.from_dict(checkpoint.progress)
-            run.model.load_state_dict(checkpoint.weights)
+            run.family.load_weights(run.model, checkpoint.weights)
             _load_optimizer(run.optimizer, checkpoint.tensors)
             run.loader.load_state_dict(progress.loader)
             if run.replay is not None:
@@ -428,16 +428,12 @@ def _loop(run: Run, progress: Progress) -> None:
                 every, seconds = config.log.checkpoint_every, config.log.checkpoint_seconds
                 due = (every and (progress.metric_lines - 1) % every == 0) or \
                       (seconds and time.monotonic() - last_checkpoint >= seconds)
-                if due and progress.stop_reason is None and not at_end and run.family.checkpoints:
+                if due and progress.stop_reason is None and not at_end:
                     save_checkpoint_of(run, progress)
                     last_checkpoint = time.monotonic()
             if stop_request.requested and progress.stop_reason is None:
-                bar.close()
-                if not run.family.checkpoints:
-                    notice(f"interrupted at step {progress.step}: this model family keeps no checkpoints yet; "
-                           "the same command starts over")
-                    raise KeyboardInterrupt
                 save_checkpoint_of(run, progress)
+                bar.close()
                 notice(f"interrupted at step {progress.step}: checkpoint saved; run the same command to resume")
                 raise KeyboardInterrupt
     bar.close()

@@ -69,6 +69,33 @@ def test_lora_keeps_pi0_as_the_adapter_disabled_network_and_saves_the_adapter(ta
     AutoPeftModelForCausalLM.from_pretrained(out)
 
 
+def test_a_resumed_hf_run_ends_where_an_uninterrupted_one_does(taught_llama_dir, texts, tmp_path, monkeypatch):
+    from selfreplay.families import HeadValidationSet
+
+    overrides = ("lora.rank=4", "replay.buffer=3", "log.checkpoint_every=1", "stop.tokens=768")
+    whole = train(hf_config(taught_llama_dir, texts, tmp_path / "whole", *overrides), "finetune")
+    calls = {"n": 0}
+    real_evaluate = HeadValidationSet.evaluate
+
+    def dying_evaluate(*args, **kwargs):  # killed during the 4th log point (2 sets each), after checkpoints at 2, 4
+        calls["n"] += 1
+        if calls["n"] == 2 * 3 + 1:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(HeadValidationSet, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train(hf_config(taught_llama_dir, texts, tmp_path / "resumed", *overrides), "finetune")
+    assert (tmp_path / "resumed" / "checkpoint.json").exists()
+    monkeypatch.setattr(HeadValidationSet, "evaluate", real_evaluate)
+    resumed = train(hf_config(taught_llama_dir, texts, tmp_path / "resumed", *overrides), "finetune")
+    strip = lambda p: {k: v for k, v in p.items() if k not in ("train_seconds", "tokens_per_second")}  # noqa: E731
+    for key in ("old_loss", "new_loss", "old_kl", "new_kl", "forgetting", "steps", "tokens"):
+        assert resumed[key] == whole[key], key
+    assert [strip(p) for p in lines(tmp_path / "resumed")] == [strip(p) for p in lines(tmp_path / "whole")]
+    assert not list((tmp_path / "resumed").glob("ckpt-*"))
+
+
 def test_gpt2_with_its_tied_head_finetunes_with_ntp_replay(tiny_gpt2_dir, texts, tmp_path):
     summary = train(hf_config(tiny_gpt2_dir, texts, tmp_path / "gpt2", "replay.method=ntp"), "finetune")
     assert summary["steps"] == 4 and summary["old_loss"] is not None

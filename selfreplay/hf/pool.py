@@ -118,13 +118,20 @@ class ReplayPool:
         return ReplaySamples(tokens, mask, hidden)
 
     def state_dict(self) -> dict:
+        """Positions and counts, and as tensors (None where absent) the generator's state and the
+        current draw: pool (tokens), mask and hidden."""
+        pool = self.pool or ReplaySamples(None)
         return {"file_cursor": self.file_cursor, "cursor": self.cursor, "draws": self.draws,
-                "generator": self.generator.get_state(), "pool": self.pool}
+                "generator": self.generator.get_state(), "pool": pool.tokens, "mask": pool.mask, "hidden": pool.hidden}
 
     def load_state_dict(self, state: dict) -> None:
-        self.file_cursor, self.cursor, self.draws = state["file_cursor"], state["cursor"], state["draws"]
+        self.file_cursor, self.cursor, self.draws = int(state["file_cursor"]), int(state["cursor"]), int(state["draws"])
         self.generator.set_state(state["generator"])
-        self.pool = state["pool"]
+        device = self.reference.head.weight.device
+        on_device = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        tokens = state.get("pool")
+        self.pool = ReplaySamples(on_device(tokens), on_device(state.get("mask")), on_device(state.get("hidden"))) \
+            if tokens is not None else None
 
 
 def _trimmed(batch: ReplaySamples) -> ReplaySamples:
