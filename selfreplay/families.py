@@ -10,7 +10,7 @@ family supplies only what depends on the model:
     validation_sets(config, mode, data, reference) -> {domain: object with evaluate(model) -> dict}
     drift(model, config)                    -> ‖θ − θ0‖ / ‖θ0 − θinit‖, or None where θinit is unknown
     weights(model) / load_weights(model, weights) -> what a checkpoint keeps of θ
-    save_start(directory, data) / save_final(model, config, directory)
+    save_start(directory, tokenizer) / save_final(model, tokenizer, config, directory): files at the start, at the end
     params(model, config)                   -> (parameters, non-embedding parameters) for summary.json
 
 A model is anything with `hidden(tokens)` [B, t, D], `head.weight` [V, D], `parameters()`,
@@ -143,10 +143,10 @@ class BuiltinFamily:
     def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None:
         model.load_state_dict(weights)
 
-    def save_start(self, directory, data: Data) -> None:
-        data.tokenizer.save(directory.path)
+    def save_start(self, directory, tokenizer) -> None:
+        tokenizer.save(directory.path)
 
-    def save_final(self, model, config: RunConfig, directory) -> None:
+    def save_final(self, model, tokenizer, config: RunConfig, directory) -> None:
         """weights.safetensors (LoRA adapters merged) and config.yaml."""
         from selfreplay.lora import merge_lora
         from selfreplay.model import save_checkpoint
@@ -257,13 +257,14 @@ class HuggingFaceFamily:
         for name, p in params.items():
             p.copy_(weights[name])
 
-    def save_start(self, directory, data: Data) -> None:
-        data.tokenizer.save_pretrained(directory.path)
+    def save_start(self, directory, tokenizer) -> None:
+        pass  # the tokenizer goes with the model at the end: an unfinished run holds selfreplay's files alone
 
-    def save_final(self, model, config: RunConfig, directory) -> None:
-        """The finetuned model (or, with LoRA, its adapter) by save_pretrained, loadable by
-        AutoModelForCausalLM (or peft) alone; the tokenizer is already there."""
+    def save_final(self, model, tokenizer, config: RunConfig, directory) -> None:
+        """The finetuned model (or, with LoRA, its adapter) and the tokenizer by save_pretrained,
+        loadable by AutoModelForCausalLM (or peft) alone."""
         model.model.save_pretrained(directory.path)
+        tokenizer.save_pretrained(directory.path)
 
     def params(self, model, config: RunConfig) -> tuple[int, None]:
         from selfreplay.hf.model import num_parameters

@@ -131,6 +131,7 @@ class Run:
     family: object  # what depends on the model: selfreplay.families
     directory: RunDirectory
     device: torch.device
+    tokenizer: object
     model: object  # θ: the Transformer, or a Hugging Face model as selfreplay.hf.model.CausalLM
     reference: object | None  # π0, frozen (finetuning)
     params: list
@@ -177,7 +178,7 @@ def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> 
         loader.batch_size -= replay.batch_size  # replay rows take the place of new rows
     tokens_per_step = loader.batch_size * config.model.T
     validation = family.validation_sets(config, mode, data, reference)
-    return Run(config, mode, family, directory, device, model, reference, params, trunk, optimizer, loader, replay,
+    return Run(config, mode, family, directory, device, data.tokenizer, model, reference, params, trunk, optimizer, loader, replay,
                validation, _step_budget(config, tokens_per_step, data.train.train_tokens), tokens_per_step,
                max(1, round(config.log.every_tokens / tokens_per_step)))
 
@@ -392,7 +393,7 @@ def train(config: RunConfig, mode: str) -> dict:
             run = setup(config, mode, data, directory)
         progress = Progress()
         save_config(config, directory.path / CONFIG_NAME)
-        run.family.save_start(directory, data)
+        run.family.save_start(directory, data.tokenizer)
         directory.reset_metrics()
 
     wall_start = time.perf_counter()
@@ -445,7 +446,7 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
     if progress.last_line["step"] != progress.step:
         log_point(run, progress, measure(run))
     if progress.diverged is None:
-        run.family.save_final(run.model, run.config, run.directory)
+        run.family.save_final(run.model, run.tokenizer, run.config, run.directory)
     summary = _summary(run.config, run.mode, progress, wall_seconds, run.family.params(run.model, run.config))
     run.directory.write_summary(summary)
     run.directory.clear_checkpoints()

@@ -101,8 +101,30 @@ def test_gpt2_with_its_tied_head_finetunes_with_ntp_replay(tiny_gpt2_dir, texts,
     assert summary["steps"] == 4 and summary["old_loss"] is not None
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_over(taught_llama_dir, texts, tmp_path, monkeypatch):
+    from selfreplay.families import HeadValidationSet
+
+    out = tmp_path / "run"
+    real_evaluate = HeadValidationSet.evaluate
+    calls = {"n": 0}
+
+    def dying_evaluate(*args, **kwargs):  # killed at the second log point, with no checkpoint written
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(HeadValidationSet, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train(hf_config(taught_llama_dir, texts, out), "finetune")
+    assert not list(out.glob("ckpt-*"))
+    monkeypatch.setattr(HeadValidationSet, "evaluate", real_evaluate)
+    assert train(hf_config(taught_llama_dir, texts, out), "finetune")["steps"] == 4
+
+
 @pytest.mark.parametrize("override, message", [
     ("init=hf:/no/such/model", "model directory not found: /no/such/model"),
+    ("init=hf:no-such-org/no-such-model", "could not load model no-such-org/no-such-model"),
     ("data.text_field=body", "no 'body' field"),
 ])
 def test_a_missing_model_or_text_field_is_one_line_before_anything_is_written(
