@@ -364,6 +364,8 @@ def validate(config: RunConfig, mode: str) -> None:
 def _validate_hf(config: RunConfig) -> None:
     """The settings a Hugging Face finetuning run cannot take, each refused with one line."""
     r, hf = config.replay, "init=hf:"
+    shape = [f"model.{f.name}" for f in dataclasses.fields(config.model)
+             if f.name not in ("T", "trust_remote_code") and getattr(config.model, f.name) != f.default]
     checks = [
         (config.init == HF_PREFIX, "init=hf: needs a model: init=hf:NAME_OR_PATH (a hub id or a local directory)"),
         (not config.data.old_text, f"{hf} needs held-out old-domain text to measure forgetting: "
@@ -375,6 +377,7 @@ def _validate_hf(config: RunConfig) -> None:
         (r.domains, f"{hf} samples replay from BOS: drop replay.domains"),
         (config.stop.tokens_per_param is not None, f"{hf}: set stop.tokens or stop.epochs, not stop.tokens_per_param"),
         (config.compile, f"{hf} runs eagerly: set compile=false"),
+        (shape, f"{hf} takes its shape from the model: drop {', '.join(shape)} (model.T sets the sequence length)"),
     ]
     for failed, message in checks:
         if failed:

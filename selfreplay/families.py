@@ -210,8 +210,8 @@ class HuggingFaceFamily:
     def load_models(self, config: RunConfig, mode: str, device):
         from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm
 
-        dtype = torch.bfloat16 if config.precision == "bf16" and torch.device(device).type != "cpu" else torch.float32
-        model, _ = load_causal_lm(model_name(config), dtype, device, config.model.trust_remote_code)
+        # float32 weights, as the built-in model's: precision=bf16 runs the matmuls under autocast
+        model, _ = load_causal_lm(model_name(config), torch.float32, device, config.model.trust_remote_code)
         if config.lora.rank > 0:
             from peft import LoraConfig, get_peft_model
 

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.config import RunConfig, load_config, save_config, to_dict, validate
-from selfreplay.config import is_hf
+from selfreplay.config import RunConfig, is_hf, load_config, save_config, to_dict, validate
 from selfreplay.data import BatchLoader, SequenceStream
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluate import compute_multiplier
