@@ -330,6 +330,8 @@ def validate(config: RunConfig, mode: str) -> None:
     """Every check a run's settings must pass before anything is written; each failure is one
     line saying what to change."""
     check_ranges(config)
+    if is_hf(config) and mode != "finetune":
+        raise SelfReplayError("init=hf: names a model to finetune: run selfreplay finetune init=hf:NAME_OR_PATH")
     if is_hf(config):
         _validate_hf(config)
     r, s, o = config.replay, config.stop, config.optim

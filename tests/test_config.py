@@ -167,6 +167,8 @@ def test_hf_settings_it_cannot_take_are_refused_with_one_line(tmp_path, override
     with pytest.raises(SelfReplayError) as e:
         validate(load_config(None, [*HF_VALID, f"out={tmp_path / 'run'}", override]), "finetune")
     assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SelfReplayError, match="names a model to finetune"):
+        validate(load_config(None, [*HF_VALID, f"out={tmp_path / 'run'}"]), "pretrain")
 
 
 def test_hf_settings_load_and_validate(tmp_path):

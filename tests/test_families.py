@@ -96,9 +96,11 @@ def test_a_resumed_hf_run_ends_where_an_uninterrupted_one_does(taught_llama_dir,
     assert not list((tmp_path / "resumed").glob("ckpt-*"))
 
 
-def test_gpt2_with_its_tied_head_finetunes_with_ntp_replay(tiny_gpt2_dir, texts, tmp_path):
-    summary = train(hf_config(tiny_gpt2_dir, texts, tmp_path / "gpt2", "replay.method=ntp"), "finetune")
-    assert summary["steps"] == 4 and summary["old_loss"] is not None
+@pytest.mark.parametrize("method", ["ntp", "kl_new"])
+def test_gpt2_with_its_tied_head_finetunes_with_each_replay_method(tiny_gpt2_dir, texts, tmp_path, method):
+    summary = train(hf_config(tiny_gpt2_dir, texts, tmp_path / "gpt2", f"replay.method={method}"), "finetune")
+    assert summary["steps"] == 4 and summary["old_loss"] is not None and summary["forgetting"] is not None
+    assert lines(tmp_path / "gpt2")[-1]["replay_loss"] > 0
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_over(taught_llama_dir, texts, tmp_path, monkeypatch):
