@@ -96,6 +96,24 @@ def test_a_resumed_hf_run_ends_where_an_uninterrupted_one_does(taught_llama_dir,
     assert not list((tmp_path / "resumed").glob("ckpt-*"))
 
 
+def test_replay_comes_first_from_a_pool_written_by_selfreplay_sample(taught_llama_dir, texts, tmp_path, monkeypatch):
+    from selfreplay.hf.pool import ReplayPool, sample_pool
+
+    sample_pool(f"hf:{taught_llama_dir}", tmp_path / "pool", count=6, length=32, seed=3)
+    seen = []
+    real_next = ReplayPool.next_batch
+
+    def spy(pool):
+        seen.append((pool.file_cursor, len(pool.file_rows), pool.draws))
+        return real_next(pool)
+
+    monkeypatch.setattr(ReplayPool, "next_batch", spy)
+    summary = train(hf_config(taught_llama_dir, texts, tmp_path / "run", f"replay.pool={tmp_path / 'pool'}"),
+                    "finetune")
+    assert summary["steps"] == 4
+    assert seen == [(0, 6, 0), (3, 6, 0), (6, 6, 0), (6, 6, 1)]  # the pool's 6 samples, then π0's own draws
+
+
 @pytest.mark.parametrize("method", ["ntp", "kl_new"])
 def test_gpt2_with_its_tied_head_finetunes_with_each_replay_method(tiny_gpt2_dir, texts, tmp_path, method):
     summary = train(hf_config(tiny_gpt2_dir, texts, tmp_path / "gpt2", f"replay.method={method}"), "finetune")
