@@ -187,17 +187,10 @@ class HuggingFaceFamily:
 
     def load_data(self, config: RunConfig, mode: str) -> Data:
         """The model's tokenizer; data.train and data.old_text packed into rows of model.T tokens."""
-        from transformers import AutoTokenizer
-
-        from selfreplay.corpus import one_line
         from selfreplay.hf.data import pack_text
+        from selfreplay.hf.model import load_tokenizer
 
-        name = model_name(config)
-        _check_local(name)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
-        except (OSError, ValueError, KeyError) as e:
-            raise SelfReplayError(f"could not load model {name}: {one_line(e)}") from None
+        tokenizer = load_tokenizer(model_name(config), config.model.trust_remote_code)
         T, d = config.model.T, config.data
 
         def rows(source: str, val_sequences: int) -> TokenSequences:
@@ -208,10 +201,10 @@ class HuggingFaceFamily:
         return Data(tokenizer, rows(d.train, d.val_sequences), rows(d.old_text, 0), None)
 
     def load_models(self, config: RunConfig, mode: str, device):
-        from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm
+        from selfreplay.hf.model import CausalLM, frozen_reference, load_model
 
         # float32 weights, as the built-in model's: precision=bf16 runs the matmuls under autocast
-        model, _ = load_causal_lm(model_name(config), torch.float32, device, config.model.trust_remote_code)
+        model = load_model(model_name(config), torch.float32, device, config.model.trust_remote_code)
         if config.lora.rank > 0:
             from peft import LoraConfig, get_peft_model
 
@@ -274,11 +267,6 @@ class HuggingFaceFamily:
 
 def model_name(config: RunConfig) -> str:
     return config.init.removeprefix("hf:")
-
-
-def _check_local(name: str) -> None:
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().is_dir():
-        raise SelfReplayError(f"model directory not found: {name}")
 
 
 class HeadValidationSet:

@@ -12,6 +12,7 @@ when the model is a peft model (no second copy), and a frozen copy otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 from pathlib import Path
@@ -30,18 +31,45 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                    trust_remote_code: bool = False):
     """(model, tokenizer) from a local directory or a hub id; one line of error when either is missing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return (load_model(name_or_path, dtype, device, trust_remote_code),
+            load_tokenizer(name_or_path, trust_remote_code))
 
+
+def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+               trust_remote_code: bool = False) -> nn.Module:
+    """The AutoModelForCausalLM of a local directory or a hub id (dtype None: the checkpoint's own)."""
+    from transformers import AutoModelForCausalLM
+
+    name = _checked_name(name_or_path)
+    with _one_line_errors(name):
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer of a local model directory or a hub id."""
+    from transformers import AutoTokenizer
+
+    name = _checked_name(name_or_path)
+    with _one_line_errors(name):
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+
+
+def _checked_name(name_or_path: str) -> str:
+    """The name as transformers takes it; a path that names no directory is refused."""
     name = str(name_or_path)
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
     if looks_local and not Path(name).expanduser().is_dir():
         raise SelfReplayError(f"model directory not found: {name}")
+    return name
+
+
+@contextlib.contextmanager
+def _one_line_errors(name: str):
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        yield
     except (OSError, ValueError, KeyError) as e:  # transformers reports a missing or unknown model these ways
         raise SelfReplayError(f"could not load model {name}: {one_line(e)}") from None
-    return model.to(device), tokenizer
 
 
 class CausalLM:
