@@ -37,7 +37,7 @@ class DataConfig:
     old: str | None = None  # finetuning: the old domain's token file (old_loss, real replay); default: init run's data.train
     old_text: str | None = None  # init=hf: held-out old-domain text (old_loss, old_kl, forgetting), packed like data.train
     text_field: str = "text"  # init=hf: the JSONL field (or dataset column) holding each document's text
-    val_sequences: int = 256  # sequences held out of each token file for validation
+    val_sequences: int = 256  # sequences held out of each token file for validation (init=hf: of data.train, and of data.old_text)
     seed: int = 0  # seed of the train/validation split and of the epoch shuffles
 
 

@@ -197,8 +197,8 @@ class HuggingFaceFamily:
             packed = np.array([r["input_ids"] for r in pack_text(source, tokenizer, T, d.text_field)], dtype=np.int64)
             return TokenSequences.from_rows(packed, val_sequences, d.seed, name=source)
 
-        # every old_text row is held out: the old domain is only measured
-        return Data(tokenizer, rows(d.train, d.val_sequences), rows(d.old_text, 0), None)
+        return Data(tokenizer, rows(d.train, d.val_sequences), measured_rows(rows(d.old_text, 0), d.val_sequences, d.seed),
+                    None)
 
     def load_models(self, config: RunConfig, mode: str, device):
         from selfreplay.hf.model import CausalLM, frozen_reference, load_model
@@ -229,7 +229,7 @@ class HuggingFaceFamily:
                           r.temperature, r.top_p, seed=config.seed, keep_hidden=r.method == "kl", pool_dir=r.pool)
 
     def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
-        sets = {"old": HeadValidationSet(torch.from_numpy(data.old.sequences), reference)}  # all of old_text
+        sets = {"old": HeadValidationSet(torch.from_numpy(data.old.sequences), reference)}
         if config.data.val_sequences:
             sets = {"new": HeadValidationSet(data.train.validation(), reference), **sets}
         return sets
@@ -263,6 +263,16 @@ class HuggingFaceFamily:
         from selfreplay.hf.model import num_parameters
 
         return num_parameters(model), None
+
+
+def measured_rows(old: TokenSequences, count: int, seed: int) -> TokenSequences:
+    """`count` rows of the old-domain text (a seeded choice; all of them if it holds fewer): the
+    old domain is only measured, and measuring all of a large file at each log point would cost
+    more than training."""
+    rows = old.sequences
+    if len(rows) > count:
+        rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), count, replace=False))]
+    return TokenSequences.from_rows(rows, 0, seed, name=old.path)
 
 
 def model_name(config: RunConfig) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import resource
+import sys
+
 import torch
 
 from selfreplay.errors import SelfReplayError
@@ -21,3 +24,12 @@ def resolve_device(name: str = "cpu") -> torch.device:
 def autocast(device: torch.device, precision: str):
     """bfloat16 autocast for precision 'bf16', a no-op context for 'fp32'."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def peak_memory_mib(device: torch.device) -> tuple[float, str]:
+    """(peak memory in MiB, what was measured): on CUDA the most tensor memory allocated on the
+    device; elsewhere the process's peak resident set (Python, torch and data included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"

@@ -31,7 +31,7 @@ from selfreplay.families import Data, family_of, read_init_run
 from selfreplay.model import CONFIG_NAME, ModelConfig
 from selfreplay.objective import training_loss
 from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
-from selfreplay.runtime import autocast, resolve_device
+from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
 
 
 class TrainingDiverged(SelfReplayError):
@@ -447,6 +447,7 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
     if progress.diverged is None:
         run.family.save_final(run.model, run.tokenizer, run.config, run.directory)
     summary = _summary(run.config, run.mode, progress, wall_seconds, run.family.params(run.model, run.config))
+    summary["peak_memory_mib"], summary["peak_memory_of"] = peak_memory_mib(run.device)
     run.directory.write_summary(summary)
     run.directory.clear_checkpoints()
     return _raise_if_diverged(summary)

@@ -57,6 +57,19 @@ def test_full_finetuning_with_replay_kl_writes_a_run_whose_model_loads_alone(tau
     assert train(hf_config(taught_llama_dir, texts, out), "finetune") == summary  # finished: nothing to do
 
 
+def test_old_text_is_measured_on_a_seeded_choice_of_val_sequences_rows(taught_llama_dir, texts, tmp_path):
+    import numpy as np
+
+    from selfreplay.train import load_data
+
+    every = load_data(hf_config(taught_llama_dir, texts, tmp_path / "a", "data.val_sequences=150"), "finetune").old
+    chosen = [load_data(hf_config(taught_llama_dir, texts, tmp_path / "b", "data.val_sequences=5", f"data.seed={seed}"),
+                        "finetune").old.sequences for seed in (0, 0, 1)]
+    assert len(every.sequences) > 5 and all(len(rows) == 5 for rows in chosen)
+    assert all(any((row == every.sequences).all(1)) for row in chosen[0])  # whole rows of old_text
+    assert np.array_equal(chosen[0], chosen[1]) and not np.array_equal(chosen[0], chosen[2])
+
+
 def test_lora_keeps_pi0_as_the_adapter_disabled_network_and_saves_the_adapter(taught_llama_dir, texts, tmp_path):
     from peft import AutoPeftModelForCausalLM
 

@@ -34,6 +34,7 @@ def test_each_regulariser_runs_and_writes_the_summary(corpus, pretrained, tmp_pa
         assert key in summary
     assert summary["forgetting"] == pytest.approx(summary["old_loss"] - summary["old_loss_0"])
     assert summary["tokens"] >= 2048 and summary["stop_reason"] == "budget"
+    assert summary["peak_memory_mib"] > 50 and summary["peak_memory_of"] == "process_peak_rss"  # torch alone is more
 
 
 def test_regulariser_gradients_reach_only_the_finetuned_model():
