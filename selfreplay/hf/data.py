@@ -42,7 +42,8 @@ def pack_documents(batches: Iterable[list[str]], tokenizer, T: int) -> list[dict
         raise SelfReplayError("the tokenizer has no EOS token to put between documents: set tokenizer.eos_token")
     chunks = [np.zeros(0, dtype=np.int64)]
     for batch in batches:
-        for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+        # verbose=False: a document longer than the model's context is expected here, it is cut into rows
+        for ids in tokenizer(batch, add_special_tokens=True, verbose=False)["input_ids"]:
             chunks.append(np.asarray(ids if ids and ids[-1] == eos else [*ids, eos], dtype=np.int64))
     tokens = np.concatenate(chunks)
     rows = len(tokens) // T
