@@ -66,7 +66,8 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     if is_hf(config) and Path(config.init.removeprefix("hf:")).expanduser().is_dir():  # a local model
         init = "hf:" + str(Path(config.init.removeprefix("hf:")).expanduser().resolve())
     return replace(config, out=absolute(config.out), init=init, data=data,
-                   replay=replace(config.replay, pool=absolute(config.replay.pool)))
+                   replay=replace(config.replay, pool=absolute(config.replay.pool),
+                                  prompts=absolute(config.replay.prompts)))
 
 
 def learning_rate(step: int, config: RunConfig, total_steps: int | None) -> float:
@@ -243,9 +244,9 @@ def measure(run: Run) -> dict:
     for name, validation_set in run.validation.items():
         result = validation_set.evaluate(run.model)
         metrics[f"{name}_loss"] = result["loss"]
-        metrics[f"{name}_loss_second_half"] = result["loss_second_half"]
-        if "kl" in result:
-            metrics[f"{name}_kl"] = result["kl"]
+        for key in ("loss_second_half", "kl"):  # absent where nothing counts there, or without π0
+            if key in result:
+                metrics[f"{name}_{key}"] = result[key]
     drift = run.family.drift(run.model, run.config) if run.finetune else None
     if drift is not None:
         metrics["drift"] = drift
