@@ -70,7 +70,7 @@ class ReplayConfig:
     pool: str | None = None  # init=hf: a pool directory from `selfreplay sample init=hf:... --out POOL`, replayed first
     chat: bool = False  # init=hf: sample inside the chat template: π0 writes a user turn, then its answer
     system: str | None = None  # init=hf: a system turn that chat samples start with (needs replay.chat=true)
-    prompts: str | None = None  # init=hf: .txt (one a line) or .jsonl (`prompt`) user turns; π0 writes only the answers
+    prompts: str | None = None  # init=hf: .txt or .jsonl (`prompt`) user turns; π0 writes only the answers
 
 
 @dataclass

@@ -200,7 +200,8 @@ class HuggingFaceFamily:
                                   f"measured as plain text, give it {d.text_field!r} records")
         train = load_rows(d.train, tokenizer, T, d.text_field, d.chat_field)
         old = pack_text(d.old_text, tokenizer, T, d.text_field)
-        form = replay_format(tokenizer, r.chat, r.system, r.prompts, r.stop_at_eos) if r.method in ("ntp", "kl") else None
+        replays = r.method in ("ntp", "kl")
+        form = replay_format(tokenizer, r.chat, r.system, r.prompts, r.stop_at_eos) if replays else None
         # every old_text row is held out: the old domain is only measured
         return Data(tokenizer, row_sequences(train, tokenizer, T, d.val_sequences, d.seed, d.train),
                     row_sequences(old, tokenizer, T, 0, d.seed, d.old_text), None, form)

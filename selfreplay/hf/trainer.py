@@ -82,7 +82,8 @@ class SelfReplayTrainer(Trainer):
         if evals is None and self.old_rows is not None:
             evals = {}  # old-domain measurement alone: Trainer wants some eval_dataset to schedule evaluation
         super().__init__(model=model, args=args, train_dataset=rows, eval_dataset=evals,
-                         processing_class=tokenizer, data_collator=partial(pad_batch, pad_id=pad_id(tokenizer)), **kwargs)
+                         processing_class=tokenizer, data_collator=partial(pad_batch, pad_id=pad_id(tokenizer)),
+                         **kwargs)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a mean: Trainer scales it for accumulation
         self.lm = CausalLM(self.model)
         dtype = getattr(torch, args.reference_dtype) if args.reference_dtype else None
