@@ -37,6 +37,7 @@ class DataConfig:
     old: str | None = None  # finetuning: the old domain's token file (old_loss, real replay); default: init run's data.train
     old_text: str | None = None  # init=hf: held-out old-domain text (old_loss, old_kl, forgetting), packed like data.train
     text_field: str = "text"  # init=hf: the JSONL field (or dataset column) holding each document's text
+    chat_field: str = "messages"  # init=hf: the field holding a conversation's {role, content} turns (data.train)
     val_sequences: int = 256  # sequences held out of each token file for validation (init=hf: of data.train, and of data.old_text)
     seed: int = 0  # seed of the train/validation split and of the epoch shuffles
 
@@ -67,6 +68,9 @@ class ReplayConfig:
     top_p: float | None = None  # init=hf: nucleus sampling of self replay; null: the whole distribution
     stop_at_eos: bool = True  # init=hf: a replay sample ends at EOS and the losses skip what follows
     pool: str | None = None  # init=hf: a pool directory from `selfreplay sample init=hf:... --out POOL`, replayed first
+    chat: bool = False  # init=hf: sample inside the chat template: π0 writes a user turn, then its answer
+    system: str | None = None  # init=hf: a system turn that chat samples start with (needs replay.chat=true)
+    prompts: str | None = None  # init=hf: .txt or .jsonl (`prompt`) user turns; π0 writes only the answers
 
 
 @dataclass
@@ -377,6 +381,8 @@ def _validate_hf(config: RunConfig) -> None:
         (r.method == "replace", f"{hf} takes replay.method none, ntp, kl or kl_new, not replace"),
         (r.source != "self", f"{hf} replays samples of π0: replay.source=self"),
         (r.domains, f"{hf} samples replay from BOS: drop replay.domains"),
+        ((r.system is not None or r.prompts) and not r.chat,
+         "replay.system and replay.prompts shape chat samples: set replay.chat=true"),
         (config.stop.tokens_per_param is not None, f"{hf}: set stop.tokens or stop.epochs, not stop.tokens_per_param"),
         (config.compile, f"{hf} runs eagerly: set compile=false"),
         (shape, f"{hf} takes its shape from the model: drop {', '.join(shape)} (model.T sets the sequence length)"),

@@ -3,7 +3,9 @@
 A token file is cut into sequences of length T; a seeded shuffle of the
 sequences splits off a validation set; the first token of every sequence is
 overwritten by the file's domain id (REFERENCE.md, "Data conventions"), which
-is what lets a model later sample a domain starting from that id. Training
+is what lets a model later sample a domain starting from that id. Rows already
+in memory (a Hugging Face model's conversations) may carry a mask [N, T]
+saying which tokens' predictions count; token files have none. Training
 reads reshuffled epochs, optionally mixing in a second file at a fixed
 fraction of rows. A stream's position is its whole state, so a resumed run
 reads exactly the batches an uninterrupted one would.
@@ -21,20 +23,26 @@ from selfreplay.tokens import open_tokens
 
 
 class TokenSequences:
-    """A token file as [num_sequences, T] with a seeded train/validation split."""
+    """A token file as [num_sequences, T] with a seeded train/validation split; `mask` [num_sequences, T]
+    (True where a token's prediction counts) for rows given with one, else None: every token counts."""
 
     def __init__(self, path: str, T: int, val_sequences: int, seed: int = 0, fingerprint: str | None = None):
         tokens, self.meta = open_tokens(path, fingerprint)
-        self.path, self.T, self.domain_id = str(path), T, self.meta.domain_id
+        self.path, self.T, self.domain_id, self.mask = str(path), T, self.meta.domain_id, None
         count = len(tokens) // T
         self._split(tokens[: count * T].reshape(count, T), val_sequences, seed)  # still memory-mapped
 
     @classmethod
-    def from_rows(cls, rows: np.ndarray, val_sequences: int, seed: int = 0, name: str = "rows") -> "TokenSequences":
-        """Packed rows [N, T] already in memory (a Hugging Face tokenizer's ids, say), with the same
-        seeded split; no domain id: position 0 keeps its token."""
+    def from_rows(cls, rows: np.ndarray, val_sequences: int, seed: int = 0, name: str = "rows",
+                  mask: np.ndarray | None = None) -> "TokenSequences":
+        """Rows [N, T] already in memory (a Hugging Face tokenizer's ids, say), with the same
+        seeded split; no domain id: position 0 keeps its token. mask [N, T] (bool): the tokens
+        whose prediction counts (a conversation's assistant tokens), None: all of them."""
+        if mask is not None and np.shape(mask) != np.shape(rows):
+            raise ValueError(f"mask {np.shape(mask)} and rows {np.shape(rows)} differ in shape")
         self = cls.__new__(cls)
         self.path, self.T, self.domain_id, self.meta = name, rows.shape[1], None, None
+        self.mask = np.asarray(mask, dtype=bool) if mask is not None else None
         self._split(np.asarray(rows, dtype=np.int64), val_sequences, seed)
         return self
 
@@ -65,9 +73,19 @@ class TokenSequences:
             rows[:, 0] = self.domain_id
         return rows
 
+    def row_mask(self, index: np.ndarray) -> np.ndarray:
+        """Which predictions count [len(index), T] (bool): the rows' mask, or all True without one."""
+        if self.mask is None:
+            return np.ones((len(index), self.T), dtype=bool)
+        return self.mask[np.asarray(index)]
+
     def validation(self) -> torch.Tensor:
         """The held-out sequences [val_sequences, T]."""
         return torch.from_numpy(self.rows(self.val_index))
+
+    def validation_mask(self) -> torch.Tensor | None:
+        """The held-out sequences' mask [val_sequences, T], or None when every token counts."""
+        return torch.from_numpy(self.row_mask(self.val_index)) if self.mask is not None else None
 
     @property
     def train_tokens(self) -> int:
@@ -87,6 +105,10 @@ class SequenceStream:
 
     def take(self, n: int) -> np.ndarray:
         """The next n training sequences [n, T], moving into the next epoch when one runs out."""
+        return self.sequences.rows(self.take_index(n))
+
+    def take_index(self, n: int) -> np.ndarray:
+        """The indices of the next n training sequences (the stream moves past them)."""
         parts = []
         while n > 0:
             chunk = self._order[self.cursor:self.cursor + n]
@@ -96,8 +118,7 @@ class SequenceStream:
             if self.cursor == len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._epoch_order(self.epoch)
-        index = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-        return self.sequences.rows(index)
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     @property
     def epochs_done(self) -> float:
@@ -112,7 +133,8 @@ class SequenceStream:
 
 
 class BatchLoader:
-    """Batches [B, T] from a primary stream, with a fraction of rows from a second stream.
+    """Batches [B, T] from a primary stream, with a fraction of rows from a second stream, each
+    with its mask [B, T] when a stream's rows carry one (None when no row does).
 
     Batch i takes floor((i+1)·f·B) − floor(i·f·B) rows from `mix`, so after n batches
     exactly floor(n·f·B) rows came from it.
@@ -131,13 +153,17 @@ class BatchLoader:
         rows = lambda n: math.floor(n * self.mix_fraction * self.batch_size + 1e-9)  # noqa: E731
         return rows(step + 1) - rows(step)
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows [B, T], mask [B, T]: True where a prediction counts, or None: every one counts)."""
         k = self.mix_rows(self.step) if self.mix is not None else 0
-        parts = [self.primary.take(self.batch_size - k)]
+        parts = [(self.primary.sequences, self.primary.take_index(self.batch_size - k))]
         if k:
-            parts.append(self.mix.take(k))
+            parts.append((self.mix.sequences, self.mix.take_index(k)))
         self.step += 1
-        return torch.from_numpy(np.concatenate(parts))
+        tokens = torch.from_numpy(np.concatenate([rows.rows(index) for rows, index in parts]))
+        if all(rows.mask is None for rows, _ in parts):
+            return tokens, None
+        return tokens, torch.from_numpy(np.concatenate([rows.row_mask(index) for rows, index in parts]))
 
     def state_dict(self) -> dict:
         return {"step": self.step, "primary": self.primary.state_dict(),

@@ -24,7 +24,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from selfreplay.config import RunConfig, build, is_hf, read_yaml, to_dict
@@ -43,6 +42,7 @@ class Data:
     train: TokenSequences
     old: TokenSequences | None
     mix: TokenSequences | None
+    replay_format: object | None = None  # init=hf: where replay samples start (selfreplay.hf.sampling.ReplayFormat)
 
 
 def family_of(config: RunConfig):
@@ -186,19 +186,25 @@ class HuggingFaceFamily:
     where π0 is the same network with its adapters disabled."""
 
     def load_data(self, config: RunConfig, mode: str) -> Data:
-        """The model's tokenizer; data.train and data.old_text packed into rows of model.T tokens."""
-        from selfreplay.hf.data import pack_text
+        """The model's tokenizer; data.train as conversations (a row each, only the assistant's
+        tokens counting) or packed text, data.old_text as packed text, in rows of model.T tokens;
+        and the replay format (its chat template and prompts checked before anything is written)."""
+        from selfreplay.hf.data import holds_conversations, load_rows, pack_text
         from selfreplay.hf.model import load_tokenizer
+        from selfreplay.hf.pool import replay_format
 
         tokenizer = load_tokenizer(model_name(config), config.model.trust_remote_code)
-        T, d = config.model.T, config.data
-
-        def rows(source: str, val_sequences: int) -> TokenSequences:
-            packed = np.array([r["input_ids"] for r in pack_text(source, tokenizer, T, d.text_field)], dtype=np.int64)
-            return TokenSequences.from_rows(packed, val_sequences, d.seed, name=source)
-
-        return Data(tokenizer, rows(d.train, d.val_sequences), measured_rows(rows(d.old_text, 0), d.val_sequences, d.seed),
-                    None)
+        T, d, r = config.model.T, config.data, config.replay
+        if holds_conversations(d.old_text, d.chat_field):
+            raise SelfReplayError(f"data.old_text={d.old_text} holds conversations ({d.chat_field!r}): old_text is "
+                                  f"measured as plain text, give it {d.text_field!r} records")
+        train = load_rows(d.train, tokenizer, T, d.text_field, d.chat_field)
+        old = pack_text(d.old_text, tokenizer, T, d.text_field)
+        replays = r.method in ("ntp", "kl")
+        form = replay_format(tokenizer, r.chat, r.system, r.prompts, r.stop_at_eos) if replays else None
+        return Data(tokenizer, row_sequences(train, tokenizer, T, d.val_sequences, d.seed, d.train),
+                    measured_rows(row_sequences(old, tokenizer, T, 0, d.seed, d.old_text), d.val_sequences, d.seed),
+                    None, form)
 
     def load_models(self, config: RunConfig, mode: str, device):
         from selfreplay.hf.model import CausalLM, frozen_reference, load_model
@@ -219,19 +225,20 @@ class HuggingFaceFamily:
         return lm, reference, [p for p in model.parameters() if p.requires_grad]
 
     def make_replay(self, config: RunConfig, reference, data: Data, device):
+        """π0's samples, from BOS or inside the chat template (replay.chat), as `load_data` set them up."""
         from selfreplay.hf.pool import ReplayPool
-        from selfreplay.hf.sampling import base_format
 
         r = config.replay
         if r.method not in ("ntp", "kl"):
             return None
-        return ReplayPool(reference, base_format(data.tokenizer, r.stop_at_eos), r.batch_size, r.buffer, r.length,
-                          r.temperature, r.top_p, seed=config.seed, keep_hidden=r.method == "kl", pool_dir=r.pool)
+        return ReplayPool(reference, data.replay_format, r.batch_size, r.buffer, r.length, r.temperature, r.top_p,
+                          seed=config.seed, keep_hidden=r.method == "kl", pool_dir=r.pool)
 
     def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
         sets = {"old": HeadValidationSet(torch.from_numpy(data.old.sequences), reference)}
         if config.data.val_sequences:
-            sets = {"new": HeadValidationSet(data.train.validation(), reference), **sets}
+            new = HeadValidationSet(data.train.validation(), reference, data.train.validation_mask())
+            sets = {"new": new, **sets}
         return sets
 
     def drift(self, model, config: RunConfig) -> None:
@@ -279,33 +286,48 @@ def model_name(config: RunConfig) -> str:
     return config.init.removeprefix("hf:")
 
 
+def row_sequences(rows: list[dict], tokenizer, T: int, val_sequences: int, seed: int, name: str) -> TokenSequences:
+    """Rows {"input_ids", "labels"} right-padded to T, with the mask of the labels that count
+    (None when every token counts, as in packed text)."""
+    from selfreplay.hf.data import label_mask, pad_batch, pad_id
+
+    batch = pad_batch(rows, pad_id(tokenizer), width=T)
+    mask = label_mask(batch["labels"])
+    return TokenSequences.from_rows(batch["input_ids"].numpy(), val_sequences, seed, name=name,
+                                    mask=None if mask.all() else mask.numpy())
+
+
 class HeadValidationSet:
     """Held-out rows [N, T] measured through hidden states and the head, a batch at a time with
-    the blockwise losses (a 128k vocabulary's logits never exist whole); nats."""
+    the blockwise losses (a 128k vocabulary's logits never exist whole); nats. mask [N, T]: the
+    tokens whose prediction counts (a conversation's assistant tokens), None: every one."""
 
-    def __init__(self, tokens: torch.Tensor, reference, batch_size: int = 8):
-        self.tokens, self.reference, self.batch_size = tokens, reference, batch_size
+    def __init__(self, tokens: torch.Tensor, reference, mask: torch.Tensor | None = None, batch_size: int = 8):
+        self.tokens, self.reference, self.mask, self.batch_size = tokens, reference, mask, batch_size
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
-        """loss (every prediction), loss_second_half (predictions of positions ≥ T/2) and
-        kl = KL(π0 ‖ πθ) (every position)."""
+        """loss (every counted prediction), loss_second_half (those of positions ≥ T/2; left out
+        when none counts there) and kl = KL(π0 ‖ πθ) (every position; with a mask, the positions
+        predicting a counted token)."""
         model.eval()
         device = model.head.weight.device
         N, T = self.tokens.shape
-        half = T // 2
-        sums = {"loss": 0.0, "loss_second_half": 0.0, "kl": 0.0}
+        sums, counts = {"loss": 0.0, "loss_second_half": 0.0, "kl": 0.0}, {"loss": 0, "loss_second_half": 0, "kl": 0}
         for lo in range(0, N, self.batch_size):
             batch = self.tokens[lo:lo + self.batch_size].to(device)
-            b = len(batch)
-            second_half = torch.zeros_like(batch, dtype=torch.bool)
-            second_half[:, half:] = True
+            mask = self.mask[lo:lo + self.batch_size].to(device) if self.mask is not None else None
+            counted = mask if mask is not None else torch.ones_like(batch, dtype=torch.bool)
+            second_half = counted.clone()
+            second_half[:, : T // 2] = False
             hidden, ref_hidden = model.hidden(batch), self.reference.hidden(batch)
             head, ref_head = model.head.weight, self.reference.head.weight
-            sums["loss"] += b * (T - 1) * head_next_token_loss(hidden, head, batch).item()
-            sums["loss_second_half"] += b * (T - half) * head_next_token_loss(hidden, head, batch,
-                                                                              mask=second_half).item()
-            sums["kl"] += b * T * head_kl_divergence(ref_hidden, ref_head, hidden, head).item()
+            n = {"loss": int(counted[:, 1:].sum()), "loss_second_half": int(second_half[:, 1:].sum())}
+            n["kl"] = n["loss"] if mask is not None else batch.numel()  # unmasked: position T-1 too
+            sums["loss"] += n["loss"] * head_next_token_loss(hidden, head, batch, mask=mask).item()
+            sums["loss_second_half"] += n["loss_second_half"] * head_next_token_loss(hidden, head, batch,
+                                                                                    mask=second_half).item()
+            sums["kl"] += n["kl"] * head_kl_divergence(ref_hidden, ref_head, hidden, head, mask=mask).item()
+            counts = {key: counts[key] + n[key] for key in counts}
         model.train()
-        return {"loss": sums["loss"] / (N * (T - 1)), "loss_second_half": sums["loss_second_half"] / (N * (T - half)),
-                "kl": sums["kl"] / (N * T)}
+        return {key: sums[key] / counts[key] for key in sums if counts[key]}

@@ -66,7 +66,8 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
     if is_hf(config) and Path(config.init.removeprefix("hf:")).expanduser().is_dir():  # a local model
         init = "hf:" + str(Path(config.init.removeprefix("hf:")).expanduser().resolve())
     return replace(config, out=absolute(config.out), init=init, data=data,
-                   replay=replace(config.replay, pool=absolute(config.replay.pool)))
+                   replay=replace(config.replay, pool=absolute(config.replay.pool),
+                                  prompts=absolute(config.replay.prompts)))
 
 
 def learning_rate(step: int, config: RunConfig, total_steps: int | None) -> float:
@@ -201,15 +202,19 @@ def train_step(run: Run, progress: Progress) -> None:
     lr = learning_rate(progress.step, config, run.total_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    new = run.loader.next_batch().to(run.device)
+    new, new_mask = run.loader.next_batch()  # new_mask: None where every token counts (token files)
+    new = new.to(run.device)
+    new_mask = new_mask.to(run.device) if new_mask is not None else None
     replay_tick = time.perf_counter()
     replay = run.replay.next_batch() if run.replay is not None else None
     progress.replay_seconds += time.perf_counter() - replay_tick
     if r.method == "replace":
         new = torch.cat([new, replay.tokens])
+        if new_mask is not None:  # every replay token counts
+            new_mask = torch.cat([new_mask, torch.ones_like(replay.tokens, dtype=torch.bool)])
     with autocast(run.device, config.precision):
         loss, ntp, reg = training_loss(run.model, run.reference, new, replay, r.method, r.coeff, run.trunk,
-                                       config.compile)
+                                       config.compile, new_mask=new_mask)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
@@ -239,9 +244,9 @@ def measure(run: Run) -> dict:
     for name, validation_set in run.validation.items():
         result = validation_set.evaluate(run.model)
         metrics[f"{name}_loss"] = result["loss"]
-        metrics[f"{name}_loss_second_half"] = result["loss_second_half"]
-        if "kl" in result:
-            metrics[f"{name}_kl"] = result["kl"]
+        for key in ("loss_second_half", "kl"):  # absent where nothing counts there, or without π0
+            if key in result:
+                metrics[f"{name}_{key}"] = result[key]
     drift = run.family.drift(run.model, run.config) if run.finetune else None
     if drift is not None:
         metrics["drift"] = drift

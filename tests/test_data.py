@@ -59,7 +59,7 @@ def test_mixing_fraction_is_exact(tmp_path):
     old = TokenSequences(token_file(tmp_path / "a.bin", 400 * T, domain_id=0), T, val_sequences=10)
     new = TokenSequences(token_file(tmp_path / "b.bin", 400 * T, domain_id=1), T, val_sequences=10)
     loader = BatchLoader(SequenceStream(old), 12, SequenceStream(new, seed=1), mix_fraction=0.3)
-    batches = [loader.next_batch() for _ in range(50)]
+    batches = [loader.next_batch()[0] for _ in range(50)]
     mixed = [int((b[:, 0] == 1).sum()) for b in batches]
     assert all(b.shape == (12, T) for b in batches)
     assert sum(mixed) == int(50 * 0.3 * 12)  # 180 of 600 rows
@@ -72,10 +72,10 @@ def test_loader_state_resumes_the_same_batches(tmp_path):
     for _ in range(8):
         loader.next_batch()
     state = loader.state_dict()
-    expected = [loader.next_batch() for _ in range(6)]
+    expected = [loader.next_batch()[0] for _ in range(6)]
     fresh = BatchLoader(SequenceStream(seqs, seed=9), 7)
     fresh.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(expected, [fresh.next_batch() for _ in range(6)]))
+    assert all(torch.equal(a, b) for a, b in zip(expected, [fresh.next_batch()[0] for _ in range(6)]))
 
 
 def test_too_little_data_and_bad_fractions_are_clear_errors(tmp_path):
@@ -95,7 +95,47 @@ def test_rows_in_memory_split_like_a_token_file_and_keep_their_first_token():
     assert torch.equal(a.validation(), b.validation())
     assert not set(a.val_index) & set(a.train_index)
     assert torch.equal(a.validation(), torch.from_numpy(rows[a.val_index]))  # position 0 is not a domain id
-    batch = BatchLoader(SequenceStream(a, seed=0), batch_size=4).next_batch()
+    batch, mask = BatchLoader(SequenceStream(a, seed=0), batch_size=4).next_batch()
+    assert mask is None  # every token counts: no mask tensor at all
     assert batch.dtype == torch.int64 and set(batch[:, 0].tolist()) <= set(rows[a.train_index, 0].tolist())
     with pytest.raises(SelfReplayError, match="too few for 50 validation"):
         TokenSequences.from_rows(rows, val_sequences=50)
+
+
+def masked_rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n rows [n, T] whose first token is the row's number, and a random mask [n, T]."""
+    rows = np.arange(n * T, dtype=np.int64).reshape(n, T)
+    rows[:, 0] = np.arange(n)
+    return rows, np.random.default_rng(seed).random((n, T)) < 0.5
+
+
+def test_a_batch_carries_the_mask_of_its_rows_and_resumes_with_it():
+    rows, mask = masked_rows(40)
+    seqs = TokenSequences.from_rows(rows, val_sequences=4, seed=1, mask=mask)
+    assert torch.equal(seqs.validation_mask(), torch.from_numpy(mask[seqs.val_index]))
+    loader = BatchLoader(SequenceStream(seqs, seed=2), 6)
+    for _ in range(9):  # past the end of the first epoch
+        tokens, batch_mask = loader.next_batch()
+        assert batch_mask.dtype == torch.bool and torch.equal(batch_mask, torch.from_numpy(mask[tokens[:, 0]]))
+    state = loader.state_dict()
+    expected = [loader.next_batch() for _ in range(4)]
+    fresh = BatchLoader(SequenceStream(seqs, seed=2), 6)
+    fresh.load_state_dict(state)
+    for (tokens, batch_mask), (again, again_mask) in zip(expected, [fresh.next_batch() for _ in range(4)]):
+        assert torch.equal(tokens, again) and torch.equal(batch_mask, again_mask)
+
+
+def test_mixing_masked_and_unmasked_rows_counts_every_unmasked_token(tmp_path):
+    rows, mask = masked_rows(40)
+    chat = TokenSequences.from_rows(rows, val_sequences=4, mask=mask)
+    text = TokenSequences(token_file(tmp_path / "a.bin", 40 * T, domain_id=900), T, val_sequences=4)
+    assert text.validation_mask() is None
+    for primary, mix in ((chat, text), (text, chat)):
+        loader = BatchLoader(SequenceStream(primary), 10, SequenceStream(mix, seed=1), mix_fraction=0.3)
+        for _ in range(5):
+            tokens, batch_mask = loader.next_batch()
+            from_text = tokens[:, 0] == 900
+            assert 0 < from_text.sum() < 10 and batch_mask[from_text].all()
+            assert torch.equal(batch_mask[~from_text], torch.from_numpy(mask[tokens[~from_text, 0]]))
+    with pytest.raises(ValueError, match="differ in shape"):
+        TokenSequences.from_rows(rows, val_sequences=4, mask=mask[:, 1:])

@@ -1,13 +1,14 @@
 """`selfreplay finetune init=hf:...`: a Hugging Face causal LM through the training loop of selfreplay.train."""
 
 import json
+import math
 
 import pytest
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from conftest import sentences, write_jsonl  # noqa: E402
+from conftest import conversations, sentences, write_jsonl  # noqa: E402
 from selfreplay.errors import SelfReplayError  # noqa: E402
 from selfreplay.train import resolve_config, train  # noqa: E402
 
@@ -179,3 +180,115 @@ def test_the_command_line_finetunes_a_hf_model_and_refuses_a_missing_old_text_in
     assert "set data.old_text=" in capsys.readouterr().err and not (tmp_path / "none").exists()
     assert main(["finetune", *common, f"data.old_text={texts['old']}", f"out={tmp_path / 'run'}"]) == 0
     assert "forgetting" in capsys.readouterr().out and (tmp_path / "run" / "summary.json").is_file()
+
+
+# ---------------------------------------------------------------- conversations and chat replay
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory, texts):
+    """New-domain conversations (English questions, Spanish answers) and the old-domain text."""
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations(60, seed=3)))
+    return {"new": path, "old": texts["old"]}
+
+
+def chat_config(model_dir, chats, out, *overrides):
+    return hf_config(model_dir, chats, out, "model.T=96", "replay.length=96", "stop.tokens=768",
+                     "log.every_tokens=384", "replay.chat=true", *overrides)
+
+
+def test_conversations_train_on_the_assistants_tokens_with_chat_replay(taught_llama_dir, hf_tokenizer, chats,
+                                                                       tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import selfreplay.train as train_module
+    from selfreplay.hf.chat import chat_turns
+    from selfreplay.hf.data import chat_rows, label_mask, pad_batch
+
+    steps, real_loss = [], train_module.training_loss
+
+    def spy(model, reference, new, replay, *args, new_mask=None, **kwargs):
+        steps.append((new, new_mask, replay.tokens))
+        return real_loss(model, reference, new, replay, *args, new_mask=new_mask, **kwargs)
+
+    monkeypatch.setattr(train_module, "training_loss", spy)
+    out = tmp_path / "chat"
+    summary = train(chat_config(taught_llama_dir, chats, out, "replay.system=Be brief."), "finetune")
+    assert summary["steps"] == 2 and math.isfinite(summary["new_loss"]) and math.isfinite(summary["old_loss"])
+    assert {"new_loss", "new_kl", "old_loss", "forgetting"} <= set(lines(out)[-1])
+    assert (out / "summary.json").is_file()
+    AutoModelForCausalLM.from_pretrained(out)
+    # each row's mask is the Trainer's: labels != -100, True on the assistant's tokens, never on padding
+    expected = pad_batch(chat_rows(str(chats["new"]), hf_tokenizer, 96), hf_tokenizer.pad_token_id, width=96)
+    masks = {tuple(ids.tolist()): mask for ids, mask in zip(expected["input_ids"], label_mask(expected["labels"]))}
+    prefix = torch.tensor(chat_turns(hf_tokenizer, system="Be brief.").user_prefix)
+    for new, new_mask, replay in steps:
+        assert new.shape == new_mask.shape == (4, 96)
+        assert all(torch.equal(mask, masks[tuple(row.tolist())]) for row, mask in zip(new, new_mask))
+        assert not new_mask[new == hf_tokenizer.pad_token_id].any()
+        assert (replay[:, : len(prefix)] == prefix).all()  # samples start inside the template, after the system turn
+
+
+def test_new_loss_on_conversations_counts_only_the_assistants_predictions(taught_llama_dir):
+    import copy
+
+    import torch
+
+    from selfreplay.families import HeadValidationSet
+    from selfreplay.hf.model import CausalLM, load_causal_lm
+
+    lm = CausalLM(load_causal_lm(taught_llama_dir)[0].eval())
+    reference = copy.deepcopy(lm)
+    with torch.no_grad():
+        reference.head.weight.mul_(1.5)  # a π0 that differs from θ, so that the KL is positive
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, 200, (5, 16), generator=generator)
+    mask = torch.rand(5, 16, generator=generator) < 0.4
+    result = HeadValidationSet(tokens, reference, mask, batch_size=2).evaluate(lm)
+    with torch.no_grad():
+        logp, ref_logp = (m.head(m.hidden(tokens)).log_softmax(-1)[:, :-1] for m in (lm, reference))
+    counted = mask[:, 1:]  # mask is on the predicted token: position t-1 predicts token t
+    losses = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    second_half = counted.clone()
+    second_half[:, : 16 // 2 - 1] = False  # predictions of positions >= T/2
+    assert result["loss"] == pytest.approx(losses[counted].mean().item(), rel=1e-5)
+    assert result["loss_second_half"] == pytest.approx(losses[second_half].mean().item(), rel=1e-5)
+    assert result["kl"] == pytest.approx(kl[counted].mean().item(), rel=1e-4) and result["kl"] > 0
+    first_half_only = mask.clone()
+    first_half_only[:, 16 // 2:] = False
+    assert "loss_second_half" not in HeadValidationSet(tokens, reference, first_half_only).evaluate(lm)
+
+
+@pytest.fixture(scope="module")
+def templateless_llama_dir(tiny_llama_dir, hf_tokenizer, tmp_path_factory):
+    """The tiny Llama with a tokenizer that has no chat template."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("templateless")
+    plain = copy.deepcopy(hf_tokenizer)
+    plain.chat_template = None
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    plain.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("model, overrides, message", [
+    ("templateless", ["replay.chat=false"], "has no chat template: chat data and chat sampling need one"),
+    ("templateless", ["data.train=TEXT"], "has no chat template: chat data and chat sampling need one"),
+    ("taught", ["data.old_text=CHATS"], "old_text is measured as plain text"),
+    ("taught", ["replay.chat=false", "replay.system=Be brief."], "replay.system and replay.prompts shape chat "
+                                                                 "samples: set replay.chat=true"),
+    ("taught", ["replay.prompts=/no/such/prompts.txt"], "prompts file not found"),
+])
+def test_chat_settings_a_run_cannot_take_are_one_line_before_anything_is_written(
+        taught_llama_dir, templateless_llama_dir, texts, chats, tmp_path, model, overrides, message):
+    model_dir = {"taught": taught_llama_dir, "templateless": templateless_llama_dir}[model]
+    overrides = [o.replace("TEXT", str(texts["new"])).replace("CHATS", str(chats["new"])) for o in overrides]
+    with pytest.raises(SelfReplayError) as e:
+        train(chat_config(model_dir, chats, tmp_path / "run", *overrides), "finetune")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()

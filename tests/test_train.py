@@ -160,9 +160,10 @@ def test_replace_puts_floor_cB_replay_rows_in_each_batch(corpus, pretrained, tmp
     seen = []
     real_loss = train_module.training_loss
 
-    def spy(model, reference, new, replay, method, coeff, *args):
+    def spy(model, reference, new, replay, method, coeff, *args, **kwargs):
         seen.append((len(new), len(replay.tokens)))
-        return real_loss(model, reference, new, replay, method, coeff, *args)
+        assert kwargs["new_mask"] is None  # token files: every token counts
+        return real_loss(model, reference, new, replay, method, coeff, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "training_loss", spy)
     train(finetune_config(corpus, pretrained, tmp_path / "rep", "replay.method=replace", "replay.coeff=0.3",

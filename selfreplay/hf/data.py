@@ -69,10 +69,15 @@ def chat_rows(source: str, tokenizer, T: int, field: str = "messages") -> list[d
 
 def load_rows(source: str, tokenizer, T: int, text_field: str = "text", chat_field: str = "messages") -> list[dict]:
     """Conversations when the first record of a JSONL file or dataset has `chat_field`, packed text otherwise."""
-    first = next(_records(source), (None, None))[1] if _holds_records(source) else None
-    if isinstance(first, dict) and chat_field in first:
+    if holds_conversations(source, chat_field):
         return chat_rows(source, tokenizer, T, chat_field)
     return pack_text(source, tokenizer, T, text_field)
+
+
+def holds_conversations(source: str, chat_field: str = "messages") -> bool:
+    """Whether the first record of a JSONL file or dataset has `chat_field`."""
+    first = next(_records(source), (None, None))[1] if _holds_records(source) else None
+    return isinstance(first, dict) and chat_field in first
 
 
 def rows_from_dataset(dataset, tokenizer, T: int, text_field: str = "text", chat_field: str = "messages") -> list[dict]:
@@ -132,9 +137,20 @@ def _hf_records(source: str):
         raise SelfReplayError(f"could not load dataset {source}: {one_line(e)}") from None
 
 
-def pad_batch(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows into {"input_ids": [B, t], "labels": [B, t]} (labels -100 on padding)."""
-    width = max(len(r["input_ids"]) for r in rows)
+def label_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[B, t] True on each token whose label counts: the `mask` the losses take (on the predicted token)."""
+    return labels != IGNORE
+
+
+def pad_id(tokenizer) -> int:
+    """The id that right-pads rows and stopped samples: the tokenizer's pad token, else EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_batch(rows: list[dict], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad rows into {"input_ids": [B, t], "labels": [B, t]} (labels -100 on padding);
+    t is `width`, or the longest row's length."""
+    width = width or max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     for i, r in enumerate(rows):

@@ -21,7 +21,7 @@ import torch
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.hf.model import CausalLM
-from selfreplay.hf.sampling import ReplayFormat, sample_replay
+from selfreplay.hf.sampling import ReplayFormat, base_format, chat_format, sample_replay
 from selfreplay.objective import ReplaySamples
 
 SAMPLES_NAME, HEADER_NAME = "samples.jsonl", "pool.json"
@@ -149,7 +149,6 @@ def sample_pool(init: str, out: str | Path, count: int, length: int, temperature
     directory, a batch at a time; returns the pool's header. prompts: a .txt file (one prompt
     a line) or a .jsonl file with a `prompt` field; chat sampling answers them."""
     from selfreplay.hf.model import load_causal_lm
-    from selfreplay.hf.sampling import base_format, chat_format
 
     if count < 1 or length < 2:
         raise SelfReplayError(f"a pool needs count >= 1 and length >= 2, got count={count}, length={length}")
@@ -157,8 +156,7 @@ def sample_pool(init: str, out: str | Path, count: int, length: int, temperature
     model, tokenizer = load_causal_lm(name, device=device, trust_remote_code=trust_remote_code)
     lm = CausalLM(model.eval())
     chat = chat or system is not None or prompts is not None
-    form = chat_format(tokenizer, system, read_prompts(prompts) if prompts else None) if chat \
-        else base_format(tokenizer, stop_at_eos)
+    form = replay_format(tokenizer, chat, system, prompts, stop_at_eos)
     drawn_by = {"model": name, "format": "chat" if chat else "base", "system": system, "prompts": prompts,
                 "stop_at_eos": stop_at_eos or chat, "temperature": temperature, "top_p": top_p,
                 "length": length, "seed": seed, "pad_id": form.pad}
@@ -168,6 +166,15 @@ def sample_pool(init: str, out: str | Path, count: int, length: int, temperature
         writer.write(sample_replay(lm, form, min(batch_size, count - lo), length, temperature, top_p, generator,
                                    batch_size=batch_size, offset=lo))
     return writer.close()
+
+
+def replay_format(tokenizer, chat: bool = False, system: str | None = None, prompts: str | None = None,
+                  stop_at_eos: bool = True) -> ReplayFormat:
+    """Where replay samples start: inside the chat template (after `system`; answering the user
+    turns of the file `prompts` when given), or at BOS."""
+    if chat:
+        return chat_format(tokenizer, system, read_prompts(prompts) if prompts else None)
+    return base_format(tokenizer, stop_at_eos)
 
 
 def read_prompts(path: str) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.hf.chat import ChatTurns, chat_turns, prompt_tokens
+from selfreplay.hf.data import pad_id
 from selfreplay.hf.model import CausalLM
 from selfreplay.objective import ReplaySamples
 from selfreplay.sampling import next_token
@@ -43,7 +44,7 @@ def base_format(tokenizer, stop_at_eos: bool = True) -> ReplayFormat:
     if start is None:
         raise SelfReplayError("the tokenizer has neither a BOS nor an EOS token to start samples from")
     stop = [tokenizer.eos_token_id] if stop_at_eos and tokenizer.eos_token_id is not None else []
-    return ReplayFormat(prompts=[[start]], stop=stop, pad=_pad_id(tokenizer))
+    return ReplayFormat(prompts=[[start]], stop=stop, pad=pad_id(tokenizer))
 
 
 def chat_format(tokenizer, system: str | None = None, prompts: list[str] | None = None) -> ReplayFormat:
@@ -52,12 +53,8 @@ def chat_format(tokenizer, system: str | None = None, prompts: list[str] | None 
     turns = chat_turns(tokenizer, system)
     stop = sorted({turns.answer_end, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
     if prompts:
-        return ReplayFormat([prompt_tokens(tokenizer, p, system) for p in prompts], stop, _pad_id(tokenizer))
-    return ReplayFormat([turns.user_prefix], stop, _pad_id(tokenizer), turns)
-
-
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return ReplayFormat([prompt_tokens(tokenizer, p, system) for p in prompts], stop, pad_id(tokenizer))
+    return ReplayFormat([turns.user_prefix], stop, pad_id(tokenizer), turns)
 
 
 @torch.no_grad()  # not inference_mode: the samples and masks go on into training steps' autograd

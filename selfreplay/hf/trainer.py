@@ -21,10 +21,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.hf.data import IGNORE, pad_batch, rows_from_dataset
+from selfreplay.hf.data import label_mask, pad_batch, pad_id, rows_from_dataset
 from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm
-from selfreplay.hf.pool import ReplayPool, read_prompts
-from selfreplay.hf.sampling import base_format, chat_format
+from selfreplay.hf.pool import ReplayPool, replay_format
 from selfreplay.losses import head_kl_divergence, head_next_token_loss
 from selfreplay.objective import training_loss
 
@@ -80,11 +79,11 @@ class SelfReplayTrainer(Trainer):
         rows = rows_from_dataset(train_dataset, tokenizer, T) if train_dataset is not None else None
         evals = rows_from_dataset(eval_dataset, tokenizer, T) if eval_dataset is not None else None
         self.old_rows = rows_from_dataset(old_eval_dataset, tokenizer, T) if old_eval_dataset is not None else None
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if evals is None and self.old_rows is not None:
             evals = {}  # old-domain measurement alone: Trainer wants some eval_dataset to schedule evaluation
         super().__init__(model=model, args=args, train_dataset=rows, eval_dataset=evals,
-                         processing_class=tokenizer, data_collator=partial(pad_batch, pad_id=pad), **kwargs)
+                         processing_class=tokenizer, data_collator=partial(pad_batch, pad_id=pad_id(tokenizer)),
+                         **kwargs)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a mean: Trainer scales it for accumulation
         self.lm = CausalLM(self.model)
         dtype = getattr(torch, args.reference_dtype) if args.reference_dtype else None
@@ -96,10 +95,8 @@ class SelfReplayTrainer(Trainer):
 
     def _replay_source(self, tokenizer) -> ReplayPool:
         a = self.args
-        if a.replay_chat or a.replay_system is not None or a.replay_prompts is not None:
-            form = chat_format(tokenizer, a.replay_system, read_prompts(a.replay_prompts) if a.replay_prompts else None)
-        else:
-            form = base_format(tokenizer, a.replay_stop_at_eos)
+        chat = a.replay_chat or a.replay_system is not None or a.replay_prompts is not None
+        form = replay_format(tokenizer, chat, a.replay_system, a.replay_prompts, a.replay_stop_at_eos)
         return ReplayPool(self.reference, form, a.replay_batch_size, a.replay_buffer, a.replay_length,
                           a.replay_temperature, a.replay_top_p, seed=a.seed, keep_hidden=a.replay_method == "kl",
                           pool_dir=a.replay_pool, rank=a.process_index, world_size=a.world_size)
@@ -130,7 +127,7 @@ class SelfReplayTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         new = inputs["input_ids"]
-        new_mask = inputs["labels"] != IGNORE if "labels" in inputs else None
+        new_mask = label_mask(inputs["labels"]) if "labels" in inputs else None
         method = self.args.replay_method if self.replay is not None and model.training else "none"
         replay = None
         if method != "none":
@@ -176,7 +173,7 @@ class SelfReplayTrainer(Trainer):
         count = 0
         for lo in range(0, len(self.old_rows), batch_size):
             batch = pad_batch(self.old_rows[lo:lo + batch_size], pad_id=0)
-            tokens, mask = batch["input_ids"].to(device), (batch["labels"] != IGNORE).to(device)
+            tokens, mask = batch["input_ids"].to(device), label_mask(batch["labels"]).to(device)
             n = int(mask[:, 1:].sum())
             hidden, ref_hidden = self.lm.hidden(tokens), self.reference.hidden(tokens)
             sums["loss"] += n * head_next_token_loss(hidden, head, tokens, mask=mask).item()
