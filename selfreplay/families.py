@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from selfreplay.config import RunConfig, build, is_hf, read_yaml, to_dict
