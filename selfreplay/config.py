@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import types
@@ -98,6 +99,13 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    lm_eval_tasks: str | None = None  # init=hf: comma-separated lm-eval tasks scored before and after finetuning (pip install lm-eval)
+    lm_eval_limit: int | None = None  # documents per lm-eval task (null: every one)
+    lm_eval_include_path: str | None = None  # a folder of lm-eval task YAML files of your own
+
+
+@dataclass
 class RunConfig:
     out: str | None = None  # run directory (required)
     init: str | None = None  # finetuning: the pretrained run directory
@@ -112,6 +120,7 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     stop: StopConfig = field(default_factory=StopConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -298,6 +307,7 @@ RANGES = {
     "stop.tokens": AT_LEAST_1, "stop.tokens_per_param": ABOVE_0, "stop.epochs": ABOVE_0,
     "stop.target_loss": AT_LEAST_0, "stop.wall_seconds": ABOVE_0, "stop.patience": AT_LEAST_1,
     "log.every_tokens": AT_LEAST_1, "log.checkpoint_every": AT_LEAST_0, "log.checkpoint_seconds": AT_LEAST_0,
+    "eval.lm_eval_limit": AT_LEAST_1,
 }
 CHOICES = {"replay.method": REGULARIZERS, "replay.source": REPLAY_SOURCES, "optim.schedule": SCHEDULES,
            "precision": PRECISIONS}
@@ -340,6 +350,11 @@ def validate(config: RunConfig, mode: str) -> None:
         _validate_hf(config)
     r, s, o = config.replay, config.stop, config.optim
     checks = [
+        (config.eval.lm_eval_tasks and not is_hf(config),
+         "eval.lm_eval_tasks scores Hugging Face models: export the pretrained run with selfreplay export RUN --hf OUT, "
+         "then finetune init=hf:OUT"),
+        (config.eval.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None,
+         "eval.lm_eval_tasks needs lm-eval: pip install lm-eval"),
         (not config.out, "set out=RUN_DIR, the directory the run writes to"),
         (not config.data.train, "set data.train=TOKEN_FILE, the token file to train on"),
         (mode == "pretrain" and not config.data.tokenizer, "set data.tokenizer=DIR, the tokenizer of the token files"),

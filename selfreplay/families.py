@@ -12,6 +12,7 @@ family supplies only what depends on the model:
     weights(model) / load_weights(model, weights) -> what a checkpoint keeps of θ
     save_start(directory, tokenizer) / save_final(model, tokenizer, config, directory): files at the start, at the end
     params(model, config)                   -> (parameters, non-embedding parameters) for summary.json
+    benchmark_scores(model, tokenizer, eval) -> lm-eval scores {task: {metric: value}} (Hugging Face alone)
 
 A model is anything with `hidden(tokens)` [B, t, D], `head.weight` [V, D], `parameters()`,
 `train()` and `eval()`: the Transformer itself, or selfreplay.hf.model.CausalLM.
@@ -266,6 +267,13 @@ class HuggingFaceFamily:
         loadable by AutoModelForCausalLM (or peft) alone."""
         model.model.save_pretrained(directory.path)
         tokenizer.save_pretrained(directory.path)
+
+    def benchmark_scores(self, model, tokenizer, e) -> dict[str, dict[str, float]]:
+        """lm-eval scores of the model as it is now (eval.lm_eval_tasks), {task: {metric: value}}."""
+        from selfreplay.hf.scores import benchmark_scores
+
+        tasks = [task.strip() for task in e.lm_eval_tasks.split(",") if task.strip()]
+        return benchmark_scores(model.model, tokenizer, tasks, e.lm_eval_limit, include_path=e.lm_eval_include_path)
 
     def params(self, model, config: RunConfig) -> tuple[int, None]:
         from selfreplay.hf.model import num_parameters

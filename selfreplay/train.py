@@ -67,7 +67,8 @@ def _absolute_paths(config: RunConfig) -> RunConfig:
         init = "hf:" + str(Path(config.init.removeprefix("hf:")).expanduser().resolve())
     return replace(config, out=absolute(config.out), init=init, data=data,
                    replay=replace(config.replay, pool=absolute(config.replay.pool),
-                                  prompts=absolute(config.replay.prompts)))
+                                  prompts=absolute(config.replay.prompts)),
+                   eval=replace(config.eval, lm_eval_include_path=absolute(config.eval.lm_eval_include_path)))
 
 
 def learning_rate(step: int, config: RunConfig, total_steps: int | None) -> float:
@@ -113,6 +114,7 @@ class Progress:
     time_to_target_steps: int | None = None
     stop_reason: str | None = None
     diverged: str | None = None  # what stopped being finite, and where
+    benchmark_before: dict | None = None  # lm-eval scores of π0 {task: {metric: value}} (eval.lm_eval_tasks)
     loader: dict | None = None
     replay: dict | None = None
     interval: Interval = field(default_factory=Interval)
@@ -401,6 +403,8 @@ def train(config: RunConfig, mode: str) -> dict:
         directory.reset_metrics()
 
     wall_start = time.perf_counter()
+    if config.eval.lm_eval_tasks and progress.benchmark_before is None:
+        progress.benchmark_before = run.family.benchmark_scores(run.model, run.tokenizer, config.eval)
     if progress.start_metrics is None:
         progress.start_metrics = measure(run)
         log_point(run, progress, progress.start_metrics)
@@ -453,9 +457,18 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
         run.family.save_final(run.model, run.tokenizer, run.config, run.directory)
     summary = _summary(run.config, run.mode, progress, wall_seconds, run.family.params(run.model, run.config))
     summary["peak_memory_mib"], summary["peak_memory_of"] = peak_memory_mib(run.device)
+    if run.config.eval.lm_eval_tasks and progress.diverged is None:
+        after = run.family.benchmark_scores(run.model, run.tokenizer, run.config.eval)
+        summary["lm_eval"] = benchmark_table(progress.benchmark_before, after)
     run.directory.write_summary(summary)
     run.directory.clear_checkpoints()
     return _raise_if_diverged(summary)
+
+
+def benchmark_table(before: dict, after: dict) -> dict:
+    """{task: {metric: {"before": π0's score, "after": the finetuned model's}}}."""
+    return {task: {metric: {"before": before.get(task, {}).get(metric), "after": value}
+                   for metric, value in metrics.items()} for task, metrics in after.items()}
 
 
 def _raise_if_diverged(summary: dict) -> dict:
@@ -511,4 +524,8 @@ def run_from_cli(mode: str, config_path: str | None, overrides: list[str]) -> di
         if key in summary and summary[key] is not None:
             value = summary[key]
             print(f"  {key:24s} {value:.4f}" if isinstance(value, float) else f"  {key:24s} {value}")
+    for task, metrics in summary.get("lm_eval", {}).items():
+        for metric, score in metrics.items():
+            before = "?" if score["before"] is None else f"{score['before']:.4f}"
+            print(f"  {f'{task} {metric}':24s} {before} -> {score['after']:.4f}")
     return summary

@@ -63,3 +63,35 @@ def test_trainer_scores_lm_eval_tasks_before_and_after(taught_llama_dir, task_di
     assert any("lm_eval_tiny_translation_choice_acc_after" in entry for entry in trainer.state.log_history)
     with pytest.raises(SelfReplayError, match="unknown lm-eval tasks: no_such_task"):
         trainer._benchmark_scores(["no_such_task"])
+
+
+def test_a_command_line_run_puts_lm_eval_scores_before_and_after_in_its_summary(taught_llama_dir, task_dir,
+                                                                                tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from conftest import sentences, write_jsonl
+    from selfreplay.hf.model import load_causal_lm
+    from selfreplay.hf.scores import benchmark_scores
+    from selfreplay.train import resolve_config, train
+
+    out = tmp_path / "run"
+    config = resolve_config("finetune", None, [
+        f"init=hf:{taught_llama_dir}", f"out={out}", f"data.train={write_jsonl(tmp_path / 'es.jsonl', sentences('es', 80))}",
+        f"data.old_text={write_jsonl(tmp_path / 'en.jsonl', sentences('en', 30))}", "model.T=24", "data.val_sequences=4",
+        "optim.lr=3e-2", "optim.batch_size=4", "stop.tokens=192", "log.progress=false",
+        "eval.lm_eval_tasks=tiny_translation_choice", f"eval.lm_eval_include_path={task_dir}"])
+    scores = train(config, "finetune")["lm_eval"]["tiny_translation_choice"]["acc"]
+    task = ["tiny_translation_choice"]
+    assert scores["before"] == benchmark_scores(*load_causal_lm(taught_llama_dir), task, include_path=task_dir)[task[0]]["acc"]
+    assert scores["after"] == benchmark_scores(*load_causal_lm(str(out)), task, include_path=task_dir)[task[0]]["acc"]
+
+
+def test_lm_eval_tasks_are_refused_in_one_line_for_a_built_in_model(tmp_path):
+    from dataclasses import replace
+
+    from selfreplay.config import EvalConfig, RunConfig, validate
+
+    config = replace(RunConfig(), init=str(tmp_path / "pre"), out=str(tmp_path / "ft"), data=replace(
+        RunConfig().data, train=str(tmp_path / "new.bin")), eval=EvalConfig(lm_eval_tasks="arc_easy"))
+    with pytest.raises(SelfReplayError, match="selfreplay export RUN --hf OUT"):
+        validate(config, "finetune")
