@@ -310,7 +310,7 @@ RANGES = {
     "eval.lm_eval_limit": AT_LEAST_1,
 }
 CHOICES = {"replay.method": REGULARIZERS, "replay.source": REPLAY_SOURCES, "optim.schedule": SCHEDULES,
-           "precision": PRECISIONS}
+           "precision": PRECISIONS, "model.reference_dtype": ("float32", "bfloat16")}
 
 
 def get_key(config, key: str):
@@ -350,6 +350,8 @@ def validate(config: RunConfig, mode: str) -> None:
         _validate_hf(config)
     r, s, o = config.replay, config.stop, config.optim
     checks = [
+        (config.model.reference_dtype != "float32" and not is_hf(config),
+         "model.reference_dtype sets the dtype of an init=hf: model's frozen copy: drop it for a built-in model"),
         (config.eval.lm_eval_tasks and not is_hf(config),
          "eval.lm_eval_tasks scores Hugging Face models: export the pretrained run with selfreplay export RUN --hf OUT, "
          "then finetune init=hf:OUT"),
@@ -386,7 +388,7 @@ def _validate_hf(config: RunConfig) -> None:
     """The settings a Hugging Face finetuning run cannot take, each refused with one line."""
     r, hf = config.replay, "init=hf:"
     shape = [f"model.{f.name}" for f in dataclasses.fields(config.model)
-             if f.name not in ("T", "trust_remote_code") and getattr(config.model, f.name) != f.default]
+             if f.name not in ("T", "trust_remote_code", "reference_dtype") and getattr(config.model, f.name) != f.default]
     checks = [
         (config.init == HF_PREFIX, "init=hf: needs a model: init=hf:NAME_OR_PATH (a hub id or a local directory)"),
         (not config.data.old_text, f"{hf} needs held-out old-domain text to measure forgetting: "
@@ -400,6 +402,8 @@ def _validate_hf(config: RunConfig) -> None:
          "replay.system and replay.prompts shape chat samples: set replay.chat=true"),
         (config.stop.tokens_per_param is not None, f"{hf}: set stop.tokens or stop.epochs, not stop.tokens_per_param"),
         (config.compile, f"{hf} runs eagerly: set compile=false"),
+        (config.model.reference_dtype != "float32" and config.lora.rank > 0,
+         "with LoRA π0 is the model with its adapters disabled, not a copy: drop model.reference_dtype"),
         (shape, f"{hf} takes its shape from the model: drop {', '.join(shape)} (model.T sets the sequence length)"),
     ]
     for failed, message in checks:

@@ -223,7 +223,7 @@ class HuggingFaceFamily:
                                                          target_modules="all-linear"))
         model.train()
         lm = CausalLM(model)
-        reference = frozen_reference(lm)
+        reference = frozen_reference(lm, getattr(torch, config.model.reference_dtype))
         return lm, reference, [p for p in model.parameters() if p.requires_grad]
 
     def make_replay(self, config: RunConfig, reference, data: Data, device):

@@ -32,6 +32,7 @@ class ModelConfig:
     V: int = 4096  # vocabulary size
     rope_base: float = 10000.0
     trust_remote_code: bool = False  # init=hf: run the model repository's own code (only for a model you trust)
+    reference_dtype: str = "float32"  # init=hf, full finetuning: dtype of π0's frozen copy (bfloat16 halves it)
 
     def __post_init__(self) -> None:
         for name in ("D", "L", "H", "T", "V"):

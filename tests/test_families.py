@@ -58,6 +58,35 @@ def test_full_finetuning_with_replay_kl_writes_a_run_whose_model_loads_alone(tau
     assert train(hf_config(taught_llama_dir, texts, out), "finetune") == summary  # finished: nothing to do
 
 
+def test_a_bfloat16_reference_is_a_half_size_copy_that_still_trains_with_replay(taught_llama_dir, texts, tmp_path,
+                                                                                 monkeypatch):
+    import torch
+
+    import selfreplay.train as training
+
+    held = {}
+    setup = training.setup
+    monkeypatch.setattr(training, "setup", lambda *a: held.setdefault("run", setup(*a)))
+    summary = train(hf_config(taught_llama_dir, texts, tmp_path / "run", "model.reference_dtype=bfloat16"), "finetune")
+    run = held["run"]
+    assert {p.dtype for p in run.reference.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in run.model.model.parameters()} == {torch.float32}
+    first, last = lines(tmp_path / "run")[0], lines(tmp_path / "run")[-1]
+    assert first["old_kl"] < 1e-2  # π0 rounded to bfloat16: close to, not exactly, θ at step 0
+    assert last["replay_loss"] > 0 and summary["new_loss"] < first["new_loss"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.reference_dtype=bfloat16", "lora.rank=4"], "with LoRA π0 is the model with its adapters disabled"),
+    (["model.reference_dtype=float16"], "unknown model.reference_dtype"),
+])
+def test_reference_dtype_settings_a_run_cannot_take_are_one_line(taught_llama_dir, texts, tmp_path, overrides,
+                                                                  message):
+    with pytest.raises(SelfReplayError, match=message):
+        train(hf_config(taught_llama_dir, texts, tmp_path / "run", *overrides), "finetune")
+    assert not (tmp_path / "run").exists()
+
+
 def test_old_text_is_measured_on_a_seeded_choice_of_val_sequences_rows(taught_llama_dir, texts, tmp_path):
     import numpy as np
 
