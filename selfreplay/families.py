@@ -214,13 +214,15 @@ class HuggingFaceFamily:
         # float32 weights, as the built-in model's: precision=bf16 runs the matmuls under autocast
         model = load_model(model_name(config), torch.float32, device, config.model.trust_remote_code)
         if config.lora.rank > 0:
-            from peft import LoraConfig, get_peft_model
+            from peft import LoraConfig
+
+            from selfreplay.hf.model import with_adapters
 
             alpha = config.lora.alpha if config.lora.alpha is not None else config.lora.rank
             with torch.random.fork_rng():  # the adapters' random init, from the run's seed alone
                 torch.manual_seed(config.seed)
-                model = get_peft_model(model, LoraConfig(r=config.lora.rank, lora_alpha=alpha,
-                                                         target_modules="all-linear"))
+                model = with_adapters(model, LoraConfig(r=config.lora.rank, lora_alpha=alpha,
+                                                        target_modules="all-linear"))
         model.train()
         lm = CausalLM(model)
         reference = frozen_reference(lm, getattr(torch, config.model.reference_dtype))

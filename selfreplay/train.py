@@ -276,7 +276,9 @@ def log_point(run: Run, progress: Progress, metrics: dict) -> None:
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
     if bad and progress.diverged is None:
         progress.diverged = f"{bad[0]} is {metrics[bad[0]]} at step {progress.step} (lr {line['lr']:g})"
-    progress.stop_reason = "diverged" if progress.diverged else _target_or_patience(run, progress, metrics)
+    # a stop the loop already chose (the wall-time cap) stands unless this measurement finds the target
+    progress.stop_reason = "diverged" if progress.diverged else \
+        _target_or_patience(run, progress, metrics) or progress.stop_reason
 
 
 def _target_or_patience(run: Run, progress: Progress, metrics: dict) -> str | None:

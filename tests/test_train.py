@@ -67,6 +67,14 @@ def test_target_loss_stops_at_the_first_log_point_at_or_below_it(corpus, pretrai
     assert summary["new_loss"] == pytest.approx(first["new_loss"])
 
 
+def test_a_run_stopped_by_its_wall_time_cap_says_so_after_its_final_measurement(corpus, pretrained, tmp_path):
+    # the cap stops the run between log points; the final log point must not erase why it stopped
+    summary = train(finetune_config(corpus, pretrained, tmp_path / "capped", "stop.tokens=8192", "stop.wall_seconds=1e-6",
+                                    "log.every_tokens=4096"), "finetune")
+    assert summary["stop_reason"] == "wall_seconds" and summary["steps"] == 1
+    assert json.loads((tmp_path / "capped" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+
+
 def test_resumed_run_ends_where_an_uninterrupted_one_does(corpus, pretrained, tmp_path, monkeypatch):
     from selfreplay.evaluate import ValidationSet
 

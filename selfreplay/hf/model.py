@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -127,6 +128,16 @@ class AdapterFreeReference(CausalLM):
                 return super().hidden(tokens, cache)
         finally:
             self.model.train(training)
+
+
+def with_adapters(model: nn.Module, peft_config) -> nn.Module:
+    """`model` wrapped by peft with the adapters of `peft_config`; without the deprecation warning
+    transformers 5 raises at peft's use of `is_gradient_checkpointing` (nothing a user can change)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 def frozen_reference(lm: CausalLM, dtype: torch.dtype | None = None) -> CausalLM:

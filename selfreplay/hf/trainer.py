@@ -22,7 +22,7 @@ from transformers import Trainer, TrainingArguments
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.hf.data import label_mask, pad_batch, pad_id, rows_from_dataset
-from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm
+from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm, with_adapters
 from selfreplay.hf.pool import ReplayPool, replay_format
 from selfreplay.losses import head_kl_divergence, head_next_token_loss
 from selfreplay.objective import training_loss
@@ -72,9 +72,7 @@ class SelfReplayTrainer(Trainer):
         if processing_class is None:
             raise SelfReplayError("pass the model's tokenizer as processing_class")
         if peft_config is not None:
-            from peft import get_peft_model
-
-            model = get_peft_model(model, peft_config)
+            model = with_adapters(model, peft_config)
         tokenizer, T = processing_class, args.max_length
         rows = rows_from_dataset(train_dataset, tokenizer, T) if train_dataset is not None else None
         evals = rows_from_dataset(eval_dataset, tokenizer, T) if eval_dataset is not None else None
