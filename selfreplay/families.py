@@ -236,7 +236,7 @@ class HuggingFaceFamily:
         if r.method not in ("ntp", "kl"):
             return None
         return ReplayPool(reference, data.replay_format, r.batch_size, r.buffer, r.length, r.temperature, r.top_p,
-                          seed=config.seed, keep_hidden=r.method == "kl", pool_dir=r.pool)
+                          seed=config.seed, keep_hidden=r.method == "kl", pool_dir=r.pool, decode_batch=r.decode_batch)
 
     def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
         sets = {"old": HeadValidationSet(torch.from_numpy(data.old.sequences), reference)}

@@ -73,8 +73,10 @@ class ReplayPool:
 
     def __init__(self, reference: CausalLM, form: ReplayFormat, batch_size: int, buffer: int, length: int,
                  temperature: float = 1.0, top_p: float | None = None, seed: int = 0, keep_hidden: bool = True,
-                 pool_dir: str | Path | None = None, repeat: bool = False, rank: int = 0, world_size: int = 1):
+                 pool_dir: str | Path | None = None, repeat: bool = False, rank: int = 0, world_size: int = 1,
+                 decode_batch: int = 128):
         self.reference, self.form, self.keep_hidden = reference, form, keep_hidden
+        self.decode_batch = decode_batch  # samples decoded together: a larger batch draws faster, in more memory
         self.batch_size, self.buffer, self.length = batch_size, buffer, length
         self.temperature, self.top_p, self.repeat = temperature, top_p, repeat
         self.generator = torch.Generator(device=reference.head.weight.device).manual_seed(seed + rank)
@@ -100,7 +102,8 @@ class ReplayPool:
         """Draw `buffer × batch_size` fresh samples from π0."""
         count = self.buffer * self.batch_size
         self.pool = sample_replay(self.reference, self.form, count, self.length, self.temperature, self.top_p,
-                                  self.generator, keep_hidden=self.keep_hidden, offset=self.draws * count)
+                                  self.generator, batch_size=self.decode_batch, keep_hidden=self.keep_hidden,
+                                  offset=self.draws * count)
         self.cursor, self.draws = 0, self.draws + 1
 
     def _from_file(self) -> ReplaySamples:

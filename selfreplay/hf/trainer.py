@@ -38,6 +38,8 @@ class SelfReplayConfig(TrainingArguments):
     replay_coeff: float = field(default=10.0, metadata={"help": "c in loss = NTP(new) + c·R"})
     replay_batch_size: int = field(default=8, metadata={"help": "replay sequences per device per step"})
     replay_buffer: int = field(default=8, metadata={"help": "a draw holds buffer × replay_batch_size samples"})
+    replay_decode_batch: int = field(default=128, metadata={"help": "replay samples decoded together (faster when "
+                                                                    "larger, in more memory)"})
     replay_length: int = field(default=256, metadata={"help": "longest replay sample in tokens, prompt included"})
     replay_temperature: float = 1.0
     replay_top_p: float | None = None
@@ -97,7 +99,8 @@ class SelfReplayTrainer(Trainer):
         form = replay_format(tokenizer, chat, a.replay_system, a.replay_prompts, a.replay_stop_at_eos)
         return ReplayPool(self.reference, form, a.replay_batch_size, a.replay_buffer, a.replay_length,
                           a.replay_temperature, a.replay_top_p, seed=a.seed, keep_hidden=a.replay_method == "kl",
-                          pool_dir=a.replay_pool, rank=a.process_index, world_size=a.world_size)
+                          pool_dir=a.replay_pool, rank=a.process_index, world_size=a.world_size,
+                          decode_batch=a.replay_decode_batch)
 
     def train(self, *args, **kwargs):
         """Trainer.train, with the lm-eval tasks of `args.lm_eval_tasks` scored before and after
