@@ -92,7 +92,8 @@ class StopConfig:
 
 @dataclass
 class LogConfig:
-    every_tokens: int = 65536  # measure every this many training tokens
+    every_tokens: int = 65536  # measure every this many training tokens (the first interval, with growth)
+    growth: float = 1.0  # each interval this many times the one before (1: even; 1.05 for runs whose length spans decades)
     checkpoint_every: int = 0  # also checkpoint every this many log points (0: by time alone)
     checkpoint_seconds: float = 300.0  # checkpoint at the first log point this long after the last one (0: never)
     progress: bool = True  # tqdm progress bar
@@ -306,7 +307,7 @@ RANGES = {
     "lora.rank": AT_LEAST_0, "lora.alpha": ABOVE_0,
     "stop.tokens": AT_LEAST_1, "stop.tokens_per_param": ABOVE_0, "stop.epochs": ABOVE_0,
     "stop.target_loss": AT_LEAST_0, "stop.wall_seconds": ABOVE_0, "stop.patience": AT_LEAST_1,
-    "log.every_tokens": AT_LEAST_1, "log.checkpoint_every": AT_LEAST_0, "log.checkpoint_seconds": AT_LEAST_0,
+    "log.every_tokens": AT_LEAST_1, "log.growth": AT_LEAST_1, "log.checkpoint_every": AT_LEAST_0, "log.checkpoint_seconds": AT_LEAST_0,
     "eval.lm_eval_limit": AT_LEAST_1,
 }
 CHOICES = {"replay.method": REGULARIZERS, "replay.source": REPLAY_SOURCES, "optim.schedule": SCHEDULES,

@@ -185,6 +185,19 @@ def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> 
                max(1, round(config.log.every_tokens / tokens_per_step)))
 
 
+def is_log_step(step: int, every: int, growth: float) -> bool:
+    """Whether a log point falls after `step` steps: every `every` steps, or with `growth` > 1 at
+    intervals growing geometrically from `every` (each at least one step longer than the last).
+    A function of the step alone, so a resumed run measures where an uninterrupted one does."""
+    if growth == 1:
+        return step % every == 0
+    point, interval = 0, float(every)
+    while point < step:
+        point += max(1, round(interval))
+        interval *= growth
+    return point == step
+
+
 def _step_budget(config: RunConfig, tokens_per_step: int, train_tokens: int) -> int | None:
     """Steps allowed by the token, tokens-per-parameter and epoch budgets (None: no budget)."""
     s = config.stop
@@ -432,7 +445,7 @@ def _loop(run: Run, progress: Progress) -> None:
             train_step(run, progress)
             bar.update(1)
             at_end = run.total_steps is not None and progress.step >= run.total_steps
-            if progress.step % run.log_every == 0 or at_end or progress.diverged:
+            if is_log_step(progress.step, run.log_every, config.log.growth) or at_end or progress.diverged:
                 log_point(run, progress, measure(run))
                 bar.set_postfix({"loss": f"{progress.last_line['train_loss']:.3f}",
                                  run.target_key: f"{progress.last_line.get(run.target_key, float('nan')):.3f}"})

@@ -28,10 +28,17 @@ def test_compute_ratio_takes_the_fastest_no_replay_run_that_forgets_no_more():
     assert compute_ratio(sweep, Finetuned("kl c=10", 0.30, 4.0)).ratio == pytest.approx(5.0)  # equal counts
 
 
-def test_compute_ratio_is_none_when_nothing_qualifies():
+def test_compute_ratio_is_a_lower_bound_when_replay_forgets_less_than_every_run_that_reached_the_target():
+    sweep = [Finetuned("lr=1e-3", 0.60, 2.0), Finetuned("lr=1e-4", 0.40, 30.0), Finetuned("lr=1e-6", 0.01, None)]
+    result = compute_ratio(sweep, Finetuned("kl", 0.02, 1.5))  # only a run that missed the target forgets less
+    assert result.at_least and result.no_replay.label == "lr=1e-4" and result.ratio == pytest.approx(20.0)
+    assert str(result) == "> 20.0" and str(compute_ratio(sweep, Finetuned("kl", 0.5, 1.5))) == "20.0"
+
+
+def test_compute_ratio_is_none_when_a_side_missed_the_target():
     sweep = [Finetuned("lr=1e-3", 0.60, 2.0), Finetuned("lr=1e-6", 0.01, None)]
-    assert compute_ratio(sweep, Finetuned("kl", 0.02, 3.0)) is None  # only a run that missed the target forgets less
     assert compute_ratio(sweep, Finetuned("kl", 0.9, None)) is None  # the replay run missed the target
+    assert compute_ratio(sweep[1:], Finetuned("kl", 0.02, 3.0)) is None  # no no-replay run reached it
 
 
 def test_rises_allows_a_tolerance():

@@ -9,7 +9,7 @@ from selfreplay.config import load_config
 from selfreplay.errors import SelfReplayError
 from selfreplay.model import ModelConfig, Transformer
 from selfreplay.objective import ReplaySamples, training_loss
-from selfreplay.train import resolve_config, train
+from selfreplay.train import is_log_step, resolve_config, train
 
 from conftest import MODEL, finetune_config
 
@@ -73,6 +73,19 @@ def test_a_run_stopped_by_its_wall_time_cap_says_so_after_its_final_measurement(
                                     "log.every_tokens=4096"), "finetune")
     assert summary["stop_reason"] == "wall_seconds" and summary["steps"] == 1
     assert json.loads((tmp_path / "capped" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+
+
+def test_log_points_are_even_or_spaced_geometrically():
+    assert [s for s in range(1, 40) if is_log_step(s, 5, 1.0)] == [5, 10, 15, 20, 25, 30, 35]
+    assert [s for s in range(1, 40) if is_log_step(s, 2, 2.0)] == [2, 6, 14, 30]  # intervals 2, 4, 8, 16
+    assert [s for s in range(1, 8) if is_log_step(s, 1, 1.01)] == [1, 2, 3, 4, 5, 6, 7]  # never under one step
+
+
+def test_a_run_with_log_growth_measures_at_growing_intervals_and_at_its_end(corpus, pretrained, tmp_path):
+    config = finetune_config(corpus, pretrained, tmp_path / "ft", "log.growth=2")  # 8 steps, first interval 2
+    train(config, "finetune")
+    lines = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 2, 6, 8]
 
 
 def test_resumed_run_ends_where_an_uninterrupted_one_does(corpus, pretrained, tmp_path, monkeypatch):

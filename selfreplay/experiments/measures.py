@@ -35,6 +35,11 @@ class ComputeRatio:
     ratio: float  # no_replay.seconds_to_target / replay.seconds_to_target
     replay: Finetuned
     no_replay: Finetuned  # the fastest no-replay run that reached the target forgetting <= replay's
+    at_least: bool = False  # no such run: the replay run forgets less than every no-replay run that reached
+    #                         the target, and `no_replay` is the slowest of them (the ratio is a lower bound)
+
+    def __str__(self) -> str:
+        return f"{'> ' if self.at_least else ''}{self.ratio:.1f}"
 
 
 def compute_ratio(no_replay: list[Finetuned], replay: Finetuned) -> ComputeRatio | None:
@@ -43,17 +48,22 @@ def compute_ratio(no_replay: list[Finetuned], replay: Finetuned) -> ComputeRatio
 
     Among no-replay runs that reached the target with forgetting <= the replay run's, the fastest
     is the one needed (a slower one only adds time: the ratio is not inflated by how far down the
-    learning-rate grid goes). None when the replay run missed the target or no such run exists
-    (no learning rate in the sweep forgets as little: the ratio is then beyond what it measured).
+    learning-rate grid goes). When none forgets as little, the rate needed lies beyond the sweep:
+    the ratio is at least the slowest run that reached the target's time over the replay run's
+    (`at_least`; lower rates forget less and take longer). None when the replay run or every
+    no-replay run missed the target.
     """
     if replay.seconds_to_target is None or replay.seconds_to_target <= 0:
         return None
-    qualifying = [run for run in no_replay
-                  if run.seconds_to_target is not None and run.forgetting <= replay.forgetting]
-    if not qualifying:
+    reached = [run for run in no_replay if run.seconds_to_target is not None]
+    qualifying = [run for run in reached if run.forgetting <= replay.forgetting]
+    if qualifying:
+        needed = min(qualifying, key=lambda run: run.seconds_to_target)
+        return ComputeRatio(needed.seconds_to_target / replay.seconds_to_target, replay, needed)
+    if not reached:
         return None
-    needed = min(qualifying, key=lambda run: run.seconds_to_target)
-    return ComputeRatio(needed.seconds_to_target / replay.seconds_to_target, replay, needed)
+    slowest = max(reached, key=lambda run: run.seconds_to_target)
+    return ComputeRatio(slowest.seconds_to_target / replay.seconds_to_target, replay, slowest, at_least=True)
 
 
 def rises(values: list[float], tolerance: float = 0.0) -> bool:
