@@ -105,6 +105,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return y.type_as(v)
 
 
+def plus_linear(residual: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """residual + layer(x) for x [B, in], residual [B, out]: for a plain bias-free nn.Linear the
+    matrix product adds the residual itself (addmm), one pass and one allocation fewer; any
+    other layer (a LoRA adapter) is called as it is."""
+    if type(layer) is nn.Linear and layer.bias is None:
+        return torch.addmm(residual, x, layer.weight.t())
+    return residual + layer(x)
+
+
 class KVCache:
     """Preallocated keys and values for incremental decoding: [L, B, heads, T, H] each. Entries
     past the positions written so far are never read, so they start uninitialised."""
@@ -164,7 +173,7 @@ class Attention(nn.Module):
         residual + forward(x[:, None], ..., cache, layer, pos) up to rounding, in fewer operations:
         - a rotation preserves norms, so queries and keys are normalised and then rotated by one
           matrix product, and the query scale H^-1/2 rides on the queries' normalising factors;
-        - the residual is added by the output projection itself (addmm), not by another pass."""
+        - the residual is added by the output projection itself (plus_linear)."""
         B, D = x.shape
         h, H = self.heads, self.head_dim
         qkv = self.qkv(x).view(B, 3, h, H)
@@ -178,7 +187,7 @@ class Attention(nn.Module):
         # (faster here than the fused kernel at one query: benchmarks/kernels.py)
         scores = qk[:, 0, :, None] @ cache.k[layer, :, :, :pos + 1].transpose(-1, -2)  # [B, h, 1, pos + 1]
         y = scores.float().softmax(-1).type_as(cache.v) @ cache.v[layer, :, :, :pos + 1]
-        return torch.addmm(residual, y.view(B, D).type_as(x), self.out.weight.t())
+        return plus_linear(residual, y.view(B, D).type_as(x), self.out)
 
 
 class Block(nn.Module):
@@ -194,9 +203,9 @@ class Block(nn.Module):
 
     def decode(self, x: torch.Tensor, rotation: torch.Tensor, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
         """forward() at one position per row, x: [B, D]; both residual additions ride on the
-        projections' matrix products (addmm)."""
+        projections' matrix products (plus_linear)."""
         x = self.attn.decode(rms_norm(x), rotation, cache, layer, pos, residual=x)
-        return torch.addmm(x, F.gelu(self.up(rms_norm(x))), self.down.weight.t())
+        return plus_linear(x, F.gelu(self.up(rms_norm(x))), self.down)
 
 
 class Transformer(nn.Module):
