@@ -3,6 +3,7 @@
     python benchmarks/replay_cost.py                          # tiny and small, fp32 and bf16+compile
     python benchmarks/replay_cost.py --configs tiny --label before --out FILE.json
     python benchmarks/replay_cost.py --configs tiny replay.decode_batch=128   # overrides for the finetuning runs
+    python benchmarks/replay_cost.py --configs tiny --sampler-only           # the samplers alone (a few minutes)
 
 For each config it pretrains a model briefly on real text (../shared/data/fortunes, else the
 built-in synthetic corpus) and measures, in one process:
@@ -10,7 +11,9 @@ built-in synthetic corpus) and measures, in one process:
   weights a run's replay pool decodes with (float32 on CPU whatever the run's precision), and
   its fraction of this machine's measured fp32 matrix-multiply peak (FLOPs of the decoding:
   the matrix multiplies of every position's forward pass, the output projection and attention
-  over the cached positions);
+  over the cached positions); the sampler as it was before issue 12 (`baseline_sample`, kept
+  here) is timed in turn with today's, its keys ending in `_baseline`, and their ratio
+  `sample_new_vs_baseline_b*`;
 - plain and self-replay-KL finetuning new-task tokens/s (batch 32, replay batch 16, buffer 8,
   sampling included, steady state) and their ratio, for each precision.
 The same script runs against an older checkout (PYTHONPATH=OLD python benchmarks/replay_cost.py
