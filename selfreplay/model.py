@@ -58,9 +58,12 @@ class ModelConfig:
         return self.non_embedding_params + 2 * self.V * self.D
 
 
+RMS_EPS = 1e-6
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm over the last dimension, without a learned scale."""
-    return F.rms_norm(x, (x.shape[-1],), eps=1e-6)
+    return F.rms_norm(x, (x.shape[-1],), eps=RMS_EPS)
 
 
 def rotary_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,18 +80,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
-def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor, query_scale: float) -> torch.Tensor:
-    """[2, H, H] matrices R with x @ R = apply_rotary(x) at one position (cos, sin: [H/2]): the
-    first also multiplies by `query_scale`, for queries; the second is for keys. One decoding
-    step rotates every query and key of a layer with one batched matrix product."""
-    half = cos.shape[0]
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Matrices R [..., H, H] with x @ R = apply_rotary(x) at one position each (cos, sin:
+    [..., H/2], e.g. [T, H/2] for every position). One decoding step rotates every query and
+    key of a layer with one matrix product; the sampler builds the table once per draw."""
+    half = cos.shape[-1]
     idx = torch.arange(half, device=cos.device)
-    rotation = torch.zeros(2 * half, 2 * half, dtype=torch.float32, device=cos.device)
+    rotation = torch.zeros(*cos.shape[:-1], 2 * half, 2 * half, dtype=torch.float32, device=cos.device)
     cos, sin = cos.float(), sin.float()
-    rotation[idx, idx] = rotation[idx + half, idx + half] = cos
-    rotation[idx + half, idx] = -sin
-    rotation[idx, idx + half] = sin
-    return torch.stack((rotation * query_scale, rotation))
+    rotation[..., idx, idx] = rotation[..., idx + half, idx + half] = cos
+    rotation[..., idx + half, idx] = -sin
+    rotation[..., idx, idx + half] = sin
+    return rotation
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -100,6 +103,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     with torch.autocast("cpu", enabled=False):
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
     return y.type_as(v)
+
+
+def plus_linear(residual: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """residual + layer(x) for x [B, in], residual [B, out]: for a plain bias-free nn.Linear the
+    matrix product adds the residual itself (addmm), one pass and one allocation fewer; any
+    other layer (a LoRA adapter) is called as it is."""
+    if type(layer) is nn.Linear and layer.bias is None:
+        return torch.addmm(residual, x, layer.weight.t())
+    return residual + layer(x)
 
 
 class KVCache:
@@ -154,24 +166,28 @@ class Attention(nn.Module):
             y = y.type_as(x)
         return self.out(y.transpose(1, 2).reshape(B, t, D))
 
-    def decode(self, x: torch.Tensor, rotation: torch.Tensor, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
-        """Attention output [B, D] of one new position `pos` per row (x: [B, D], normalised), the
-        same as forward(x[:, None], ..., cache, layer, pos) up to rounding, in fewer operations:
-        queries and keys normalised together and rotated (and the queries scaled) by one
-        matrix product with `rotation` (see rotation_matrices)."""
+    def decode(self, x: torch.Tensor, rotation: torch.Tensor, cache: KVCache, layer: int, pos: int,
+               residual: torch.Tensor) -> torch.Tensor:
+        """residual + the attention output [B, D] of one new position `pos` per row (x: [B, D],
+        normalised; rotation: [H, H] from rotation_matrices at `pos`), the same as
+        residual + forward(x[:, None], ..., cache, layer, pos) up to rounding, in fewer operations:
+        - a rotation preserves norms, so queries and keys are normalised and then rotated by one
+          matrix product, and the query scale H^-1/2 rides on the queries' normalising factors;
+        - the residual is added by the output projection itself (plus_linear)."""
         B, D = x.shape
         h, H = self.heads, self.head_dim
         qkv = self.qkv(x).view(B, 3, h, H)
-        qk = rms_norm(qkv[:, :2]).transpose(0, 1).reshape(2, B * h, H)
-        qk = torch.bmm(qk.to(rotation.dtype), rotation).to(cache.k.dtype)
-        cache.k[layer, :, :, pos] = qk[1].view(B, h, H)
+        qk = qkv[:, :2]
+        scale = qk.square().mean(-1, keepdim=True).add_(RMS_EPS).rsqrt_()  # [B, 2, h, 1]: 1 / rms
+        scale[:, 0] *= H**-0.5
+        qk = ((qk * scale).view(-1, H).to(rotation.dtype) @ rotation).view(B, 2, h, H).to(cache.k.dtype)
+        cache.k[layer, :, :, pos] = qk[:, 1]
         cache.v[layer, :, :, pos] = qkv[:, 2]
         # one query per row against every cached position: two small batched matrix products
-        # (faster here than the fused kernel at one query: benchmarks/kernels.py); the queries
-        # are already scaled
-        scores = qk[0].view(B, h, 1, H) @ cache.k[layer, :, :, :pos + 1].transpose(-1, -2)
+        # (faster here than the fused kernel at one query: benchmarks/kernels.py)
+        scores = qk[:, 0, :, None] @ cache.k[layer, :, :, :pos + 1].transpose(-1, -2)  # [B, h, 1, pos + 1]
         y = scores.float().softmax(-1).type_as(cache.v) @ cache.v[layer, :, :, :pos + 1]
-        return self.out(y.view(B, D).type_as(x))
+        return plus_linear(residual, y.view(B, D).type_as(x), self.out)
 
 
 class Block(nn.Module):
@@ -186,8 +202,10 @@ class Block(nn.Module):
         return x + self.down(F.gelu(self.up(rms_norm(x))))
 
     def decode(self, x: torch.Tensor, rotation: torch.Tensor, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
-        x = x + self.attn.decode(rms_norm(x), rotation, cache, layer, pos)
-        return x + self.down(F.gelu(self.up(rms_norm(x))))
+        """forward() at one position per row, x: [B, D]; both residual additions ride on the
+        projections' matrix products (plus_linear)."""
+        x = self.attn.decode(rms_norm(x), rotation, cache, layer, pos, residual=x)
+        return plus_linear(x, F.gelu(self.up(rms_norm(x))), self.down)
 
 
 class Transformer(nn.Module):
@@ -227,14 +245,16 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, i, start)
         return rms_norm(x)
 
-    def decode(self, tokens: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, cache: KVCache, pos: int, rotation: torch.Tensor | None = None) -> torch.Tensor:
         """One decoding step: the final hidden states [B, D] after tokens [B] at position `pos`,
         with the cache holding positions < pos (this step writes `pos`). The same numbers as
         hidden(tokens[:, None], cache, pos)[:, 0] up to rounding, in fewer and larger operations:
-        what the sampler runs once per position."""
+        what the sampler runs once per position. rotation: rotation_matrices at `pos` [H, H]
+        (the sampler builds every position's once per draw), else built here."""
         if pos >= self.config.T:
             raise ValueError(f"position {pos} is beyond the model's context T={self.config.T}")
-        rotation = rotation_matrices(self.rope_cos[pos], self.rope_sin[pos], self.config.H**-0.5)
+        if rotation is None:
+            rotation = rotation_matrices(self.rope_cos[pos], self.rope_sin[pos])
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             x = block.decode(x, rotation, cache, i, pos)

@@ -10,15 +10,19 @@ import torch
 import torch.nn.functional as F
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.model import KVCache, Transformer
+from selfreplay.model import KVCache, Transformer, rotation_matrices
 
 
 def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row from logits [B, V]; returns [B] (int64). temperature 0 is greedy."""
+    """Draw one token per row from logits [B, V]; returns [B] (int64). temperature 0 is greedy.
+    At temperature 1 without truncation (replay's setting) the weights come from one softmax
+    call, one fused multithreaded pass instead of separate max, subtract and exp passes."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
+    if temperature == 1.0 and top_k is None and (top_p is None or top_p >= 1.0):
+        return inverse_cdf_draw(logits.softmax(-1), generator)
     if temperature != 1.0:
         logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -93,6 +97,10 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
     With return_hidden, also the model's final hidden states [num_samples, length, D] at every
     position of the samples (what `model.hidden` gives on them; `model.head` maps them to the
     model's logits), which the decoding computes anyway but for the last position.
+
+    Per draw rather than per step: every position's rotation matrix, the output projection
+    transposed to [D, V] (a contiguous right operand: the largest matrix product of a step runs
+    faster), and one logits buffer [batch_size, V] that each step's product writes into.
     """
     config = model.config
     length = config.T if length is None else length
@@ -105,18 +113,22 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
     out = torch.empty(num_samples, length, dtype=torch.long, device=device)
     dtype = next(model.parameters()).dtype
     hidden = torch.empty(num_samples, length, config.D, dtype=dtype, device=device) if return_hidden else None
+    rotations = rotation_matrices(model.rope_cos[:length], model.rope_sin[:length])  # [length, H, H]
+    head = model.head.weight.t().contiguous()  # [D, V]
+    logits = torch.empty(min(batch_size, num_samples), config.V, dtype=dtype, device=device)
     for lo in range(0, num_samples, batch_size):
         hi = min(lo + batch_size, num_samples)
         cache = KVCache(config, hi - lo, device=device, dtype=KVCache.storage_dtype(dtype, device), length=length)
         tokens = out[lo:hi]
         tokens[:, 0] = first[lo:hi]
         for pos in range(length - 1):
-            h = model.decode(tokens[:, pos], cache, pos)
+            h = model.decode(tokens[:, pos], cache, pos, rotations[pos])
             if hidden is not None:
                 hidden[lo:hi, pos] = h
-            tokens[:, pos + 1] = next_token(model.head(h), temperature, top_k, top_p, generator)
+            step_logits = torch.mm(h, head, out=logits[:hi - lo])
+            tokens[:, pos + 1] = next_token(step_logits, temperature, top_k, top_p, generator)
         if hidden is not None:
-            hidden[lo:hi, length - 1] = model.decode(tokens[:, -1], cache, length - 1)
+            hidden[lo:hi, length - 1] = model.decode(tokens[:, -1], cache, length - 1, rotations[length - 1])
     return (out, hidden) if return_hidden else out
 
 

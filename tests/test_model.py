@@ -70,6 +70,23 @@ def test_single_token_decoding_step_matches_full_forward_at_every_position():
         model.decode(x[:, 0], cache, TINY.T)
 
 
+def test_decoding_step_of_a_model_with_lora_adapters_matches_its_full_forward():
+    # the step adds residuals inside plain linear layers' products; adapters must still count
+    from selfreplay.lora import add_lora
+
+    model = make_model(seed=3)
+    add_lora(model, rank=4)
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "B") and isinstance(module.B, torch.nn.Parameter):
+                module.B.normal_(0.0, 0.1)  # non-zero adapters (they start at zero)
+        x = torch.randint(0, TINY.V, (3, TINY.T))
+        full = model.hidden(x)
+        cache = KVCache(TINY, batch_size=3)
+        steps = torch.stack([model.decode(x[:, i], cache, i) for i in range(TINY.T)], dim=1)
+    assert (steps - full).abs().max().item() <= 1e-5
+
+
 def test_bf16_model_decodes_through_a_float32_cache_on_cpu_and_matches_its_full_forward():
     # the sampler keeps a bf16 model's keys and values in float32 on CPU (KVCache.storage_dtype)
     assert KVCache.storage_dtype(torch.bfloat16, "cpu") == torch.float32

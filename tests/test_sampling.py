@@ -66,13 +66,17 @@ def test_hidden_states_kept_while_decoding_equal_the_full_forward_pass():
             assert torch.allclose(hidden, m.hidden(tokens), atol=1e-5)
 
 
-def full_forward_sampler(m: Transformer, first: int, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
+def full_forward_sampler(m: Transformer, first: int, n: int, length: int, generator: torch.Generator,
+                         temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """The plain reference: the whole prefix through the full forward pass at every step, then
-    torch.multinomial on the softmax."""
+    torch.multinomial on the softmax (of the logits over temperature, the top_k largest kept)."""
     tokens = torch.full((n, 1), first, dtype=torch.long)
     with torch.no_grad():
         for _ in range(length - 1):
-            probs = m(tokens)[:, -1].softmax(-1)
+            logits = m(tokens)[:, -1] / temperature
+            if top_k is not None:
+                logits[logits < logits.topk(top_k, dim=-1).values[:, -1:]] = float("-inf")
+            probs = logits.softmax(-1)
             tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
     return tokens
 
@@ -105,5 +109,22 @@ def test_token_frequencies_of_a_large_draw_match_the_full_forward_sampler():
         assert dof > 20
         assert stat < dof + 6 * (2 * dof) ** 0.5, (pos, stat, dof)  # about 6 standard deviations
     # and a biased draw fails it: the reference shifted by one token id
+    stat, dof = two_sample_chi_square(ours[:, 1], (reference[:, 1] + 1) % config.V, config.V)
+    assert stat > dof + 6 * (2 * dof) ** 0.5
+
+
+def test_tempered_top_k_draws_match_the_full_forward_sampler():
+    # next_token's general path (temperature and top-k), which replay's temperature-1 draws skip
+    config = ModelConfig(D=32, L=2, H=8, T=20, V=300)
+    m = Transformer(config)
+    m.reset_parameters(torch.Generator().manual_seed(2))
+    m.eval()
+    n, length, temperature, top_k = 12000, 4, 0.5, 30
+    ours = sample(m, 5, n, length=length, temperature=temperature, top_k=top_k, seed=0, batch_size=4000)
+    reference = full_forward_sampler(m, 5, n, length, torch.Generator().manual_seed(1), temperature, top_k)
+    for pos in range(1, length):
+        stat, dof = two_sample_chi_square(ours[:, pos], reference[:, pos], config.V)
+        assert dof > 10
+        assert stat < dof + 6 * (2 * dof) ** 0.5, (pos, stat, dof)
     stat, dof = two_sample_chi_square(ours[:, 1], (reference[:, 1] + 1) % config.V, config.V)
     assert stat > dof + 6 * (2 * dof) ** 0.5
