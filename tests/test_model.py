@@ -92,15 +92,16 @@ def test_bf16_model_decodes_through_a_float32_cache_on_cpu_and_matches_its_full_
     assert KVCache.storage_dtype(torch.bfloat16, "cpu") == torch.float32
     assert KVCache.storage_dtype(torch.bfloat16, "cuda") == torch.bfloat16
     model = make_model(seed=1).to(torch.bfloat16)
-    x = torch.randint(0, TINY.V, (3, TINY.T))
+    x = torch.randint(0, TINY.V, (3, TINY.T), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(x)
         cache = KVCache(TINY, batch_size=3, dtype=KVCache.storage_dtype(torch.bfloat16, "cpu"))
         steps = torch.cat([model(x[:, :5], cache=cache, start=0),
                            *[model(x[:, i:i + 1], cache=cache, start=i) for i in range(5, TINY.T)]], dim=1)
     assert steps.dtype == torch.bfloat16 and cache.k.dtype == torch.float32
-    # full-sequence attention runs in float32 on CPU too, so the two paths agree to bf16 rounding
-    assert (steps.float() - full.float()).abs().max().item() <= 1e-2
+    # full-sequence attention runs in float32 on CPU too, so the two paths agree to bf16 rounding:
+    # a logit of magnitude 2-4 is rounded to a multiple of 2^-6, so allow ~2 units of that
+    torch.testing.assert_close(steps.float(), full.float(), atol=1e-2, rtol=1e-2)
 
 
 def test_save_load_round_trip_gives_identical_logits(tmp_path):
