@@ -64,7 +64,9 @@ def test_reproduce_runs_each_experiment_and_writes_one_report_of_claims(tmp_path
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
         assert (out / image).is_file()
     assert (out / "methods" / "report.md").is_file() and (out / "continual" / "report.md").is_file()
-    assert "| methods |" in text.split("## Claims")[0]  # the wall-time table
+    row = next(line for line in text.split("## Claims")[0].splitlines() if line.startswith("| methods |"))
+    wall, run_seconds, finished, failed = [cell.strip() for cell in row.strip("|").split("|")[1:]]
+    assert float(run_seconds) > 0 and int(finished) > 0 and failed == "0"  # the wall-time table
     config = yaml.safe_load((out / "methods" / "pre" / "run" / "config.yaml").read_text())
     assert config["stop"]["tokens"] == 512  # the NAME:VAR=VALUE override reached that experiment
 

@@ -69,12 +69,16 @@ def reproduce(profile: str = "small", out: str | Path = "reproduce", experiments
         say(f"== {name} ({path})")
         started = time.perf_counter()
         runs = run_sweep(path, settings[name], out / name, workers, say=say)
-        timings.append([name, f"{time.perf_counter() - started:.0f}", sum(r.status == "done" for r in runs),
-                        sum(r.status == "failed" for r in runs)])
+        run_seconds = sum(r.summary.get("wall_seconds") or 0.0 for r in runs if r.status == "done")
+        timings.append([name, f"{time.perf_counter() - started:.0f}", f"{run_seconds:.0f}",
+                        sum(r.status == "done" for r in runs), sum(r.status == "failed" for r in runs)])
         sections.append(report_directory(out / name)[1])
     preface = (f"Profile `{profile}`; overrides: {' '.join(overrides or []) or 'none'}. Each experiment's own "
                f"report is in its folder (`NAME/report.md`).\n\n"
-               + markdown_table(["experiment", "wall time (s)", "runs finished", "runs failed"], timings))
+               + "Wall time is this command's; the runs' time adds up each run's own wall time, however many "
+                 "commands ran them (a resumed reproduce keeps finished runs) and however many ran at once.\n\n"
+               + markdown_table(["experiment", "wall time (s)", "runs' time (s)", "runs finished", "runs failed"],
+                                timings))
     path = out / "report.md"
     path.write_text(render(f"Reproducing the paper's findings ({profile} profile)", sections, out, preface))
     say(f"report -> {path}")
