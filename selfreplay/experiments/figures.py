@@ -360,29 +360,30 @@ def learning_rate_figure(spec: dict, runs: list, out: Path) -> Figure:
 # ---------------------------------------------------------------- continual tasks
 
 def continual_figure(spec: dict, runs: list, out: Path) -> Figure:
-    """The accuracy matrices (after task i, on task j), one panel per run (without and with replay)."""
-    done = sorted(finished(spec, runs), key=lambda r: r.summary.get("method") != "none")
+    """The accuracy matrices (after task i, on task j): one panel per run, a row of panels
+    (without and with replay) per seed."""
+    done = sorted(finished(spec, runs), key=lambda r: (_seed(r), r.summary.get("method") != "none"))
     if not done:
         raise SelfReplayError(f"no finished continual run in stages {_stages(spec)}")
+    seeds = sorted({_seed(r) for r in done})
+    by_seed = [[r for r in done if _seed(r) == seed] for seed in seeds]
+    columns = max(len(group) for group in by_seed)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(done), figsize=(4.4 * len(done) + 1, 4.2), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(len(seeds), columns, figsize=(4.4 * columns + 1, 4.2 * len(seeds)), squeeze=False,
+                             layout="constrained")
     rows = []
-    for ax, r in zip(axes[0], done):
-        matrix, tasks = r.summary["accuracy"], r.summary["tasks"]
-        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-        for i, row in enumerate(matrix):
-            for j, a in enumerate(row):
-                ax.text(j, i, f"{a:.0%}", ha="center", va="center", fontsize=8, color="white" if a < 0.6 else "black")
-        ax.set_xticks(range(len(tasks)), [t.replace("_", "\n") for t in tasks], fontsize=7)
-        ax.set_yticks(range(len(tasks)), [t.replace("_", "\n") for t in tasks] if ax is axes[0][0] else [], fontsize=7)
-        ax.set_xlabel("accuracy on task")
-        if ax is axes[0][0]:
-            ax.set_ylabel("after training on task")
-        label = "no replay" if r.summary["method"] == "none" else f"self-replay {r.summary['method'].upper()} c={r.summary['coeff']:g}"
-        ax.set_title(label, fontsize=9)
-        rows.append([label, f"{r.summary['average_accuracy']:.1%}", f"{r.summary['bwt']:+.3f}",
-                     ", ".join(f"{x:.0%}" if x is not None else "-" for x in r.summary["retention"])])
-    fig.colorbar(image, ax=axes[0].tolist(), label="exact-answer accuracy", shrink=0.8)
+    for axes_row, group in zip(axes, by_seed):
+        for ax in axes_row[len(group):]:
+            ax.axis("off")
+        for ax, r in zip(axes_row, group):
+            image = _accuracy_panel(ax, r, first=ax is axes_row[0])
+            label = ("no replay" if r.summary["method"] == "none"
+                     else f"self-replay {r.summary['method'].upper()} c={r.summary['coeff']:g}")
+            label += f" (seed {_seed(r)})" if len(seeds) > 1 else ""
+            ax.set_title(label, fontsize=9)
+            rows.append([label, f"{r.summary['average_accuracy']:.1%}", f"{r.summary['bwt']:+.3f}",
+                         ", ".join(f"{x:.0%}" if x is not None else "-" for x in r.summary["retention"])])
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="exact-answer accuracy", shrink=0.8)
     fig.suptitle("Accuracy after each task of the sequence", fontsize=10)
     path = out / f"{spec.get('name', 'continual')}.png"
     fig.savefig(path, dpi=110)
@@ -403,6 +404,26 @@ def continual_figure(spec: dict, runs: list, out: Path) -> Figure:
                f"the diagonal is what was kept. Measured: {measured}.")
     table = markdown_table(["run", "average final accuracy", "BWT", "retained (final / at end of own training)"], rows)
     return Figure(path, "Continual tasks: the accuracy matrix", caption, table, finding)
+
+
+def _seed(run) -> int:
+    return int(run.value("seed") or 0)
+
+
+def _accuracy_panel(ax, run, first: bool):
+    """One run's accuracy matrix, each cell labelled; task names on the axes (rows only on the first panel)."""
+    matrix, tasks = run.summary["accuracy"], run.summary["tasks"]
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    for i, row in enumerate(matrix):
+        for j, a in enumerate(row):
+            ax.text(j, i, f"{a:.0%}", ha="center", va="center", fontsize=8, color="white" if a < 0.6 else "black")
+    names = [t.replace("_", "\n") for t in tasks]
+    ax.set_xticks(range(len(tasks)), names, fontsize=7)
+    ax.set_yticks(range(len(tasks)), names if first else [], fontsize=7)
+    ax.set_xlabel("accuracy on task")
+    if first:
+        ax.set_ylabel("after training on task")
+    return image
 
 
 FIGURES = {"methods": methods_figure, "tokens_per_param": tokens_per_param_figure, "model_size": model_size_figure,
