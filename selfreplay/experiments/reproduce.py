@@ -69,7 +69,8 @@ def reproduce(profile: str = "small", out: str | Path = "reproduce", experiments
         say(f"== {name} ({path})")
         started = time.perf_counter()
         runs = run_sweep(path, settings[name], out / name, workers, say=say)
-        run_seconds = sum(r.summary.get("wall_seconds") or 0.0 for r in runs if r.status == "done")
+        run_seconds = sum(r.summary.get("wall_seconds") or r.summary.get("train_seconds") or 0.0  # continual: train
+                          for r in runs if r.status == "done")
         timings.append([name, f"{time.perf_counter() - started:.0f}", f"{run_seconds:.0f}",
                         sum(r.status == "done" for r in runs), sum(r.status == "failed" for r in runs)])
         sections.append(report_directory(out / name)[1])
