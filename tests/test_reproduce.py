@@ -1,5 +1,6 @@
 """`selfreplay reproduce`: every experiment of a folder run and gathered into one report of claims."""
 
+import csv
 import re
 
 import pytest
@@ -66,7 +67,10 @@ def test_reproduce_runs_each_experiment_and_writes_one_report_of_claims(tmp_path
     assert (out / "methods" / "report.md").is_file() and (out / "continual" / "report.md").is_file()
     row = next(line for line in text.split("## Claims")[0].splitlines() if line.startswith("| methods |"))
     wall, run_seconds, finished, failed = [cell.strip() for cell in row.strip("|").split("|")[1:]]
-    assert float(run_seconds) > 0 and int(finished) > 0 and failed == "0"  # the wall-time table
+    rows = list(csv.DictReader((out / "methods" / "results.csv").open()))
+    expected = sum(float(r["wall_seconds"]) for r in rows if r["status"] == "done")
+    assert expected > 0 and run_seconds == f"{expected:.0f}"  # the runs' own time, from their summaries
+    assert int(finished) == len(rows) and failed == "0"
     config = yaml.safe_load((out / "methods" / "pre" / "run" / "config.yaml").read_text())
     assert config["stop"]["tokens"] == 512  # the NAME:VAR=VALUE override reached that experiment
 
