@@ -134,3 +134,14 @@ def test_report_of_a_single_run_and_the_command_line(sweep_dir, capsys):
     assert (run / "figures" / f"{run.name}.png").exists()
     assert main(["report", str(sweep_dir / "logs")]) == 1
     assert "neither a sweep directory" in capsys.readouterr().err
+
+
+def test_report_flags_a_best_coefficient_at_the_edge_of_the_sweep(sweep_dir):
+    text = write_report(sweep_dir).read_text()
+    length = text.split("### Forgetting against pretraining length")[1].split("### ")[0]
+    size = text.split("### Forgetting against model size")[1].split("### ")[0]
+    # the hand-made forgetting falls with the coefficient: c=10, the largest of c=1 and c=10, wins everywhere
+    assert length.count("| 10 (largest tried) |") == 4
+    assert "At 4 of 4 points the best coefficient is the largest tried" in length
+    # one coefficient is no sweep: nothing to widen
+    assert "largest tried" not in size

@@ -180,15 +180,32 @@ def _capacity_plot(points, out: Path, name: str, xlabel: str, title: str) -> Pat
     return _save(fig, out / f"{name}.png")
 
 
+def best_at_largest(best, replays: list) -> bool:
+    """Whether the best coefficient is the largest of several tried: a larger one might forget less."""
+    coeffs = {float(r.value("replay.coeff")) for r in replays}
+    return best is not None and len(coeffs) > 1 and float(best.value("replay.coeff")) == max(coeffs)
+
+
 def _capacity_table(points, xname: str, xfmt: str) -> str:
     rows = []
     for x, none, best, replays in points:
         coeffs = ", ".join(f"c={float(r.value('replay.coeff')):g}: {fmt(r.summary.get('forgetting'), '{:+.3f}')}"
                            + ("" if reached(r) else " (target missed)") for r in replays)
+        best_c = None
+        if best:
+            best_c = f"{float(best.value('replay.coeff')):g}" + (" (largest tried)" if best_at_largest(best, replays) else "")
         rows.append([xfmt.format(x), fmt(none.summary.get("forgetting"), "{:+.3f}") if none else None,
-                     fmt(best.summary.get("forgetting"), "{:+.3f}") if best else None,
-                     f"{float(best.value('replay.coeff')):g}" if best else None, coeffs or None])
+                     fmt(best.summary.get("forgetting"), "{:+.3f}") if best else None, best_c, coeffs or None])
     return markdown_table([xname, "no replay", "best replay", "best c", "every coefficient"], rows)
+
+
+def _coefficient_range_note(points) -> str:
+    """A sentence for the caption when the coefficient sweep may not contain the best coefficient."""
+    edge = sum(best_at_largest(best, replays) for _, _, best, replays in points)
+    if not edge:
+        return ""
+    return (f" At {edge} of {len(points)} points the best coefficient is the largest tried: a larger one "
+            f"might forget less, so widen the coefficient sweep.")
 
 
 def _capacity_finding(points, rising_with_x: bool, what: str) -> tuple[str, bool | None]:
@@ -216,7 +233,7 @@ def tokens_per_param_figure(spec: dict, runs: list, out: Path) -> Figure:
                       "and is <= 0.01 nats at the smallest budget; without replay it is larger at every budget "
                       "(paper: ~0 up to ~32 tokens/param, 0.18 nats at 10,000)", measured, reproduced)
     caption = ("A model pretrained longer is closer to saturation and must overwrite more to learn the new "
-               f"domain; replay cannot remove that. Measured: {measured}.")
+               f"domain; replay cannot remove that. Measured: {measured}." + _coefficient_range_note(points))
     table = _capacity_table(points, "tokens/param", "{:.0f}")
     return Figure(path, "Forgetting against pretraining length", caption, table, finding)
 
@@ -230,7 +247,7 @@ def model_size_figure(spec: dict, runs: list, out: Path) -> Figure:
     finding = Finding("Pretrained to a common old-domain loss, larger models forget less: best-coefficient "
                       "forgetting falls with size, and no replay forgets more at every size "
                       "(paper: English 3.26 -> 3.005 from 6M to 46M)", measured, reproduced)
-    caption = f"Larger models have room for both domains. Measured: {measured}."
+    caption = f"Larger models have room for both domains. Measured: {measured}." + _coefficient_range_note(points)
     return Figure(path, "Forgetting against model size", caption, _capacity_table(points, "parameters", "{:,.0f}"),
                   finding)
 
