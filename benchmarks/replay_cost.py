@@ -14,8 +14,14 @@ built-in synthetic corpus) and measures, in one process:
   over the cached positions); the sampler as it was before issue 12 (`baseline_sample`, kept
   here) is timed in turn with today's, its keys ending in `_baseline`, and their ratio
   `sample_new_vs_baseline_b*`;
+- the sampler's roofline: its ceiling in sequences/s if every matrix multiply ran at the fp32
+  peak and every cached key and value were read at the read bandwidth measured on a buffer of
+  the cache's size (`sample_roofline_seq_per_s_b*`), the sampler's fraction of that ceiling,
+  and the fractions of it that issue 12's targets (2x the baseline, 45% of the fp32 peak) ask;
 - plain and self-replay-KL finetuning new-task tokens/s (batch 32, replay batch 16, buffer 8,
-  sampling included, steady state) and their ratio, for each precision.
+  sampling included, steady state) and their ratio, for each precision, and from the same
+  measurements: the ratio with sampling free, with the pool drawn at the sampler's ceiling,
+  and the sampler speed a ratio of 0.55 would need (inf: none).
 The same script runs against an older checkout (PYTHONPATH=OLD python benchmarks/replay_cost.py
 --label before) for a before/after table. Prints a table and writes
 benchmarks/results/replay_cost.json. Time it on a quiet machine: nothing else running.
@@ -34,10 +40,46 @@ from pathlib import Path
 import torch
 from speed import CONFIGS, INTERVAL_STEPS, matmul_peak, model_overrides, run_training, token_files
 
-from selfreplay.model import KVCache, ModelConfig, Transformer, rms_norm
+from selfreplay.model import KVCache, ModelConfig, Transformer, flops_per_token, rms_norm
 from selfreplay.sampling import inverse_cdf_draw, sample
 
 PRECISIONS = {"fp32": [], "bf16+compile": ["precision=bf16", "compile=true"]}
+
+
+def cache_bytes(config: ModelConfig) -> float:
+    """Bytes of float32 keys and values that decoding one sequence of T tokens reads: each of the
+    T - 1 single-token steps reads every cached key and value of every layer once."""
+    return sum(config.L * 2 * (pos + 1) * config.D * 4 for pos in range(config.T - 1))
+
+
+def cache_read_bandwidth(config: ModelConfig, batch_size: int, repeats: int = 5) -> float:
+    """GB/s at which this machine reads a float32 buffer the size of the sampler's full KV cache
+    at this decode batch (which decides whether it stays in the last-level cache): the faster of
+    a plain sum and the attention's own batched product (weights [1, T] times [T, H] blocks),
+    the median of `repeats` reads after a warm-up."""
+    blocks = torch.randn(config.L * 2 * batch_size * config.heads, config.T, config.H)
+    weights = torch.rand(len(blocks), 1, config.T)
+    best = 0.0
+    for read in (lambda: blocks.sum(), lambda: torch.bmm(weights, blocks)):
+        read()
+        times = []
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            read()
+            times.append(time.perf_counter() - tick)
+        best = max(best, blocks.numel() * 4 / statistics.median(times) / 1e9)
+    return best
+
+
+REPLAY_BATCH = 16
+
+
+def kl_flop_ratio(config: ModelConfig, batch: int, replay_batch: int) -> float:
+    """Training FLOPs of a self-KL step over a plain one: forward and backward over the new and
+    replay rows together, plus π0's output projection on the replay rows (its hidden states
+    come from the pool)."""
+    plain = batch * config.T * flops_per_token(config)
+    return (plain * (batch + replay_batch) / batch + 2 * replay_batch * config.T * config.D * config.V) / plain
 
 
 def decoding_flops(config: ModelConfig) -> float:
@@ -126,16 +168,19 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
     pretrained = work / f"{name}-pretrain"
     run_training("pretrain", [f"out={pretrained}", f"data.tokenizer={files['tokenizer']}",
                               f"data.train={files['old']}", *model_overrides(config), *common], tokens_per_step)
-    row = {"config": name, "params": config.params, "decoding_gflop_per_sequence": decoding_flops(config) / 1e9}
+    row = {"config": name, "params": config.params, "decoding_gflop_per_sequence": decoding_flops(config) / 1e9,
+           "cache_mb_read_per_sequence": cache_bytes(config) / 1e6,
+           "kl_flop_ratio": kl_flop_ratio(config, batch, REPLAY_BATCH)}
 
     model = Transformer.from_pretrained(pretrained).eval()
     for batch_size in (128, 512):
         speeds = sampler_speeds(model, batch_size, repeats)
-        for name, speed in speeds.items():
-            suffix = "" if name == "new" else f"_{name}"
+        for sampler, speed in speeds.items():
+            suffix = "" if sampler == "new" else f"_{sampler}"
             row[f"sample_seq_per_s_b{batch_size}{suffix}"] = speed
             row[f"sample_fraction_of_fp32_peak_b{batch_size}{suffix}"] = speed * decoding_flops(config) / (peak_fp32 * 1e9)
         row[f"sample_new_vs_baseline_b{batch_size}"] = speeds["new"] / speeds["baseline"]
+        row.update(roofline(config, batch_size, peak_fp32, speeds))
     del model
     if sampler_only:
         return row
@@ -146,13 +191,50 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
                                    tokens_per_step)
         kl, warmup, summary = run_training(
             "finetune", [f"out={work / f'{name}-{precision}-kl'}", *finetune, *extra, "replay.method=kl",
-                         "replay.source=self", "replay.batch_size=16", f"replay.buffer={INTERVAL_STEPS}"],
+                         "replay.source=self", f"replay.batch_size={REPLAY_BATCH}", f"replay.buffer={INTERVAL_STEPS}"],
             tokens_per_step)
         row[f"{precision}_plain_tokens_per_s"] = plain
         row[f"{precision}_self_kl_tokens_per_s"] = kl
         row[f"{precision}_kl_vs_plain"] = kl / plain
         row[f"{precision}_sampling_share"] = summary["replay_seconds"] / (summary["train_seconds"] - warmup)
+        row.update(kl_bounds(precision, row))
     return row
+
+
+def roofline(config: ModelConfig, batch_size: int, peak_fp32: float, speeds: dict[str, float]) -> dict:
+    """The sampler's ceiling on this machine at one decode batch: sequences/s if its matrix
+    multiplies ran at the measured fp32 peak and its cache reads at the measured read bandwidth,
+    one after the other (a step needs its keys before its next product); where the sampler and
+    the issue's two targets (2x the baseline, 45% of the fp32 peak) stand against it."""
+    bandwidth = cache_read_bandwidth(config, batch_size)
+    ceiling = 1 / (decoding_flops(config) / (peak_fp32 * 1e9) + cache_bytes(config) / (bandwidth * 1e9))
+    at_45 = 0.45 * peak_fp32 * 1e9 / decoding_flops(config)
+    return {f"cache_read_gb_per_s_b{batch_size}": bandwidth,
+            f"sample_roofline_seq_per_s_b{batch_size}": ceiling,
+            f"sample_fraction_of_roofline_b{batch_size}": speeds["new"] / ceiling,
+            f"target_2x_baseline_fraction_of_roofline_b{batch_size}": 2 * speeds["baseline"] / ceiling,
+            f"target_45pct_peak_fraction_of_roofline_b{batch_size}": at_45 / ceiling}
+
+
+def kl_bounds(precision: str, row: dict, target: float = 0.55) -> dict:
+    """What self-KL/plain could be with faster sampling, from this run's measurements (per
+    new-task token): with sampling free; with the pool drawn at the sampler's ceiling at decode
+    batch 128 (the pool's default; every run's pool decodes with float32 weights on CPU); and
+    the sampler speed (sequences/s at decode batch 128) that `target` needs while the rest of the
+    KL step stays as measured (inf: no sampler speed reaches it). The KL step's training
+    efficiency against plain finetuning's: FLOPs per step over time per step, the KL step's
+    (rows of both batches, and π0's output projection on the replay rows) against plain's."""
+    plain = 1 / row[f"{precision}_plain_tokens_per_s"]
+    kl = 1 / row[f"{precision}_self_kl_tokens_per_s"]
+    sampling = row[f"{precision}_sampling_share"] * kl
+    training = kl - sampling
+    sampling_at_ceiling = sampling * row["sample_seq_per_s_b128"] / row["sample_roofline_seq_per_s_b128"]
+    sampling_allowed = plain / target - training
+    needed = row["sample_seq_per_s_b128"] * sampling / sampling_allowed if sampling_allowed > 0 else float("inf")
+    return {f"{precision}_kl_vs_plain_sampling_free": plain / training,
+            f"{precision}_kl_training_efficiency_vs_plain": row["kl_flop_ratio"] * plain / training,
+            f"{precision}_kl_vs_plain_sampler_at_roofline": plain / (training + sampling_at_ceiling),
+            f"{precision}_sampler_seq_per_s_needed_for_{target}": needed}
 
 
 def main() -> None:
@@ -179,7 +261,7 @@ def main() -> None:
         print()
         for key, value in row.items():
             shown = f"{value:.1%}" if "fraction" in key or "share" in key else (
-                f"{value:.3f}" if "vs" in key or "gflop" in key else f"{value:,.1f}" if isinstance(value, float) else value)
+                f"{value:.3f}" if "vs" in key or "gflop" in key or "gb_per_s" in key or "ratio" in key else f"{value:,.1f}" if isinstance(value, float) else value)
             print(f"  {key:40s} {shown}")
     result = {"label": args.label, "overrides": args.overrides, "matmul_peak_gflops": peaks, "rows": rows, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
