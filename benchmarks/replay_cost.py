@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from kernels import median_ms
 from speed import CONFIGS, INTERVAL_STEPS, matmul_peak, model_overrides, run_training, token_files
 
 from selfreplay.model import KVCache, ModelConfig, Transformer, flops_per_token, rms_norm
@@ -59,16 +60,8 @@ def cache_read_bandwidth(config: ModelConfig, batch_size: int, repeats: int = 5)
     the median of `repeats` reads after a warm-up."""
     blocks = torch.randn(config.L * 2 * batch_size * config.heads, config.T, config.H)
     weights = torch.rand(len(blocks), 1, config.T)
-    best = 0.0
-    for read in (lambda: blocks.sum(), lambda: torch.bmm(weights, blocks)):
-        read()
-        times = []
-        for _ in range(repeats):
-            tick = time.perf_counter()
-            read()
-            times.append(time.perf_counter() - tick)
-        best = max(best, blocks.numel() * 4 / statistics.median(times) / 1e9)
-    return best
+    reads = (lambda: blocks.sum(), lambda: torch.bmm(weights, blocks))
+    return max(blocks.numel() * 4 / (median_ms(read, repeats) / 1e3) / 1e9 for read in reads)
 
 
 REPLAY_BATCH = 16
