@@ -13,13 +13,15 @@ built-in synthetic corpus) and measures, in one process:
   the matrix multiplies of every position's forward pass, the output projection and attention
   over the cached positions); the sampler as it was before issue 12 (`baseline_sample`, kept
   here) is timed in turn with today's, its keys ending in `_baseline`, and their ratio
-  `sample_new_vs_baseline_b*`;
+  `sample_new_vs_baseline_b*`; so is today's sampler through the compiled decoding step
+  (`sample(compile=True)`, what replay.compile=true runs), keys ending in `_compiled`;
 - the sampler's roofline: its ceiling in sequences/s if every matrix multiply ran at the fp32
   peak and every cached key and value were read at the read bandwidth measured on a buffer of
   the cache's size (`sample_roofline_seq_per_s_b*`), the sampler's fraction of that ceiling,
   and the fractions of it that issue 12's targets (2x the baseline, 45% of the fp32 peak) ask;
 - plain and self-replay-KL finetuning new-task tokens/s (batch 32, replay batch 16, buffer 8,
-  sampling included, steady state) and their ratio, for each precision, and from the same
+  sampling included, steady state) and their ratio, for each precision (fp32, bf16+compile, and
+  bf16+compile with the pool decoding through the compiled step), and from the same
   measurements: the ratio with sampling free, with the pool drawn at the sampler's ceiling,
   and the sampler speed a ratio of 0.55 would need (inf: none).
 The same script runs against an older checkout (PYTHONPATH=OLD python benchmarks/replay_cost.py
@@ -30,6 +32,7 @@ benchmarks/results/replay_cost.json. Time it on a quiet machine: nothing else ru
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -44,7 +47,9 @@ from speed import CONFIGS, INTERVAL_STEPS, matmul_peak, model_overrides, run_tra
 from selfreplay.model import KVCache, ModelConfig, Transformer, flops_per_token, rms_norm
 from selfreplay.sampling import inverse_cdf_draw, sample
 
-PRECISIONS = {"fp32": [], "bf16+compile": ["precision=bf16", "compile=true"]}
+PRECISIONS = {"fp32": [], "bf16+compile": ["precision=bf16", "compile=true"],
+              "bf16+compile+decoding": ["precision=bf16", "compile=true", "replay.compile=true"]}
+COMPILED_DECODING = "replay.compile=true"  # a run whose pool decodes through the compiled step
 
 
 def cache_bytes(config: ModelConfig) -> float:
@@ -136,13 +141,13 @@ def baseline_sample(model: Transformer, first_token: int, num_samples: int, seed
     return out
 
 
-SAMPLERS = {"baseline": baseline_sample, "new": sample}
+SAMPLERS = {"baseline": baseline_sample, "new": sample, "compiled": functools.partial(sample, compile=True)}
 
 
 def sampler_speeds(model: Transformer, batch_size: int, repeats: int = 3) -> dict[str, float]:
     """Sequences/s of each sampler in SAMPLERS at one decode batch: the median over `repeats`
     draws after a warm-up, the samplers taking turns (so a slower spell of a shared machine
-    hits both alike)."""
+    hits both alike; the warm-up draw holds the compiled sampler's compilation)."""
     times = {name: [] for name in SAMPLERS}
     for seed in range(repeats + 1):
         for name, draw in SAMPLERS.items():
@@ -173,6 +178,7 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
             row[f"sample_seq_per_s_b{batch_size}{suffix}"] = speed
             row[f"sample_fraction_of_fp32_peak_b{batch_size}{suffix}"] = speed * decoding_flops(config) / (peak_fp32 * 1e9)
         row[f"sample_new_vs_baseline_b{batch_size}"] = speeds["new"] / speeds["baseline"]
+        row[f"sample_compiled_vs_new_b{batch_size}"] = speeds["compiled"] / speeds["new"]
         row.update(roofline(config, batch_size, peak_fp32, speeds))
     del model
     if sampler_only:
@@ -190,7 +196,7 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
         row[f"{precision}_self_kl_tokens_per_s"] = kl
         row[f"{precision}_kl_vs_plain"] = kl / plain
         row[f"{precision}_sampling_share"] = summary["replay_seconds"] / (summary["train_seconds"] - warmup)
-        row.update(kl_bounds(precision, row))
+        row.update(kl_bounds(precision, row, "_compiled" if COMPILED_DECODING in extra else ""))
     return row
 
 
@@ -209,21 +215,23 @@ def roofline(config: ModelConfig, batch_size: int, peak_fp32: float, speeds: dic
             f"target_45pct_peak_fraction_of_roofline_b{batch_size}": at_45 / ceiling}
 
 
-def kl_bounds(precision: str, row: dict, target: float = 0.55) -> dict:
+def kl_bounds(precision: str, row: dict, sampler: str = "", target: float = 0.55) -> dict:
     """What self-KL/plain could be with faster sampling, from this run's measurements (per
     new-task token): with sampling free; with the pool drawn at the sampler's ceiling at decode
     batch 128 (the pool's default; every run's pool decodes with float32 weights on CPU); and
     the sampler speed (sequences/s at decode batch 128) that `target` needs while the rest of the
-    KL step stays as measured (inf: no sampler speed reaches it). The KL step's training
+    KL step stays as measured (inf: no sampler speed reaches it). sampler: the suffix of the
+    sampler the run's pool used ("" eager, "_compiled"). The KL step's training
     efficiency against plain finetuning's: FLOPs per step over time per step, the KL step's
     (rows of both batches, and π0's output projection on the replay rows) against plain's."""
     plain = 1 / row[f"{precision}_plain_tokens_per_s"]
     kl = 1 / row[f"{precision}_self_kl_tokens_per_s"]
     sampling = row[f"{precision}_sampling_share"] * kl
     training = kl - sampling
-    sampling_at_ceiling = sampling * row["sample_seq_per_s_b128"] / row["sample_roofline_seq_per_s_b128"]
+    speed = row[f"sample_seq_per_s_b128{sampler}"]
+    sampling_at_ceiling = sampling * speed / row["sample_roofline_seq_per_s_b128"]
     sampling_allowed = plain / target - training
-    needed = row["sample_seq_per_s_b128"] * sampling / sampling_allowed if sampling_allowed > 0 else float("inf")
+    needed = speed * sampling / sampling_allowed if sampling_allowed > 0 else float("inf")
     return {f"{precision}_kl_vs_plain_sampling_free": plain / training,
             f"{precision}_kl_training_efficiency_vs_plain": row["kl_flop_ratio"] * plain / training,
             f"{precision}_kl_vs_plain_sampler_at_roofline": plain / (training + sampling_at_ceiling),

@@ -63,6 +63,7 @@ class ReplayConfig:
     batch_size: int = 16  # replay sequences per step
     buffer: int = 8  # self replay: the pool holds buffer × batch_size sequences (or decode_batch), redrawn when used up
     decode_batch: int = 128  # self replay: sequences decoded together; a pool holds at least this many
+    compile: bool = False  # self replay: decode through one torch.compile'd step (fuses its small operations)
     temperature: float = 1.0  # sampling temperature of self replay
     domains: str | None = None  # self replay: comma-separated domains (names or ids) its samples start from, in turn; default: the old domain
     length: int = 256  # init=hf: longest replay sample in tokens
@@ -403,6 +404,7 @@ def _validate_hf(config: RunConfig) -> None:
          "replay.system and replay.prompts shape chat samples: set replay.chat=true"),
         (config.stop.tokens_per_param is not None, f"{hf}: set stop.tokens or stop.epochs, not stop.tokens_per_param"),
         (config.compile, f"{hf} runs eagerly: set compile=false"),
+        (r.compile, f"{hf} samples with the model's own generation code: set replay.compile=false"),
         (config.model.reference_dtype != "float32" and config.lora.rank > 0,
          "with LoRA π0 is the model with its adapters disabled, not a copy: drop model.reference_dtype"),
         (shape, f"{hf} takes its shape from the model: drop {', '.join(shape)} (model.T sets the sequence length)"),

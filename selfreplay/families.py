@@ -120,7 +120,7 @@ class BuiltinFamily:
         if r.source == "self":
             sampler = decoding_model(reference, config.precision, device)
             return SelfReplayPool(sampler, replay_domains(config, data), rows, r.buffer, r.temperature, config.seed,
-                                  keep_hidden=r.method == "kl", decode_batch=r.decode_batch)
+                                  keep_hidden=r.method == "kl", decode_batch=r.decode_batch, compile=r.compile)
         return RealReplay(SequenceStream(data.old, config.data.seed + 2), rows, device)
 
     def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:

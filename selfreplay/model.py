@@ -166,11 +166,13 @@ class Attention(nn.Module):
             y = y.type_as(x)
         return self.out(y.transpose(1, 2).reshape(B, t, D))
 
-    def decode(self, x: torch.Tensor, rotation: torch.Tensor, cache: KVCache, layer: int, pos: int,
-               residual: torch.Tensor) -> torch.Tensor:
-        """residual + the attention output [B, D] of one new position `pos` per row (x: [B, D],
-        normalised; rotation: [H, H] from rotation_matrices at `pos`), the same as
-        residual + forward(x[:, None], ..., cache, layer, pos) up to rounding, in fewer operations:
+    def decode(self, x: torch.Tensor, rotation: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               layer: int, residual: torch.Tensor) -> torch.Tensor:
+        """residual + the attention output [B, D] of one new position per row (x: [B, D],
+        normalised; rotation: [H, H] from rotation_matrices at that position; keys, values:
+        [L, B, heads, pos + 1, H], the cache through the new position, which this step writes
+        at `layer`), the same as residual + forward(x[:, None], ..., cache, layer, pos) up to
+        rounding, in fewer operations:
         - a rotation preserves norms, so queries and keys are normalised and then rotated by one
           matrix product, and the query scale H^-1/2 rides on the queries' normalising factors;
         - the residual is added by the output projection itself (plus_linear)."""
@@ -180,14 +182,41 @@ class Attention(nn.Module):
         qk = qkv[:, :2]
         scale = qk.square().mean(-1, keepdim=True).add_(RMS_EPS).rsqrt_()  # [B, 2, h, 1]: 1 / rms
         scale[:, 0] *= H**-0.5
-        qk = ((qk * scale).view(-1, H).to(rotation.dtype) @ rotation).view(B, 2, h, H).to(cache.k.dtype)
-        cache.k[layer, :, :, pos] = qk[:, 1]
-        cache.v[layer, :, :, pos] = qkv[:, 2]
-        # one query per row against every cached position: two small batched matrix products
-        # (faster here than the fused kernel at one query: benchmarks/kernels.py)
-        scores = qk[:, 0, :, None] @ cache.k[layer, :, :, :pos + 1].transpose(-1, -2)  # [B, h, 1, pos + 1]
-        y = scores.float().softmax(-1).type_as(cache.v) @ cache.v[layer, :, :, :pos + 1]
-        return plus_linear(residual, y.view(B, D).type_as(x), self.out)
+        qk = ((qk * scale).view(-1, H).to(rotation.dtype) @ rotation).view(B, 2, h, H).to(keys.dtype)
+        attend = attend_new_position_op if torch.compiler.is_compiling() else attend_new_position
+        y = attend(qk[:, 0], qk[:, 1], qkv[:, 2], keys, values, layer)
+        return plus_linear(residual, y.reshape(B, D).type_as(x), self.out)
+
+
+def attend_new_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                        values: torch.Tensor, layer: int) -> torch.Tensor:
+    """One decoding step's attention in one layer: store the new position's key and value
+    [B, heads, H] as the last position of keys[layer], values[layer] (keys, values:
+    [L, B, heads, t, H], views of the cache), then attend from the query q [B, heads, H]
+    (scaled) over all t positions. Returns [B, heads, H]. Two small batched matrix products
+    with the softmax in float32, faster here than the fused kernel at one query
+    (benchmarks/kernels.py)."""
+    keys, values = keys[layer], values[layer]
+    keys[:, :, -1] = k
+    values[:, :, -1] = v
+    scores = q[:, :, None] @ keys.transpose(-1, -2)  # [B, heads, 1, t]
+    return (scores.float().softmax(-1).type_as(values) @ values).squeeze(2)
+
+
+@torch.library.custom_op("selfreplay::attend_new_position", mutates_args=("keys", "values"))
+def attend_new_position_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor,
+                           values: torch.Tensor, layer: int) -> torch.Tensor:
+    """attend_new_position as one opaque operator inside a compiled decoding step: the compiler
+    fuses the step's small operations around it, while the cache products stay the library's
+    batched matrix products (on CPU, Inductor's own loops for them decoded 3x slower). It
+    mutates the whole cache views it is given, not views of one layer: PyTorch 2.13 wrote a
+    mutated per-layer view back at the wrong layer."""
+    return attend_new_position(q, k, v, keys, values, layer)
+
+
+@attend_new_position_op.register_fake
+def _(q, k, v, keys, values, layer):
+    return torch.empty_like(q, dtype=values.dtype)
 
 
 class Block(nn.Module):
@@ -201,10 +230,12 @@ class Block(nn.Module):
         x = x + self.attn(rms_norm(x), cos, sin, cache, layer, start)
         return x + self.down(F.gelu(self.up(rms_norm(x))))
 
-    def decode(self, x: torch.Tensor, rotation: torch.Tensor, cache: KVCache, layer: int, pos: int) -> torch.Tensor:
-        """forward() at one position per row, x: [B, D]; both residual additions ride on the
-        projections' matrix products (plus_linear)."""
-        x = self.attn.decode(rms_norm(x), rotation, cache, layer, pos, residual=x)
+    def decode(self, x: torch.Tensor, rotation: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               layer: int) -> torch.Tensor:
+        """forward() at one position per row, x: [B, D] (keys, values: the cache through that
+        position, written at `layer`: Attention.decode); both residual additions ride on the projections'
+        matrix products (plus_linear)."""
+        x = self.attn.decode(rms_norm(x), rotation, keys, values, layer, residual=x)
         return plus_linear(x, F.gelu(self.up(rms_norm(x))), self.down)
 
 
@@ -255,9 +286,16 @@ class Transformer(nn.Module):
             raise ValueError(f"position {pos} is beyond the model's context T={self.config.T}")
         if rotation is None:
             rotation = rotation_matrices(self.rope_cos[pos], self.rope_sin[pos])
+        return self.decode_step(tokens, cache.k[:, :, :, :pos + 1], cache.v[:, :, :, :pos + 1], rotation)
+
+    def decode_step(self, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    rotation: torch.Tensor) -> torch.Tensor:
+        """decode() on views of the cache through the new position, keys and values
+        [L, B, heads, pos + 1, H]: the position is their length, not an argument, so one
+        compiled step (torch.compile with dynamic shapes) serves every position."""
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
-            x = block.decode(x, rotation, cache, i, pos)
+            x = block.decode(x, rotation, keys, values, i)
         return rms_norm(x)
 
     def num_params(self, embeddings: bool = True) -> int:

@@ -30,11 +30,13 @@ class SelfReplayPool:
     states on them when keep_hidden (what the KL penalty needs; NTP replay needs only tokens).
 
     Samples start at `domain_id`, or, given several ids, at each in turn (replay of every
-    earlier task in continual learning, say)."""
+    earlier task in continual learning, say). compile: decode through a torch.compile'd step
+    (`sample`)."""
 
     def __init__(self, reference: Transformer, domain_id: int | list[int], batch_size: int, buffer: int,
-                 temperature: float = 1.0, seed: int = 0, keep_hidden: bool = True, decode_batch: int | None = None):
-        self.reference, self.keep_hidden = reference, keep_hidden
+                 temperature: float = 1.0, seed: int = 0, keep_hidden: bool = True, decode_batch: int | None = None,
+                 compile: bool = False):
+        self.reference, self.keep_hidden, self.compile = reference, keep_hidden, compile
         self.batch_size, self.temperature = batch_size, temperature
         self.decode_batch = decode_batch or buffer * batch_size
         # a pool is a whole number of replay batches: buffer of them, or enough for decode_batch
@@ -51,7 +53,8 @@ class SelfReplayPool:
 
     def refill(self) -> None:
         drawn = sample(self.reference, self.first_tokens, self.size, temperature=self.temperature,
-                       generator=self.generator, batch_size=self.decode_batch, return_hidden=self.keep_hidden)
+                       generator=self.generator, batch_size=self.decode_batch, return_hidden=self.keep_hidden,
+                       compile=self.compile)
         self.pool, self.hidden = drawn if self.keep_hidden else (drawn, None)
         self.cursor, self.draws = 0, self.draws + 1
 

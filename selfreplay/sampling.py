@@ -89,7 +89,8 @@ def check_sampling(num_samples: int, length: int, T: int, temperature: float, to
 def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int, length: int | None = None,
            temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            seed: int | None = None, generator: torch.Generator | None = None,
-           batch_size: int = 128, return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+           batch_size: int = 128, return_hidden: bool = False,
+           compile: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sequences [num_samples, length] that start with first_token (an id, or one per sample).
 
     Each batch decodes one token at a time through a KV cache: one forward pass over the
@@ -101,6 +102,12 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
     Per draw rather than per step: every position's rotation matrix, the output projection
     transposed to [D, V] (a contiguous right operand: the largest matrix product of a step runs
     faster), and one logits buffer [batch_size, V] that each step's product writes into.
+
+    compile: run each step's transformer through torch.compile (dynamic shapes: one compilation
+    serves every position after the first, and is reused by later draws from the same model),
+    which fuses the step's many small operations; the draw itself stays eager. The same
+    distribution, but not the same samples as eager decoding for a seed: fused arithmetic
+    rounds differently, and a rare draw lands on the other side of a boundary.
     """
     config = model.config
     length = config.T if length is None else length
@@ -116,19 +123,20 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
     rotations = rotation_matrices(model.rope_cos[:length], model.rope_sin[:length])  # [length, H, H]
     head = model.head.weight.t().contiguous()  # [D, V]
     logits = torch.empty(min(batch_size, num_samples), config.V, dtype=dtype, device=device)
+    step = torch.compile(model.decode_step, dynamic=True) if compile else model.decode_step
     for lo in range(0, num_samples, batch_size):
         hi = min(lo + batch_size, num_samples)
         cache = KVCache(config, hi - lo, device=device, dtype=KVCache.storage_dtype(dtype, device), length=length)
         tokens = out[lo:hi]
         tokens[:, 0] = first[lo:hi]
         for pos in range(length - 1):
-            h = model.decode(tokens[:, pos], cache, pos, rotations[pos])
+            h = step(tokens[:, pos], cache.k[:, :, :, :pos + 1], cache.v[:, :, :, :pos + 1], rotations[pos])
             if hidden is not None:
                 hidden[lo:hi, pos] = h
             step_logits = torch.mm(h, head, out=logits[:hi - lo])
             tokens[:, pos + 1] = next_token(step_logits, temperature, top_k, top_p, generator)
         if hidden is not None:
-            hidden[lo:hi, length - 1] = model.decode(tokens[:, -1], cache, length - 1, rotations[length - 1])
+            hidden[lo:hi, length - 1] = step(tokens[:, -1], cache.k, cache.v, rotations[length - 1])
     return (out, hidden) if return_hidden else out
 
 

@@ -159,6 +159,7 @@ HF_VALID = ["init=hf:some/model", "data.train=new.jsonl", "data.old_text=old.jso
     ("replay.domains=en", "drop replay.domains"),
     ("stop.tokens_per_param=10", "not stop.tokens_per_param"),
     ("compile=true", "compile=false"),
+    ("replay.compile=true", "set replay.compile=false"),
     ("model.D=64", "takes its shape from the model: drop model.D"),
 ])
 def test_hf_settings_it_cannot_take_are_refused_with_one_line(tmp_path, override, message):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from selfreplay.model import ModelConfig, Transformer
@@ -66,6 +67,18 @@ def test_hidden_states_kept_while_decoding_equal_the_full_forward_pass():
             assert torch.allclose(hidden, m.hidden(tokens), atol=1e-5)
 
 
+def test_compiled_decoding_keeps_the_full_forward_hidden_states_and_the_eager_samples():
+    # one compiled step serves every position and a smaller last batch (5 = 2 + 2 + 1)
+    m = model()
+    tokens, hidden = sample(m, 4, 5, seed=3, batch_size=2, return_hidden=True, compile=True)
+    with torch.no_grad():
+        assert torch.allclose(hidden, m.hidden(tokens), atol=1e-5)
+    # fused arithmetic rounds differently, so a rare draw may differ from eager decoding's
+    eager = sample(m, 4, 64, seed=3, batch_size=32)
+    compiled = sample(m, 4, 64, seed=3, batch_size=32, compile=True)
+    assert (compiled == eager).all(1).float().mean() >= 0.9
+
+
 def full_forward_sampler(m: Transformer, first: int, n: int, length: int, generator: torch.Generator,
                          temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
     """The plain reference: the whole prefix through the full forward pass at every step, then
@@ -92,7 +105,8 @@ def two_sample_chi_square(a: torch.Tensor, b: torch.Tensor, V: int) -> tuple[flo
     return stat, int(keep.sum()) - 1
 
 
-def test_token_frequencies_of_a_large_draw_match_the_full_forward_sampler():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_token_frequencies_of_a_large_draw_match_the_full_forward_sampler(compile):
     # A vocabulary of 300 spans several blocks of the two-level inverse CDF (and a padded one);
     # a peaked model makes the test sensitive where most of the mass is.
     config = ModelConfig(D=32, L=2, H=8, T=20, V=300)
@@ -102,7 +116,7 @@ def test_token_frequencies_of_a_large_draw_match_the_full_forward_sampler():
         m.head.weight.mul_(3.0)
     m.eval()
     n, length = 20000, 5
-    ours = sample(m, 7, n, length=length, seed=0, batch_size=5000)
+    ours = sample(m, 7, n, length=length, seed=0, batch_size=5000, compile=compile)
     reference = full_forward_sampler(m, 7, n, length, torch.Generator().manual_seed(1))
     for pos in range(1, length):  # each position's marginal, which depends on every earlier draw
         stat, dof = two_sample_chi_square(ours[:, pos], reference[:, pos], config.V)

@@ -221,9 +221,11 @@ def test_a_finished_run_directory_is_never_overwritten(corpus, pretrained, tmp_p
     assert (pretrained / "weights.safetensors").read_bytes() == before
 
 
-@pytest.mark.parametrize("engine", [["precision=bf16"], ["compile=true"]], ids=["bf16", "compile"])
+@pytest.mark.parametrize("engine", [["precision=bf16"], ["compile=true"], ["replay.compile=true"]],
+                         ids=["bf16", "compile", "compiled-decoding"])
 def test_engine_settings_train_to_nearly_the_same_loss(corpus, pretrained, tmp_path, engine):
-    """bf16 autocast and torch.compile change speed, not what is learned."""
+    """bf16 autocast and torch.compile (of training, or of replay's decoding) change speed, not
+    what is learned."""
     reference = train(finetune_config(corpus, pretrained, tmp_path / "fp32", "replay.method=kl"), "finetune")
     other = train(finetune_config(corpus, pretrained, tmp_path / "other", "replay.method=kl", *engine), "finetune")
     assert other["new_loss"] == pytest.approx(reference["new_loss"], rel=0.01)
