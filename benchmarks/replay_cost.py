@@ -188,14 +188,14 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
     for precision, extra in PRECISIONS.items():
         plain, _, _ = run_training("finetune", [f"out={work / f'{name}-{precision}-plain'}", *finetune, *extra],
                                    tokens_per_step)
-        kl, warmup, summary = run_training(
+        kl, _, summary = run_training(
             "finetune", [f"out={work / f'{name}-{precision}-kl'}", *finetune, *extra, "replay.method=kl",
                          "replay.source=self", f"replay.batch_size={REPLAY_BATCH}", f"replay.buffer={INTERVAL_STEPS}"],
             tokens_per_step)
         row[f"{precision}_plain_tokens_per_s"] = plain
         row[f"{precision}_self_kl_tokens_per_s"] = kl
         row[f"{precision}_kl_vs_plain"] = kl / plain
-        row[f"{precision}_sampling_share"] = summary["replay_seconds"] / (summary["train_seconds"] - warmup)
+        row[f"{precision}_sampling_share"] = summary["steady_replay_share"]
         row.update(kl_bounds(precision, row, "_compiled" if COMPILED_DECODING in extra else ""))
     return row
 

@@ -98,7 +98,9 @@ INTERVAL_STEPS = 8  # = the replay buffer: every interval of a self-KL run draws
 def run_training(mode: str, overrides: list[str], tokens_per_step: int) -> tuple[float, float, dict]:
     """(steady tokens/s, warm-up seconds, summary) of one run: tokens/s over every logging interval but
     the first, and how much longer the first interval took than a steady one (torch.compile's
-    compilation, allocator warm-up). Evaluation at log points is not training time."""
+    compilation, allocator warm-up). Evaluation at log points is not training time. The summary
+    gains `steady_replay_share`: the part of training time spent drawing replay over the same
+    intervals (so a compilation in the first draw counts in neither)."""
     every = INTERVAL_STEPS * tokens_per_step
     config = resolve_config(mode, None, [*overrides, "log.progress=false", "data.val_sequences=16",
                                          f"log.every_tokens={every}"])
@@ -107,7 +109,8 @@ def run_training(mode: str, overrides: list[str], tokens_per_step: int) -> tuple
     seconds = [b["train_seconds"] - a["train_seconds"] for a, b in zip(lines, lines[1:])]
     tokens = [b["tokens"] - a["tokens"] for a, b in zip(lines, lines[1:])]
     steady = sum(tokens[1:]) / sum(seconds[1:])
-    return steady, seconds[0] - tokens[0] / steady, summary
+    replay = lines[-1].get("replay_seconds", 0.0) - lines[1].get("replay_seconds", 0.0)
+    return steady, seconds[0] - tokens[0] / steady, {**summary, "steady_replay_share": replay / sum(seconds[1:])}
 
 
 def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int, extra: list[str]) -> dict:
@@ -124,12 +127,12 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
     finetune = [f"init={pretrain_dir}", f"data.train={files['new']}", *common]
     row["finetune_plain_tokens_per_s"], _, _ = run_training(
         "finetune", [f"out={work / f'{name}-plain'}", *finetune], tokens_per_step)
-    row["finetune_self_kl_tokens_per_s"], kl_warmup, kl = run_training(
+    row["finetune_self_kl_tokens_per_s"], _, kl = run_training(
         "finetune", [f"out={work / f'{name}-kl'}", *finetune, "replay.method=kl", "replay.source=self",
                      "replay.batch_size=16", f"replay.buffer={INTERVAL_STEPS}"], tokens_per_step)
     row["kl_vs_plain"] = row["finetune_self_kl_tokens_per_s"] / row["finetune_plain_tokens_per_s"]
-    # the share of steady training time that replay sampling takes (the eager sampler has no warm-up)
-    row["self_kl_sampling_share"] = kl["replay_seconds"] / (kl["train_seconds"] - kl_warmup)
+    # the share of steady training time that replay sampling takes
+    row["self_kl_sampling_share"] = kl["steady_replay_share"]
 
     model = Transformer.from_pretrained(pretrain_dir).eval()
     # the sampler decodes with the weights the run's replay pool uses: bf16 runs sample in bf16

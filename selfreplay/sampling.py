@@ -6,6 +6,8 @@ fixed length, deterministic given a seed, under `torch.inference_mode`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -123,7 +125,7 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
     rotations = rotation_matrices(model.rope_cos[:length], model.rope_sin[:length])  # [length, H, H]
     head = model.head.weight.t().contiguous()  # [D, V]
     logits = torch.empty(min(batch_size, num_samples), config.V, dtype=dtype, device=device)
-    step = torch.compile(model.decode_step, dynamic=True) if compile else model.decode_step
+    step = functools.partial(compiled_decode_step(), model) if compile else model.decode_step
     for lo in range(0, num_samples, batch_size):
         hi = min(lo + batch_size, num_samples)
         cache = KVCache(config, hi - lo, device=device, dtype=KVCache.storage_dtype(dtype, device), length=length)
@@ -138,6 +140,14 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
         if hidden is not None:
             hidden[lo:hi, length - 1] = step(tokens[:, -1], cache.k, cache.v, rotations[length - 1])
     return (out, hidden) if return_hidden else out
+
+
+@functools.cache
+def compiled_decode_step():
+    """Transformer.decode_step through torch.compile with dynamic shapes, made once per process:
+    each model gets its compiled code on its first draw and keeps it for every later one (a new
+    torch.compile wrapper per draw would compile again)."""
+    return torch.compile(Transformer.decode_step, dynamic=True)
 
 
 def sample_cli(run_dir: str, domain: str, num_samples: int, length: int | None, temperature: float,

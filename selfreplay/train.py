@@ -274,7 +274,7 @@ def log_point(run: Run, progress: Progress, metrics: dict) -> None:
     i = progress.interval
     mean = lambda total: total / i.steps if i.steps else None  # noqa: E731
     line = {"step": progress.step, "tokens": progress.tokens, "epochs": round(run.loader.primary.epochs_done, 4),
-            "train_seconds": round(progress.train_seconds, 3),
+            "train_seconds": round(progress.train_seconds, 3), "replay_seconds": round(progress.replay_seconds, 3),
             "lr": learning_rate(max(0, progress.step - 1), run.config, run.total_steps),
             "train_loss": mean(i.loss), "grad_norm": mean(i.grad_norm),
             "replay_loss": mean(i.replay_loss) if run.config.replay.method not in ("none", "replace") else None,
