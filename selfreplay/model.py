@@ -208,7 +208,7 @@ def attend_new_position_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
                            values: torch.Tensor, layer: int) -> torch.Tensor:
     """attend_new_position as one opaque operator inside a compiled decoding step: the compiler
     fuses the step's small operations around it, while the cache products stay the library's
-    batched matrix products (on CPU, Inductor's own loops for them decoded 3x slower). It
+    batched matrix products (on CPU, a step compiled with them left to Inductor decoded 3x slower). It
     mutates the whole cache views it is given, not views of one layer: PyTorch 2.13 wrote a
     mutated per-layer view back at the wrong layer."""
     return attend_new_position(q, k, v, keys, values, layer)

@@ -37,10 +37,12 @@ def killed_at_log_point(monkeypatch, config, point):
     monkeypatch.setattr(ValidationSet, "evaluate", real_evaluate)
 
 
+WALL_CLOCK = ("train_seconds", "replay_seconds", "tokens_per_second")  # metrics fields that differ run to run
+
+
 def comparable(run_dir):
     """A finished run's metrics lines and weights, without the wall-clock fields."""
-    timing = ("train_seconds", "tokens_per_second")
-    lines = [{k: v for k, v in json.loads(x).items() if k not in timing}
+    lines = [{k: v for k, v in json.loads(x).items() if k not in WALL_CLOCK}
              for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return lines, load_file(str(run_dir / "weights.safetensors"))
 

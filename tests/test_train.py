@@ -12,6 +12,7 @@ from selfreplay.objective import ReplaySamples, training_loss
 from selfreplay.train import is_log_step, resolve_config, train
 
 from conftest import MODEL, finetune_config
+from test_rundir import WALL_CLOCK
 
 def test_pretraining_writes_a_complete_run_directory(pretrained):
     names = {p.name for p in pretrained.iterdir()}
@@ -114,7 +115,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(corpus, pretrained, tm
     for key in ("old_loss", "new_loss", "old_kl", "new_kl", "forgetting", "steps", "tokens", "drift"):
         assert resumed[key] == whole[key], key
     lines = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa
-    strip = lambda p: {k: v for k, v in p.items() if k not in ("train_seconds", "tokens_per_second")}  # noqa
+    strip = lambda p: {k: v for k, v in p.items() if k not in WALL_CLOCK}  # noqa
     assert [strip(p) for p in lines("resumed")] == [strip(p) for p in lines("whole")]
 
 
