@@ -208,9 +208,9 @@ def attend_new_position_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ke
                            values: torch.Tensor, layer: int) -> torch.Tensor:
     """attend_new_position as one opaque operator inside a compiled decoding step: the compiler
     fuses the step's small operations around it, while the cache products stay the library's
-    batched matrix products (on CPU, a step compiled with them left to Inductor decoded 3x slower). It
-    mutates the whole cache views it is given, not views of one layer: PyTorch 2.13 wrote a
-    mutated per-layer view back at the wrong layer."""
+    batched matrix products (on CPU, a step compiled with them left to Inductor decoded 3x
+    slower). It mutates the whole cache views it is given, not views of one layer: PyTorch 2.13
+    wrote a mutated per-layer view back at the wrong layer."""
     return attend_new_position(q, k, v, keys, values, layer)
 
 
@@ -233,8 +233,8 @@ class Block(nn.Module):
     def decode(self, x: torch.Tensor, rotation: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                layer: int) -> torch.Tensor:
         """forward() at one position per row, x: [B, D] (keys, values: the cache through that
-        position, written at `layer`: Attention.decode); both residual additions ride on the projections'
-        matrix products (plus_linear)."""
+        position, written at `layer`: Attention.decode); both residual additions ride on the
+        projections' matrix products (plus_linear)."""
         x = self.attn.decode(rms_norm(x), rotation, keys, values, layer, residual=x)
         return plus_linear(x, F.gelu(self.up(rms_norm(x))), self.down)
 
