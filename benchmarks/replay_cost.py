@@ -21,7 +21,8 @@ built-in synthetic corpus) and measures, in one process:
   and the fractions of it that issue 12's targets (2x the baseline, 45% of the fp32 peak) ask;
 - plain and self-replay-KL finetuning new-task tokens/s (batch 32, replay batch 16, buffer 8,
   sampling included, steady state) and their ratio, for each precision (fp32, bf16+compile, and
-  bf16+compile with the pool decoding through the compiled step), and from the same
+  bf16+compile with the pool decoding through the compiled step): `--pairs` plain and KL runs
+  in turn, the medians kept and every pair's ratio listed; and from the same
   measurements: the ratio with sampling free, with the pool drawn at the sampler's ceiling,
   and the sampler speed a ratio of 0.55 would need (inf: none).
 The same script runs against an older checkout (PYTHONPATH=OLD python benchmarks/replay_cost.py
@@ -159,7 +160,7 @@ def sampler_speeds(model: Transformer, batch_size: int, repeats: int = 3) -> dic
 
 
 def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int, peak_fp32: float,
-            overrides: list[str], repeats: int = 3, sampler_only: bool = False) -> dict:
+            overrides: list[str], repeats: int = 3, sampler_only: bool = False, pairs: int = 2) -> dict:
     batch = 32
     tokens_per_step = batch * config.T
     common = [f"optim.batch_size={batch}", f"stop.tokens={steps * tokens_per_step}", "optim.warmup_steps=10"]
@@ -186,18 +187,30 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
 
     finetune = [f"init={pretrained}", f"data.train={files['new']}", *common, *overrides]
     for precision, extra in PRECISIONS.items():
-        plain, _, _ = run_training("finetune", [f"out={work / f'{name}-{precision}-plain'}", *finetune, *extra],
-                                   tokens_per_step)
-        kl, _, summary = run_training(
-            "finetune", [f"out={work / f'{name}-{precision}-kl'}", *finetune, *extra, "replay.method=kl",
-                         "replay.source=self", f"replay.batch_size={REPLAY_BATCH}", f"replay.buffer={INTERVAL_STEPS}"],
-            tokens_per_step)
-        row[f"{precision}_plain_tokens_per_s"] = plain
-        row[f"{precision}_self_kl_tokens_per_s"] = kl
-        row[f"{precision}_kl_vs_plain"] = kl / plain
-        row[f"{precision}_sampling_share"] = summary["steady_replay_share"]
+        row.update(finetuning_pairs(precision, [*finetune, *extra], work / f"{name}-{precision}", tokens_per_step,
+                                    pairs))
         row.update(kl_bounds(precision, row, "_compiled" if COMPILED_DECODING in extra else ""))
     return row
+
+
+def finetuning_pairs(precision: str, finetune: list[str], work: Path, tokens_per_step: int, pairs: int) -> dict:
+    """Plain and self-KL finetuning run in turn, `pairs` times: the medians of their steady tokens/s
+    and of the KL runs' sampling shares, and the median of the pairs' ratios (each ratio from two
+    runs minutes apart, so a slow spell of a shared machine moves it less than the tokens/s)."""
+    plain, kl, share = [], [], []
+    for pair in range(pairs):
+        plain.append(run_training("finetune", [f"out={work}-plain-{pair}", *finetune], tokens_per_step)[0])
+        tokens_per_s, _, summary = run_training(
+            "finetune", [f"out={work}-kl-{pair}", *finetune, "replay.method=kl", "replay.source=self",
+                         f"replay.batch_size={REPLAY_BATCH}", f"replay.buffer={INTERVAL_STEPS}"], tokens_per_step)
+        kl.append(tokens_per_s)
+        share.append(summary["steady_replay_share"])
+    ratios = [k / p for k, p in zip(kl, plain)]
+    return {f"{precision}_plain_tokens_per_s": statistics.median(plain),
+            f"{precision}_self_kl_tokens_per_s": statistics.median(kl),
+            f"{precision}_kl_vs_plain": statistics.median(ratios),
+            f"{precision}_kl_vs_plain_pairs": ratios,
+            f"{precision}_sampling_share": statistics.median(share)}
 
 
 def roofline(config: ModelConfig, batch_size: int, peak_fp32: float, speeds: dict[str, float]) -> dict:
@@ -238,6 +251,17 @@ def kl_bounds(precision: str, row: dict, sampler: str = "", target: float = 0.55
             f"{precision}_sampler_seq_per_s_needed_for_{target}": needed}
 
 
+def shown(key: str, value) -> str:
+    """One table cell: shares and fractions as percentages, ratios to three places, lists item by item."""
+    if isinstance(value, list):
+        return ", ".join(shown(key, v) for v in value)
+    if "fraction" in key or "share" in key:
+        return f"{value:.1%}"
+    if any(word in key for word in ("vs", "gflop", "gb_per_s", "ratio")):
+        return f"{value:.3f}"
+    return f"{value:,.1f}" if isinstance(value, float) else str(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -247,6 +271,7 @@ def main() -> None:
     parser.add_argument("--label", default="", help="a name for this run in the JSON (e.g. 'before')")
     parser.add_argument("--sampler-repeats", type=int, default=3, help="timed draws per sampler and decode batch")
     parser.add_argument("--sampler-only", action="store_true", help="measure the samplers only, no finetuning runs")
+    parser.add_argument("--pairs", type=int, default=2, help="plain and self-KL finetuning runs in turn, per precision")
     parser.add_argument("overrides", nargs="*", help="config overrides for the finetuning runs")
     args = parser.parse_args()
 
@@ -254,16 +279,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = token_files(Path(tmp), vocab=4096)
         rows = [measure(name, CONFIGS[name], files, Path(tmp), args.steps, peaks["fp32"], args.overrides,
-                        args.sampler_repeats, args.sampler_only) for name in args.configs]
+                        args.sampler_repeats, args.sampler_only, args.pairs) for name in args.configs]
 
     print(f"{args.label or 'this checkout'}: matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} "
           f"GFLOP/s ({torch.get_num_threads()} threads)")
     for row in rows:
         print()
         for key, value in row.items():
-            shown = f"{value:.1%}" if "fraction" in key or "share" in key else (
-                f"{value:.3f}" if "vs" in key or "gflop" in key or "gb_per_s" in key or "ratio" in key else f"{value:,.1f}" if isinstance(value, float) else value)
-            print(f"  {key:40s} {shown}")
+            print(f"  {key:40s} {shown(key, value)}")
     result = {"label": args.label, "overrides": args.overrides, "matmul_peak_gflops": peaks, "rows": rows, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
