@@ -131,6 +131,11 @@ class KVCache:
         slower than float32 does."""
         return torch.float32 if torch.device(device).type == "cpu" else model_dtype
 
+    def through(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of keys and values [L, B, heads, pos + 1, H] through position `pos`: what one
+        decoding step at `pos` reads, and writes at its last position (Transformer.decode_step)."""
+        return self.k[:, :, :, :pos + 1], self.v[:, :, :, :pos + 1]
+
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store keys and values [B, heads, t, H] of positions start..start+t-1."""
         end = start + k.shape[2]
@@ -288,7 +293,7 @@ class Transformer(nn.Module):
             raise ValueError(f"position {pos} is beyond the model's context T={self.config.T}")
         if rotation is None:
             rotation = rotation_matrices(self.rope_cos[pos], self.rope_sin[pos])
-        return self.decode_step(tokens, cache.k[:, :, :, :pos + 1], cache.v[:, :, :, :pos + 1], rotation)
+        return self.decode_step(tokens, *cache.through(pos), rotation)
 
     def decode_step(self, tokens: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     rotation: torch.Tensor) -> torch.Tensor:

@@ -132,13 +132,13 @@ def sample(model: Transformer, first_token: int | torch.Tensor, num_samples: int
         tokens = out[lo:hi]
         tokens[:, 0] = first[lo:hi]
         for pos in range(length - 1):
-            h = step(tokens[:, pos], cache.k[:, :, :, :pos + 1], cache.v[:, :, :, :pos + 1], rotations[pos])
+            h = step(tokens[:, pos], *cache.through(pos), rotations[pos])
             if hidden is not None:
                 hidden[lo:hi, pos] = h
             step_logits = torch.mm(h, head, out=logits[:hi - lo])
             tokens[:, pos + 1] = next_token(step_logits, temperature, top_k, top_p, generator)
         if hidden is not None:
-            hidden[lo:hi, length - 1] = step(tokens[:, -1], cache.k, cache.v, rotations[length - 1])
+            hidden[lo:hi, length - 1] = step(tokens[:, -1], *cache.through(length - 1), rotations[length - 1])
     return (out, hidden) if return_hidden else out
 
 
