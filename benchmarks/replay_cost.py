@@ -19,12 +19,16 @@ built-in synthetic corpus) and measures, in one process:
   peak and every cached key and value were read at the read bandwidth measured on a buffer of
   the cache's size (`sample_roofline_seq_per_s_b*`), the sampler's fraction of that ceiling,
   and the fractions of it that issue 12's targets (2x the baseline, 45% of the fp32 peak) ask;
+- the sampler's kernel floor (`sample_floor_seq_per_s_b*`): its sequences/s if a draw ran
+  nothing but its weight products and its attention over the cache, each timed alone at the
+  draw's shapes on this machine, everything else free; the samplers' and the targets' fractions
+  of it (a target over 100% is out of reach of these kernels here);
 - plain and self-replay-KL finetuning new-task tokens/s (batch 32, replay batch 16, buffer 8,
   sampling included, steady state) and their ratio, for each precision (fp32, bf16+compile, and
   bf16+compile with the pool decoding through the compiled step): `--pairs` plain and KL runs
   in turn, the medians kept and every pair's ratio listed; and from the same
-  measurements: the ratio with sampling free, with the pool drawn at the sampler's ceiling,
-  and the sampler speed a ratio of 0.55 would need (inf: none).
+  measurements: the ratio with sampling free, with the pool drawn at the sampler's ceiling or
+  at its kernel floor, and the sampler speed a ratio of 0.55 would need (inf: none).
 The same script runs against an older checkout (PYTHONPATH=OLD python benchmarks/replay_cost.py
 --label before) for a before/after table. Prints a table and writes
 benchmarks/results/replay_cost.json. Time it on a quiet machine: nothing else running.
@@ -181,6 +185,9 @@ def measure(name: str, config: ModelConfig, files: dict, work: Path, steps: int,
         row[f"sample_new_vs_baseline_b{batch_size}"] = speeds["new"] / speeds["baseline"]
         row[f"sample_compiled_vs_new_b{batch_size}"] = speeds["compiled"] / speeds["new"]
         row.update(roofline(config, batch_size, peak_fp32, speeds))
+        floor = sampler_floor(model, batch_size)
+        row.update(floor)
+        row.update(against_floor(config, batch_size, peak_fp32, speeds, floor[f"sample_floor_seq_per_s_b{batch_size}"]))
     del model
     if sampler_only:
         return row
@@ -228,10 +235,61 @@ def roofline(config: ModelConfig, batch_size: int, peak_fp32: float, speeds: dic
             f"target_45pct_peak_fraction_of_roofline_b{batch_size}": at_45 / ceiling}
 
 
+def sampler_floor(model: Transformer, batch_size: int, repeats: int = 5) -> dict[str, float]:
+    """The sampler's kernel floor at one decode batch, measured rather than modelled: the time a
+    draw of `batch_size` sequences would take if it ran nothing but its weight products (each
+    layer's four projections and the output projection, with the model's weights at the step's
+    shapes, through the calls Transformer.decode_step makes) and its attention over the cache
+    (attend_new_position's two batched products and softmax, one layer at every position, times
+    the layers), each timed alone here; norms, rotations, GELU, cache writes and the draw cost
+    nothing in it. Unlike the roofline, it uses this machine's own speed on these shapes."""
+    config = model.config
+    head = model.head.weight.t().contiguous()
+    with torch.inference_mode():
+        x, wide = torch.randn(batch_size, config.D), torch.randn(batch_size, 4 * config.D)
+        logits = torch.empty(batch_size, config.V)
+
+        def weight_products():
+            for block in model.blocks:
+                torch.nn.functional.linear(x, block.attn.qkv.weight)
+                torch.addmm(x, x, block.attn.out.weight.t())
+                torch.nn.functional.linear(x, block.up.weight)
+                torch.addmm(x, wide, block.down.weight.t())
+            torch.mm(x, head, out=logits)
+
+        cache = KVCache(config, batch_size)
+        cache.k.normal_(), cache.v.normal_()
+        q = torch.randn(batch_size, config.heads, config.H) * config.H**-0.5
+
+        def attention(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            scores = q[:, :, None] @ keys.transpose(-1, -2)
+            return scores.float().softmax(-1) @ values
+
+        products_ms = (config.T - 1) * median_ms(weight_products, repeats)
+        attention_ms = config.L * sum(median_ms(functools.partial(attention, *(c[0] for c in cache.through(pos))),
+                                                repeats) for pos in range(config.T - 1))
+    return {f"floor_weight_products_ms_b{batch_size}": products_ms,
+            f"floor_cache_attention_ms_b{batch_size}": attention_ms,
+            f"sample_floor_seq_per_s_b{batch_size}": batch_size / ((products_ms + attention_ms) / 1e3)}
+
+
+def against_floor(config: ModelConfig, batch_size: int, peak_fp32: float, speeds: dict[str, float],
+                  floor: float) -> dict[str, float]:
+    """Where the samplers and issue 12's two targets (2x the baseline, 45% of the fp32 peak) stand
+    against the kernel floor (sampler_floor): a target above 100% of it is out of reach of these
+    kernels on this machine, however little the rest of a step costs."""
+    at_45 = 0.45 * peak_fp32 * 1e9 / decoding_flops(config)
+    return {f"sample_fraction_of_floor_b{batch_size}": speeds["new"] / floor,
+            f"sample_fraction_of_floor_b{batch_size}_compiled": speeds["compiled"] / floor,
+            f"target_2x_baseline_fraction_of_floor_b{batch_size}": 2 * speeds["baseline"] / floor,
+            f"target_45pct_peak_fraction_of_floor_b{batch_size}": at_45 / floor}
+
+
 def kl_bounds(precision: str, row: dict, sampler: str = "", target: float = 0.55) -> dict:
     """What self-KL/plain could be with faster sampling, from this run's measurements (per
-    new-task token): with sampling free; with the pool drawn at the sampler's ceiling at decode
-    batch 128 (the pool's default; every run's pool decodes with float32 weights on CPU); and
+    new-task token): with sampling free; with the pool drawn at the sampler's ceiling, and at its
+    kernel floor, at decode batch 128 (the pool's default; every run's pool decodes with float32
+    weights on CPU); and
     the sampler speed (sequences/s at decode batch 128) that `target` needs while the rest of the
     KL step stays as measured (inf: no sampler speed reaches it). sampler: the suffix of the
     sampler the run's pool used ("" eager, "_compiled"). The KL step's training
@@ -243,11 +301,13 @@ def kl_bounds(precision: str, row: dict, sampler: str = "", target: float = 0.55
     training = kl - sampling
     speed = row[f"sample_seq_per_s_b128{sampler}"]
     sampling_at_ceiling = sampling * speed / row["sample_roofline_seq_per_s_b128"]
+    sampling_at_floor = sampling * speed / row["sample_floor_seq_per_s_b128"]
     sampling_allowed = plain / target - training
     needed = speed * sampling / sampling_allowed if sampling_allowed > 0 else float("inf")
     return {f"{precision}_kl_vs_plain_sampling_free": plain / training,
             f"{precision}_kl_training_efficiency_vs_plain": row["kl_flop_ratio"] * plain / training,
             f"{precision}_kl_vs_plain_sampler_at_roofline": plain / (training + sampling_at_ceiling),
+            f"{precision}_kl_vs_plain_sampler_at_floor": plain / (training + sampling_at_floor),
             f"{precision}_sampler_seq_per_s_needed_for_{target}": needed}
 
 
