@@ -274,8 +274,10 @@ def sampler_floor(model: Transformer, batch_size: int, repeats: int = 5) -> dict
             return scores.float().softmax(-1) @ values
 
         products_ms = (config.T - 1) * median_ms(weight_products, repeats)
-        attention_ms = config.L * sum(median_ms(functools.partial(attention, *(c[0] for c in cache.through(pos))),
-                                                repeats) for pos in range(config.T - 1))
+        attention_ms = 0.0
+        for pos in range(config.T - 1):
+            keys, values = cache.through(pos)  # [L, B, heads, pos + 1, H]: every layer alike, so layer 0 timed
+            attention_ms += config.L * median_ms(functools.partial(attention, keys[0], values[0]), repeats)
     return {f"floor_weight_products_ms_b{batch_size}": products_ms,
             f"floor_cache_attention_ms_b{batch_size}": attention_ms,
             f"sample_floor_seq_per_s_b{batch_size}": batch_size / ((products_ms + attention_ms) / 1e3)}
@@ -285,8 +287,8 @@ def kl_bounds(precision: str, row: dict, sampler: str = "", target: float = 0.55
     """What self-KL/plain could be with faster sampling, from this run's measurements (per
     new-task token): with sampling free; with the pool drawn at the sampler's ceiling, and at its
     kernel floor, at decode batch 128 (the pool's default; every run's pool decodes with float32
-    weights on CPU); and
-    the sampler speed (sequences/s at decode batch 128) that `target` needs while the rest of the
+    weights on CPU); and the sampler speed (sequences/s at decode batch 128) that `target` needs
+    while the rest of the
     KL step stays as measured (inf: no sampler speed reaches it). sampler: the suffix of the
     sampler the run's pool used ("" eager, "_compiled"). The KL step's training
     efficiency against plain finetuning's: FLOPs per step over time per step, the KL step's
