@@ -3,13 +3,13 @@
     python benchmarks/hf_speed.py                       # tiny shape, CPU
     python benchmarks/hf_speed.py --shape D=256,L=6,H=64,T=256 --device cuda --dtype bfloat16
 
-A random built-in model is exported to a transformers directory (selfreplay.hf.export,
+A random built-in model is exported to a transformers directory (selfreplay.model.export,
 identical logits), then measured:
 - self-replay KL finetuning, new-task tokens/s (replay batch 16, buffer 8, sampling
   included, fixed-length samples as the built-in draws them): the built-in step
   (`train.training_loss` with `SelfReplayPool`) and `SelfReplayTrainer` on the export;
 - replay sampling with π0's hidden states kept, tokens/s: the built-in KV-cache sampler
-  and `selfreplay.hf.sampling.sample_replay`.
+  and `selfreplay.replay.hf_sampling.sample_replay`.
 Steady state: the first steps (warm-up, the first draw) are timed apart. Prints a table
 and writes benchmarks/results/hf_speed_<shape>.json.
 """
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.model import ModelConfig, Transformer
-from selfreplay.replay import SelfReplayPool
-from selfreplay.sampling import sample
-from selfreplay.objective import training_loss
+from selfreplay.model.transformer import ModelConfig, Transformer
+from selfreplay.replay.pool import SelfReplayPool
+from selfreplay.replay.sampling import sample
+from selfreplay.objective.methods import training_loss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,7 +60,7 @@ def hf_kl_step_rate(model_dir: str, batch: int, replay_batch: int, buffer: int, 
     """New-task tokens/s of `SelfReplayTrainer` steps with self-replay KL, after `warmup` steps."""
     from transformers import TrainerCallback
 
-    from selfreplay.hf.model import load_causal_lm
+    from selfreplay.model.hf import load_causal_lm
     from selfreplay.hf.trainer import SelfReplayConfig, SelfReplayTrainer
 
     class StepClock(TrainerCallback):
@@ -87,8 +87,8 @@ def hf_kl_step_rate(model_dir: str, batch: int, replay_batch: int, buffer: int, 
 
 def sampling_rates(model: Transformer, model_dir: str, count: int, device, dtype: str | None) -> dict[str, float]:
     """Tokens/s of fixed-length replay sampling with hidden states kept: built-in and HF."""
-    from selfreplay.hf.model import CausalLM, load_causal_lm
-    from selfreplay.hf.sampling import base_format, sample_replay
+    from selfreplay.model.hf import CausalLM, load_causal_lm
+    from selfreplay.replay.hf_sampling import base_format, sample_replay
 
     T = model.config.T
     hf_model, tokenizer = load_causal_lm(model_dir, dtype=dtype, device=device)
@@ -113,7 +113,7 @@ def _sync(device) -> None:
 
 def make_run(config: ModelConfig, folder: Path) -> Transformer:
     """A random built-in model with a small tokenizer, saved as a run directory."""
-    from selfreplay.tokenizer import train_tokenizer
+    from selfreplay.data.tokenizer import train_tokenizer
 
     corpus = folder / "corpus.jsonl"
     words = "the cat dog house river walks sees big small red old new el gato perro casa".split()
@@ -140,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from selfreplay.hf.export import export_hf
+    from selfreplay.model.export import export_hf
 
     config = ModelConfig(**{k: int(v) for k, v in (kv.split("=") for kv in args.shape.split(","))})
     device = torch.device(args.device)

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from selfreplay.experiments.compare import finetune_methods, format_table, plot_old_vs_new, read_curve
-from selfreplay.tokenizer import train_tokenizer
-from selfreplay.tokens import write_token_file
-from selfreplay.train import resolve_config, train
+from selfreplay.data.tokenizer import train_tokenizer
+from selfreplay.data.tokens import write_token_file
+from selfreplay.training.loop import resolve_config, train
 
 MODEL = ["model.D=128", "model.L=4", "model.H=32", "model.T=128", "model.V=4096"]
 METHODS = {

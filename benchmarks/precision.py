@@ -17,7 +17,7 @@ from pathlib import Path
 
 from speed import CONFIGS, model_overrides, token_files
 
-from selfreplay.train import resolve_config, train
+from selfreplay.training.loop import resolve_config, train
 
 
 def pretrain(out: Path, files: dict, tokens: int, precision: str) -> tuple[list[dict], dict]:

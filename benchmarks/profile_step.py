@@ -18,9 +18,9 @@ import time
 import torch
 from torch.profiler import profile
 
-from selfreplay.model import ModelConfig, Transformer
+from selfreplay.model.transformer import ModelConfig, Transformer
 from selfreplay.runtime import autocast
-from selfreplay.objective import ReplaySamples, training_loss
+from selfreplay.objective.methods import ReplaySamples, training_loss
 
 
 def main() -> None:

@@ -49,8 +49,8 @@ import torch
 from kernels import median_ms
 from speed import CONFIGS, INTERVAL_STEPS, matmul_peak, model_overrides, run_training, token_files
 
-from selfreplay.model import KVCache, ModelConfig, Transformer, flops_per_token, rms_norm
-from selfreplay.sampling import inverse_cdf_draw, sample
+from selfreplay.model.transformer import KVCache, ModelConfig, Transformer, flops_per_token, rms_norm
+from selfreplay.replay.sampling import inverse_cdf_draw, sample
 
 PRECISIONS = {"fp32": [], "bf16+compile": ["precision=bf16", "compile=true"],
               "bf16+compile+decoding": ["precision=bf16", "compile=true", "replay.compile=true"]}

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.model import ModelConfig, Transformer
+from selfreplay.model.transformer import ModelConfig, Transformer
 from selfreplay.runtime import autocast
-from selfreplay.sampling import sample
-from selfreplay.objective import ReplaySamples, training_loss
+from selfreplay.replay.sampling import sample
+from selfreplay.objective.methods import ReplaySamples, training_loss
 
 STEPS_PER_POOL = 8  # replay.buffer
 REPLAY_BATCH = 16

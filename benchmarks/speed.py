@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.evaluate import evaluate
-from selfreplay.model import ModelConfig, Transformer, flops_per_token
-from selfreplay.sampling import next_token, sample
-from selfreplay.train import resolve_config, train
+from selfreplay.evaluation.validation import evaluate
+from selfreplay.model.transformer import ModelConfig, Transformer, flops_per_token
+from selfreplay.replay.sampling import next_token, sample
+from selfreplay.training.loop import resolve_config, train
 
 CONFIGS = {
     "tiny": ModelConfig(D=128, L=4, H=32, T=128, V=4096),
@@ -69,13 +69,13 @@ def peak_rss_mib() -> float:
 
 def token_files(work: Path, vocab: int) -> dict[str, Path]:
     """Old (English) and new (Spanish) token files from the shared corpus, or the synthetic one."""
-    from selfreplay.tokenizer import train_tokenizer
-    from selfreplay.tokens import write_token_file
+    from selfreplay.data.tokenizer import train_tokenizer
+    from selfreplay.data.tokens import write_token_file
 
     if (SHARED / "en.jsonl").exists():
         texts = {"old": SHARED / "en.jsonl", "new": SHARED / "es.jsonl"}
     else:
-        from selfreplay.synth import LANGUAGES, write_corpus
+        from selfreplay.data.synth import LANGUAGES, write_corpus
 
         corpus = write_corpus(work / "corpus", num_words=600_000)
         texts = {"old": corpus[LANGUAGES[0]], "new": corpus[LANGUAGES[1]]}

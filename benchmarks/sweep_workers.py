@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from selfreplay.experiments.corpora import synthetic_token_files
-from selfreplay.sweep import cores, run_sweep
+from selfreplay.experiments.sweep import cores, run_sweep
 
 
 def sweep_file(path: Path, points: int, tokens: int) -> Path:

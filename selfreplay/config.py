@@ -21,12 +21,46 @@ from pathlib import Path
 import yaml
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.model import ModelConfig
 
 REGULARIZERS = ("none", "ntp", "kl", "kl_new", "replace")
 REPLAY_SOURCES = ("self", "real")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class ModelConfig:
+    D: int = 256  # model width
+    L: int = 6  # layers
+    H: int = 64  # head dimension (heads = D / H)
+    T: int = 256  # sequence length (the longest context)
+    V: int = 4096  # vocabulary size
+    rope_base: float = 10000.0
+    trust_remote_code: bool = False  # init=hf: run the model repository's own code (only for a model you trust)
+    reference_dtype: str = "float32"  # init=hf, full finetuning: dtype of π0's frozen copy (bfloat16 halves it)
+
+    def __post_init__(self) -> None:
+        for name in ("D", "L", "H", "T", "V"):
+            if getattr(self, name) <= 0:
+                raise SelfReplayError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.D % self.H:
+            raise SelfReplayError(f"model.D={self.D} is not a multiple of the head dimension model.H={self.H}")
+        if self.H % 2:
+            raise SelfReplayError(f"model.H={self.H} must be even for rotary embeddings")
+
+    @property
+    def heads(self) -> int:
+        return self.D // self.H
+
+    @property
+    def non_embedding_params(self) -> int:
+        """12·L·D²: attention (4·D²) and MLP (8·D²) per layer."""
+        return 12 * self.L * self.D**2
+
+    @property
+    def params(self) -> int:
+        """All parameters: the non-embedding ones plus untied input and output embeddings."""
+        return self.non_embedding_params + 2 * self.V * self.D
 
 
 @dataclass

@@ -37,7 +37,7 @@ def corpora(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer(corpora, tmp_path_factory):
     """A vocab-300 tokenizer with domains en (id 0) and es (id 1)."""
-    from selfreplay.tokenizer import train_tokenizer
+    from selfreplay.data.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     return train_tokenizer([str(corpora["en"]), str(corpora["es"])], vocab_size=300, out_dir=out,
@@ -52,9 +52,9 @@ MODEL = ["model.D=32", "model.L=2", "model.H=8", "model.T=32", "model.V=320"]
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A tokenizer and two token files (old: en_synth, new: es_synth) from the synthetic corpus."""
-    from selfreplay.synth import LANGUAGES, write_corpus
-    from selfreplay.tokenizer import train_tokenizer
-    from selfreplay.tokens import write_token_file
+    from selfreplay.data.synth import LANGUAGES, write_corpus
+    from selfreplay.data.tokenizer import train_tokenizer
+    from selfreplay.data.tokens import write_token_file
 
     root = tmp_path_factory.mktemp("corpus")
     texts = write_corpus(root / "text", num_words=40_000, seed=1)
@@ -69,7 +69,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained(corpus, tmp_path_factory):
-    from selfreplay.train import resolve_config, train
+    from selfreplay.training.loop import resolve_config, train
 
     out = tmp_path_factory.mktemp("runs") / "pretrain"
     config = resolve_config("pretrain", None, [
@@ -88,7 +88,7 @@ def finetune_overrides(corpus, pretrained, out, *overrides) -> list[str]:
 
 
 def finetune_config(corpus, pretrained, out, *overrides):
-    from selfreplay.train import resolve_config
+    from selfreplay.training.loop import resolve_config
 
     return resolve_config("finetune", None, finetune_overrides(corpus, pretrained, out, *overrides))
 
@@ -171,7 +171,7 @@ def taught_llama_dir(hf_tokenizer, tiny_llama_dir, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from selfreplay.hf.data import pack_documents, pad_batch, rows_from_dataset
+    from selfreplay.data.text import pack_documents, pad_batch, rows_from_dataset
 
     torch.manual_seed(0)
     threads = torch.get_num_threads()

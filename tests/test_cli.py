@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from selfreplay.cli import main
-from selfreplay.model import ModelConfig, Transformer
+from selfreplay.model.transformer import ModelConfig, Transformer
 
 COMMANDS = [[], ["tokenizer"], ["tokenizer", "train"], ["tokenize"], ["synth"], ["sample"], ["pretrain"],
             ["finetune"], ["demo"], ["export"]]

@@ -33,7 +33,7 @@ def test_every_generator_gives_the_right_answer_at_a_fixed_width():
 
 
 def test_task_files_put_one_task_token_per_task_and_one_token_per_character(tmp_path):
-    from selfreplay.data import TokenSequences
+    from selfreplay.data.sequences import TokenSequences
 
     tokenizer, files = write_task_files(["addition", "sorting"], tmp_path, train_examples=50, seed=0)
     assert tokenizer.domain_id("addition") == 0 and tokenizer.domain_id("sorting") == 1

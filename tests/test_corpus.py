@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from selfreplay.corpus import iter_batches, iter_documents, parse_hf_source
+from selfreplay.data.corpus import iter_batches, iter_documents, parse_hf_source
 from selfreplay.errors import SelfReplayError
 
 

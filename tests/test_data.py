@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from selfreplay.data import BatchLoader, SequenceStream, TokenSequences
+from selfreplay.data.sequences import BatchLoader, SequenceStream, TokenSequences
 from selfreplay.errors import SelfReplayError
-from selfreplay.tokens import DTYPE, TokenFileMeta, metadata_path
+from selfreplay.data.tokens import DTYPE, TokenFileMeta, metadata_path
 
 T = 8
 

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from selfreplay.evaluate import ValidationSet, compute_multiplier, evaluate, weight_drift
-from selfreplay.losses import next_token_loss, token_kl
-from selfreplay.model import ModelConfig, Transformer
+from selfreplay.evaluation.validation import ValidationSet, compute_multiplier, evaluate, weight_drift
+from selfreplay.objective.losses import next_token_loss, token_kl
+from selfreplay.model.transformer import ModelConfig, Transformer
 
 CONFIG = ModelConfig(D=32, L=1, H=8, T=12, V=40)
 

@@ -1,4 +1,4 @@
-"""`selfreplay finetune init=hf:...`: a Hugging Face causal LM through the training loop of selfreplay.train."""
+"""`selfreplay finetune init=hf:...`: a Hugging Face causal LM through the training loop of selfreplay.training.loop."""
 
 import json
 import math
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 from conftest import conversations, sentences, write_jsonl  # noqa: E402
 from test_rundir import WALL_CLOCK  # noqa: E402
 from selfreplay.errors import SelfReplayError  # noqa: E402
-from selfreplay.train import resolve_config, train  # noqa: E402
+from selfreplay.training.loop import resolve_config, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_a_bfloat16_reference_is_a_half_size_copy_that_still_trains_with_replay(
                                                                                  monkeypatch):
     import torch
 
-    import selfreplay.train as training
+    import selfreplay.training.loop as training
 
     held = {}
     setup = training.setup
@@ -91,7 +91,7 @@ def test_reference_dtype_settings_a_run_cannot_take_are_one_line(taught_llama_di
 def test_old_text_is_measured_on_a_seeded_choice_of_val_sequences_rows(taught_llama_dir, texts, tmp_path):
     import numpy as np
 
-    from selfreplay.train import load_data
+    from selfreplay.training.loop import load_data
 
     every = load_data(hf_config(taught_llama_dir, texts, tmp_path / "a", "data.val_sequences=150"), "finetune").old
     chosen = [load_data(hf_config(taught_llama_dir, texts, tmp_path / "b", "data.val_sequences=5", f"data.seed={seed}"),
@@ -114,7 +114,7 @@ def test_lora_keeps_pi0_as_the_adapter_disabled_network_and_saves_the_adapter(ta
 
 
 def test_a_resumed_hf_run_ends_where_an_uninterrupted_one_does(taught_llama_dir, texts, tmp_path, monkeypatch):
-    from selfreplay.families import HeadValidationSet
+    from selfreplay.evaluation.validation import HeadValidationSet
 
     overrides = ("lora.rank=4", "replay.buffer=3", "log.checkpoint_every=1", "stop.tokens=768")
     whole = train(hf_config(taught_llama_dir, texts, tmp_path / "whole", *overrides), "finetune")
@@ -141,7 +141,7 @@ def test_a_resumed_hf_run_ends_where_an_uninterrupted_one_does(taught_llama_dir,
 
 
 def test_replay_comes_first_from_a_pool_written_by_selfreplay_sample(taught_llama_dir, texts, tmp_path, monkeypatch):
-    from selfreplay.hf.pool import ReplayPool, sample_pool
+    from selfreplay.replay.hf_pool import ReplayPool, sample_pool
 
     sample_pool(f"hf:{taught_llama_dir}", tmp_path / "pool", count=6, length=32, seed=3)
     seen = []
@@ -166,7 +166,7 @@ def test_gpt2_with_its_tied_head_finetunes_with_each_replay_method(tiny_gpt2_dir
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_over(taught_llama_dir, texts, tmp_path, monkeypatch):
-    from selfreplay.families import HeadValidationSet
+    from selfreplay.evaluation.validation import HeadValidationSet
 
     out = tmp_path / "run"
     real_evaluate = HeadValidationSet.evaluate
@@ -232,9 +232,9 @@ def test_conversations_train_on_the_assistants_tokens_with_chat_replay(taught_ll
     import torch
     from transformers import AutoModelForCausalLM
 
-    import selfreplay.train as train_module
-    from selfreplay.hf.chat import chat_turns
-    from selfreplay.hf.data import chat_rows, label_mask, pad_batch
+    import selfreplay.training.loop as train_module
+    from selfreplay.data.chat import chat_turns
+    from selfreplay.data.text import chat_rows, label_mask, pad_batch
 
     steps, real_loss = [], train_module.training_loss
 
@@ -265,8 +265,8 @@ def test_new_loss_on_conversations_counts_only_the_assistants_predictions(taught
 
     import torch
 
-    from selfreplay.families import HeadValidationSet
-    from selfreplay.hf.model import CausalLM, load_causal_lm
+    from selfreplay.evaluation.validation import HeadValidationSet
+    from selfreplay.model.hf import CausalLM, load_causal_lm
 
     lm = CausalLM(load_causal_lm(taught_llama_dir)[0].eval())
     reference = copy.deepcopy(lm)

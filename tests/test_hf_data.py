@@ -8,8 +8,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 from conftest import conversations, sentences, write_jsonl  # noqa: E402
 from selfreplay.errors import SelfReplayError  # noqa: E402
-from selfreplay.hf.chat import assistant_tokens, chat_turns, prompt_tokens  # noqa: E402
-from selfreplay.hf.data import IGNORE, chat_rows, load_rows, pack_text, pad_batch, rows_from_dataset  # noqa: E402
+from selfreplay.data.chat import assistant_tokens, chat_turns, prompt_tokens  # noqa: E402
+from selfreplay.data.text import IGNORE, chat_rows, load_rows, pack_text, pad_batch, rows_from_dataset  # noqa: E402
 
 
 def test_text_is_packed_into_full_rows_with_eos_after_every_document(tmp_path, hf_tokenizer):

@@ -5,9 +5,9 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from selfreplay.errors import SelfReplayError  # noqa: E402
-from selfreplay.hf.export import export_hf  # noqa: E402
-from selfreplay.hf.model import CausalLM  # noqa: E402
-from selfreplay.model import ModelConfig, Transformer  # noqa: E402
+from selfreplay.model.export import export_hf  # noqa: E402
+from selfreplay.model.hf import CausalLM  # noqa: E402
+from selfreplay.model.transformer import ModelConfig, Transformer  # noqa: E402
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from selfreplay.errors import SelfReplayError  # noqa: E402
-from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm, num_parameters  # noqa: E402
+from selfreplay.model.hf import CausalLM, frozen_reference, load_causal_lm, num_parameters  # noqa: E402
 
 
 @pytest.fixture(params=["llama", "gpt2"])

@@ -6,11 +6,11 @@ import torch
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-import selfreplay.hf.pool as pool_module  # noqa: E402
+import selfreplay.replay.hf_pool as pool_module  # noqa: E402
 from selfreplay.errors import SelfReplayError  # noqa: E402
-from selfreplay.hf.model import CausalLM, load_causal_lm  # noqa: E402
-from selfreplay.hf.pool import ReplayPool, read_pool, sample_pool  # noqa: E402
-from selfreplay.hf.sampling import base_format  # noqa: E402
+from selfreplay.model.hf import CausalLM, load_causal_lm  # noqa: E402
+from selfreplay.replay.hf_pool import ReplayPool, read_pool, sample_pool  # noqa: E402
+from selfreplay.replay.hf_sampling import base_format  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import torch
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from selfreplay.hf.chat import chat_turns, prompt_tokens  # noqa: E402
-from selfreplay.hf.model import CausalLM, load_causal_lm  # noqa: E402
-from selfreplay.hf.sampling import base_format, chat_format, sample_replay  # noqa: E402
+from selfreplay.data.chat import chat_turns, prompt_tokens  # noqa: E402
+from selfreplay.model.hf import CausalLM, load_causal_lm  # noqa: E402
+from selfreplay.replay.hf_sampling import base_format, chat_format, sample_replay  # noqa: E402
 
 
 @pytest.fixture(scope="module")

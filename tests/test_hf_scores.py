@@ -37,8 +37,8 @@ def task_dir(tmp_path):
 def test_without_lm_eval_benchmark_scores_say_how_to_get_it(tiny_llama_dir, monkeypatch):
     import sys
 
-    from selfreplay.hf.model import load_causal_lm
-    from selfreplay.hf.scores import benchmark_scores
+    from selfreplay.model.hf import load_causal_lm
+    from selfreplay.evaluation.benchmark_scores import benchmark_scores
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     model, tokenizer = load_causal_lm(tiny_llama_dir)
@@ -70,9 +70,9 @@ def test_a_command_line_run_puts_lm_eval_scores_before_and_after_in_its_summary(
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     from conftest import sentences, write_jsonl
-    from selfreplay.hf.model import load_causal_lm
-    from selfreplay.hf.scores import benchmark_scores
-    from selfreplay.train import resolve_config, train
+    from selfreplay.model.hf import load_causal_lm
+    from selfreplay.evaluation.benchmark_scores import benchmark_scores
+    from selfreplay.training.loop import resolve_config, train
 
     out = tmp_path / "run"
     config = resolve_config("finetune", None, [

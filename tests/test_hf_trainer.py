@@ -11,9 +11,9 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from conftest import conversations, sentences  # noqa: E402
-from selfreplay.hf.data import pad_batch  # noqa: E402
-from selfreplay.hf.model import load_causal_lm, num_parameters  # noqa: E402
-from selfreplay.hf.sampling import base_format, sample_replay  # noqa: E402
+from selfreplay.data.text import pad_batch  # noqa: E402
+from selfreplay.model.hf import load_causal_lm, num_parameters  # noqa: E402
+from selfreplay.replay.hf_sampling import base_format, sample_replay  # noqa: E402
 from selfreplay.hf.trainer import SelfReplayConfig, SelfReplayTrainer  # noqa: E402
 
 

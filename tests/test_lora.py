@@ -1,7 +1,7 @@
 import torch
 
-from selfreplay.lora import LoRALinear, add_lora, effective_weights, merge_lora
-from selfreplay.model import ModelConfig, Transformer
+from selfreplay.model.lora import LoRALinear, add_lora, effective_weights, merge_lora
+from selfreplay.model.transformer import ModelConfig, Transformer
 
 CONFIG = ModelConfig(D=32, L=2, H=8, T=10, V=30)
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import selfreplay.losses as losses
-from selfreplay.losses import (head_kl_divergence, head_next_token_loss, kl_divergence, next_token_loss, token_kl,
+import selfreplay.objective.losses as losses
+from selfreplay.objective.losses import (head_kl_divergence, head_next_token_loss, kl_divergence, next_token_loss, token_kl,
                                token_losses)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.model import KVCache, ModelConfig, Transformer
+from selfreplay.model.transformer import KVCache, ModelConfig, Transformer
 
 TINY = ModelConfig(D=32, L=2, H=8, T=24, V=64)
 
@@ -72,7 +72,7 @@ def test_single_token_decoding_step_matches_full_forward_at_every_position():
 
 def test_decoding_step_of_a_model_with_lora_adapters_matches_its_full_forward():
     # the step adds residuals inside plain linear layers' products; adapters must still count
-    from selfreplay.lora import add_lora
+    from selfreplay.model.lora import add_lora
 
     model = make_model(seed=3)
     add_lora(model, rank=4)
@@ -130,7 +130,7 @@ def test_bad_shapes_are_rejected():
 
 
 def test_attention_under_bf16_autocast_keeps_float32_and_matches_the_float32_model():
-    from selfreplay.model import causal_attention
+    from selfreplay.model.transformer import causal_attention
 
     q, k, v = (torch.randn(2, 4, 16, 8).bfloat16() for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):

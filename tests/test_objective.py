@@ -1,10 +1,10 @@
-"""The one objective (selfreplay.objective) on rows of different lengths with masks, as a
+"""The one objective (selfreplay.objective.methods) on rows of different lengths with masks, as a
 Hugging Face model's batches come: padding changes nothing it computes."""
 
 import torch
 
-from selfreplay.model import ModelConfig, Transformer
-from selfreplay.objective import ReplaySamples, training_loss
+from selfreplay.model.transformer import ModelConfig, Transformer
+from selfreplay.objective.methods import ReplaySamples, training_loss
 
 CONFIG = ModelConfig(D=16, L=1, H=8, T=12, V=40)
 

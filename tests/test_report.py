@@ -10,8 +10,8 @@ import yaml
 from selfreplay.cli import main
 from selfreplay.config import RunConfig, merge, to_dict
 from selfreplay.experiments.continual import ContinualConfig
-from selfreplay.report import write_report
-from selfreplay.sweep import expand_all, parse_sweep
+from selfreplay.experiments.report import write_report
+from selfreplay.experiments.sweep import expand_all, parse_sweep
 
 SWEEP = {
     "description": "Every figure, from hand-made runs.",

@@ -40,7 +40,7 @@ def test_overrides_go_to_every_experiment_or_to_the_one_named():
 
 
 def test_the_repository_experiments_are_found_and_checked(tmp_path):
-    from selfreplay.sweep import check_sweep
+    from selfreplay.experiments.sweep import check_sweep
 
     files = experiment_files(EXPERIMENTS)
     assert {"method_comparison", "capacity", "learning_rate", "continual"} <= set(files)

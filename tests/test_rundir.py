@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate import ValidationSet
+from selfreplay.evaluation.validation import ValidationSet
 from selfreplay.rundir import RunDirectory, changed_settings, strict_json
-from selfreplay.train import TrainingDiverged, train
+from selfreplay.training.loop import TrainingDiverged, train
 
 from conftest import MODEL, finetune_config
 
@@ -182,7 +182,7 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_anything_is_written(
 
 
 def test_pretraining_restart_rule_holds_too(corpus, tmp_path, capsys):
-    from selfreplay.train import resolve_config
+    from selfreplay.training.loop import resolve_config
 
     args = [f"out={tmp_path / 'pre'}", f"data.tokenizer={corpus['tokenizer']}", f"data.train={corpus['old']}",
             *MODEL, "data.val_sequences=16", "stop.tokens=2048", "log.every_tokens=512", "log.progress=false"]

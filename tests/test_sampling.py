@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from selfreplay.model import ModelConfig, Transformer
-from selfreplay.sampling import next_token, sample
+from selfreplay.model.transformer import ModelConfig, Transformer
+from selfreplay.replay.sampling import next_token, sample
 
 TINY = ModelConfig(D=32, L=2, H=8, T=20, V=50)
 

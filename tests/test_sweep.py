@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.sweep import From, Run, derive, expand, load_runs, parse_sweep, point_name, run_sweep
+from selfreplay.experiments.sweep import From, Run, derive, expand, load_runs, parse_sweep, point_name, run_sweep
 
 TINY = {"model.D": 16, "model.L": 1, "model.H": 8, "model.T": 16, "data.val_sequences": 8,
         "optim.batch_size": 4, "optim.warmup_steps": 1, "log.every_tokens": 128}
@@ -108,7 +108,7 @@ def test_derived_values_pick_over_finished_runs_grouped_by_init():
 
 
 def test_a_diverged_point_is_failed_with_what_diverged(tmp_path):
-    from selfreplay.sweep import read_outcome
+    from selfreplay.experiments.sweep import read_outcome
 
     run = Run("pre", "pretrain", tmp_path, {})
     (tmp_path / "summary.json").write_text(json.dumps({"stop_reason": "diverged",
@@ -121,7 +121,7 @@ def test_a_diverged_point_is_failed_with_what_diverged(tmp_path):
 
 @pytest.fixture(scope="module")
 def token_files(corpora, tokenizer, tmp_path_factory):
-    from selfreplay.tokens import write_token_file
+    from selfreplay.data.tokens import write_token_file
 
     root = tmp_path_factory.mktemp("sweep_data")
     tokenizer.save(root / "tok")

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.synth import LANGUAGES, generate_documents, write_corpus
+from selfreplay.data.synth import LANGUAGES, generate_documents, write_corpus
 
 
 def _word_types(documents: list[str]) -> set[str]:

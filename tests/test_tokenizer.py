@@ -4,7 +4,7 @@ import pytest
 import tokenizers
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.tokenizer import load_tokenizer, train_tokenizer
+from selfreplay.data.tokenizer import load_tokenizer, train_tokenizer
 
 TEXTS = ["The cat sees the river today.", "El niño comió jalapeños en la montaña.",
          "café, naïve, résumé", "emoji 🎉🦙 and 中文", "  spaces\tand\ttabs\n\nnewlines  ", ""]

@@ -10,8 +10,8 @@ import pytest
 import tokenizers
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.tokenizer import load_tokenizer
-from selfreplay.tokens import metadata_path, open_tokens, read_token_meta, write_token_file
+from selfreplay.data.tokenizer import load_tokenizer
+from selfreplay.data.tokens import metadata_path, open_tokens, read_token_meta, write_token_file
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,9 +7,9 @@ import torch
 
 from selfreplay.config import load_config
 from selfreplay.errors import SelfReplayError
-from selfreplay.model import ModelConfig, Transformer
-from selfreplay.objective import ReplaySamples, training_loss
-from selfreplay.train import is_log_step, resolve_config, train
+from selfreplay.model.transformer import ModelConfig, Transformer
+from selfreplay.objective.methods import ReplaySamples, training_loss
+from selfreplay.training.loop import is_log_step, resolve_config, train
 
 from conftest import MODEL, finetune_config
 from test_rundir import WALL_CLOCK
@@ -90,7 +90,7 @@ def test_a_run_with_log_growth_measures_at_growing_intervals_and_at_its_end(corp
 
 
 def test_resumed_run_ends_where_an_uninterrupted_one_does(corpus, pretrained, tmp_path, monkeypatch):
-    from selfreplay.evaluate import ValidationSet
+    from selfreplay.evaluation.validation import ValidationSet
 
     overrides = ("replay.method=kl", "replay.source=self", "log.checkpoint_every=1", "stop.tokens=3072")
     whole = train(finetune_config(corpus, pretrained, tmp_path / "whole", *overrides), "finetune")
@@ -148,7 +148,7 @@ def test_a_kill_during_checkpoint_save_leaves_the_previous_checkpoint_loadable(c
 
 
 def test_self_replay_pool_starts_at_the_old_domain_and_is_redrawn_every_buffer_steps(pretrained):
-    from selfreplay.replay import SelfReplayPool
+    from selfreplay.replay.pool import SelfReplayPool
 
     reference = Transformer.from_pretrained(pretrained).eval()
     pool = SelfReplayPool(reference, domain_id=0, batch_size=3, buffer=4, seed=0)
@@ -162,8 +162,8 @@ def test_self_replay_pool_starts_at_the_old_domain_and_is_redrawn_every_buffer_s
 
 
 def test_a_pool_holds_at_least_decode_batch_samples_drawn_together(pretrained, monkeypatch):
-    import selfreplay.replay as replay_module
-    from selfreplay.replay import SelfReplayPool
+    import selfreplay.replay.pool as replay_module
+    from selfreplay.replay.pool import SelfReplayPool
 
     calls = []
     real_sample = replay_module.sample
@@ -177,7 +177,7 @@ def test_a_pool_holds_at_least_decode_batch_samples_drawn_together(pretrained, m
 
 
 def test_replace_puts_floor_cB_replay_rows_in_each_batch(corpus, pretrained, tmp_path, monkeypatch):
-    import selfreplay.train as train_module
+    import selfreplay.training.loop as train_module
 
     seen = []
     real_loss = train_module.training_loss
@@ -234,7 +234,7 @@ def test_engine_settings_train_to_nearly_the_same_loss(corpus, pretrained, tmp_p
 
 
 def test_self_replay_can_start_from_several_domains_in_turn(corpus, pretrained, tmp_path):
-    from selfreplay.replay import SelfReplayPool
+    from selfreplay.replay.pool import SelfReplayPool
 
     pool = SelfReplayPool(Transformer.from_pretrained(pretrained).eval(), [0, 1], batch_size=3, buffer=2, seed=0)
     first = torch.cat([pool.next_batch().tokens[:, 0] for _ in range(2)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selfreplay.train import METRICS_NAME, resolve_config, train
+from selfreplay.training.loop import METRICS_NAME, resolve_config, train
 
 COLUMNS = (("method", "{}"), ("old_loss_0", "{:.3f}"), ("old_loss", "{:.3f}"), ("forgetting", "{:+.3f}"),
            ("new_loss", "{:.3f}"), ("time_to_target_seconds", "{:.1f}"), ("time_to_target_steps", "{}"),

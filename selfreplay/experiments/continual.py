@@ -14,7 +14,7 @@ Tasks, fixed-width digits so that every question of a task has one length:
     sorting           52813=12358
     modular_addition  47+85=35    the sum mod 97; the same questions as addition: only the task token differs
 
-Each task is one run of the training loop (`selfreplay.train.train`) in its own run directory
+Each task is one run of the training loop (`selfreplay.training.loop.train`) in its own run directory
 under OUT: task 0 pretrains (OUT/1-addition), task i finetunes the run of task i-1
 (OUT/2-reversal, ...), so π0 is the model as task i starts; its old domain (old_loss, forgetting)
 is task i-1. The tasks' token files (OUT/data/TASK.bin, documents "question=answer" joined by
@@ -39,7 +39,7 @@ import yaml
 from selfreplay.config import (DataConfig, LogConfig, OptimConfig, ReplayConfig, RunConfig, build, check_ranges, merge,
                                parse_overrides, read_yaml, to_dict)
 from selfreplay.errors import SelfReplayError
-from selfreplay.model import ModelConfig, Transformer
+from selfreplay.model.transformer import ModelConfig, Transformer
 from selfreplay.rundir import CONFIG_NAME, RESUMABLE, SUMMARY_NAME, RunDirectory, changed_settings, notice, write_atomic
 from selfreplay.runtime import resolve_device
 
@@ -147,8 +147,8 @@ def examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
 def write_task_files(names: list[str], out: Path, train_examples: int, seed: int):
     """A character-level tokenizer with one domain (task token) per task, and a token file per
     task of `train_examples` documents "question=answer"; (tokenizer, {task: token file})."""
-    from selfreplay.tokenizer import NUM_BYTES, NUM_SPECIAL, train_tokenizer
-    from selfreplay.tokens import write_token_file
+    from selfreplay.data.tokenizer import NUM_BYTES, NUM_SPECIAL, train_tokenizer
+    from selfreplay.data.tokens import write_token_file
 
     out.mkdir(parents=True, exist_ok=True)
     texts = {}
@@ -278,8 +278,8 @@ def open_continual_dir(out: Path, settings: dict) -> bool:
 
 def task_data(config: ContinualConfig, out: Path):
     """(tokenizer, {task: token file}) in OUT/data, written once: into a staging folder renamed when complete."""
-    from selfreplay.tokenizer import load_tokenizer
-    from selfreplay.tokens import read_token_meta
+    from selfreplay.data.tokenizer import load_tokenizer
+    from selfreplay.data.tokens import read_token_meta
 
     data, names, t = out / "data", config.task_names, config.tasks
     if not data.is_dir():
@@ -300,7 +300,7 @@ def task_data(config: ContinualConfig, out: Path):
 def train_continual(config: ContinualConfig) -> dict:
     """Train the tasks in order, each a `train()` run under `out`; after each, measure accuracy on all
     of them. Returns the summary (also in OUT/summary.json). The same command resumes a killed run."""
-    from selfreplay.train import TrainingDiverged, resolve_config, train
+    from selfreplay.training.loop import TrainingDiverged, resolve_config, train
 
     out, names = Path(config.out).resolve(), config.task_names
     directory = RunDirectory(out)  # for its strict-JSON summary

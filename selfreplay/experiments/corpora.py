@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfreplay.tokenizer import TOKENIZER_FILE, load_tokenizer, train_tokenizer
-from selfreplay.tokens import metadata_path, write_token_file
+from selfreplay.data.tokenizer import TOKENIZER_FILE, load_tokenizer, train_tokenizer
+from selfreplay.data.tokens import metadata_path, write_token_file
 
 
 @dataclass
@@ -38,7 +38,7 @@ def pair_token_files(old_text: str | Path, new_text: str | Path, out_dir: str | 
 
 def synthetic_token_files(out_dir: str | Path, num_words: int, vocab_size: int, seed: int = 0) -> CorpusFiles:
     """The built-in synthetic two-language corpus (`selfreplay synth`) as an old/new pair of token files."""
-    from selfreplay.synth import LANGUAGES, write_corpus
+    from selfreplay.data.synth import LANGUAGES, write_corpus
 
     out = Path(out_dir)
     texts = {language: out / "text" / f"{language}.jsonl" for language in LANGUAGES}

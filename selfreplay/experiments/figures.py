@@ -1,7 +1,7 @@
 """The figures of the paper's experiments, each drawn from a sweep's runs with the claim it tests.
 
 Every figure function takes the report entry of the sweep file (which stages feed it), the
-sweep's runs (`selfreplay.sweep.Run`, summaries loaded) and the folder for the PNG, and returns
+sweep's runs (`selfreplay.experiments.sweep.Run`, summaries loaded) and the folder for the PNG, and returns
 a `Figure`: the image, a caption stating the claim with the measured numbers, the table behind
 it and a `Finding` (the paper's result, this sweep's, reproduced or not).
 """

@@ -56,8 +56,8 @@ def reproduce(profile: str = "small", out: str | Path = "reproduce", experiments
               say=print) -> Path:
     """Run the experiments' sweeps with `profile`, write each one's report and OUT/report.md."""
     from selfreplay.experiments.figures import markdown_table
-    from selfreplay.report import render, report_directory
-    from selfreplay.sweep import check_sweep, run_sweep
+    from selfreplay.experiments.report import render, report_directory
+    from selfreplay.experiments.sweep import check_sweep, run_sweep
 
     out = Path(out).resolve()
     files = experiment_files(Path(experiments) if experiments else EXPERIMENTS, only)

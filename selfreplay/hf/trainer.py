@@ -5,8 +5,8 @@
     trainer.train()
 
 R is the forward KL(π0 ‖ πθ) (or πθ's next-token loss) on sequences that π0, the model as
-it was before finetuning, samples from itself (selfreplay.hf.pool). Both terms go through
-the blockwise losses of selfreplay.losses, so the [tokens, vocabulary] logits never exist
+it was before finetuning, samples from itself (selfreplay.replay.hf_pool). Both terms go through
+the blockwise losses of selfreplay.objective.losses, so the [tokens, vocabulary] logits never exist
 whole. With a peft model π0 is the same network with its adapters disabled. Under torchrun
 or accelerate every rank draws its own replay with its own seed (seed + rank).
 """
@@ -21,11 +21,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.hf.data import label_mask, pad_batch, pad_id, rows_from_dataset
-from selfreplay.hf.model import CausalLM, frozen_reference, load_causal_lm, with_adapters
-from selfreplay.hf.pool import ReplayPool, replay_format
-from selfreplay.losses import head_kl_divergence, head_next_token_loss
-from selfreplay.objective import training_loss
+from selfreplay.data.text import label_mask, pad_batch, pad_id, rows_from_dataset
+from selfreplay.model.hf import CausalLM, frozen_reference, load_causal_lm, with_adapters
+from selfreplay.replay.hf_pool import ReplayPool, replay_format
+from selfreplay.objective.losses import head_kl_divergence, head_next_token_loss
+from selfreplay.objective.methods import training_loss
 
 REPLAY_METHODS = ("none", "kl", "ntp")
 
@@ -117,7 +117,7 @@ class SelfReplayTrainer(Trainer):
         return output
 
     def _benchmark_scores(self, tasks: list[str]) -> dict | None:
-        from selfreplay.hf.scores import benchmark_scores
+        from selfreplay.evaluation.benchmark_scores import benchmark_scores
 
         scores = None
         if self.is_world_process_zero():
@@ -135,7 +135,7 @@ class SelfReplayTrainer(Trainer):
             start = time.perf_counter()
             replay = self.replay.next_batch()
             self._logged["replay_seconds"].append(time.perf_counter() - start)
-        # the objective of every front end (selfreplay.objective), run through the wrapped model
+        # the objective of every front end (selfreplay.objective.methods), run through the wrapped model
         loss, ntp, reg = training_loss(self.lm, self.reference, new, replay, method, self.args.replay_coeff,
                                        trunk=partial(self.lm.hidden, model=model), new_mask=new_mask)
         if model.training:

@@ -1,6 +1,6 @@
 """Any `AutoModelForCausalLM` as the losses see a model: final hidden states and an output projection.
 
-The objective (selfreplay.losses) takes a model's final, normalised hidden states
+The objective (selfreplay.objective.losses) takes a model's final, normalised hidden states
 [B, T, D] and its output-projection weight [V, D], and forms the logits itself a
 block of rows at a time. `CausalLM` gives those two for a transformers model, or a
 peft model around one, by its ordinary forward pass (so DDP and peft wrappers see
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfreplay.corpus import one_line
+from selfreplay.data.corpus import one_line
 from selfreplay.errors import SelfReplayError
 
 _NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep: project no position onto the vocabulary

@@ -1,6 +1,6 @@
 """New-task data for a Hugging Face model, tokenized with the model's own tokenizer.
 
-- Text (`.jsonl`, `.jsonl.gz`, `.txt`, `hf:NAME[:CONFIG[:SPLIT]]`, as in selfreplay.corpus):
+- Text (`.jsonl`, `.jsonl.gz`, `.txt`, `hf:NAME[:CONFIG[:SPLIT]]`, as in selfreplay.data.corpus):
   each document as the tokenizer encodes it (with BOS where the tokenizer adds one),
   EOS after each, all joined and cut into rows of T tokens; every token counts.
 - Conversations (a `messages` field of {role, content} turns): one row per
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfreplay.corpus import iter_batches, one_line, parse_hf_source
+from selfreplay.data.corpus import iter_batches, one_line, parse_hf_source
 from selfreplay.errors import SelfReplayError
-from selfreplay.hf.chat import assistant_tokens
+from selfreplay.data.chat import assistant_tokens
 
 IGNORE = -100  # label of a token whose prediction does not count
 

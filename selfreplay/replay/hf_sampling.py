@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.hf.chat import ChatTurns, chat_turns, prompt_tokens
-from selfreplay.hf.data import pad_id
-from selfreplay.hf.model import CausalLM
-from selfreplay.objective import ReplaySamples
-from selfreplay.sampling import next_token
+from selfreplay.data.chat import ChatTurns, chat_turns, prompt_tokens
+from selfreplay.data.text import pad_id
+from selfreplay.model.hf import CausalLM
+from selfreplay.objective.methods import ReplaySamples
+from selfreplay.replay.sampling import next_token
 
 
 @dataclass

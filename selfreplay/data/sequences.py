@@ -13,13 +13,15 @@ reads exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 
 import numpy as np
 import torch
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.tokens import open_tokens
+from selfreplay.data.tokens import open_tokens
 
 
 class TokenSequences:
@@ -174,3 +176,14 @@ class BatchLoader:
         self.primary.load_state_dict(state["primary"])
         if self.mix is not None and state.get("mix") is not None:
             self.mix.load_state_dict(state["mix"])
+
+
+@dataclass
+class Data:
+    """The rows of a run, read and checked before anything is written."""
+
+    tokenizer: object
+    train: TokenSequences
+    old: TokenSequences | None
+    mix: TokenSequences | None
+    replay_format: object | None = None  # init=hf: where replay samples start (selfreplay.replay.hf_sampling.ReplayFormat)

@@ -6,10 +6,10 @@ R is the forward KL(π0 ‖ πθ) or πθ's next-token loss on replay sequences 
 KL on the new batch itself (`kl_new`), or nothing (`none`; `replace` puts its replay rows
 inside the new batch). A model is anything with `hidden(tokens) -> [B, t, D]` (the final,
 normalised hidden states) and `head.weight` [V, D]: the built-in Transformer, or a Hugging
-Face model through selfreplay.hf.model.CausalLM. The losses apply the output projection
+Face model through selfreplay.model.hf.CausalLM. The losses apply the output projection
 themselves, a block of rows at a time, so the [tokens, vocabulary] logits never exist whole.
 
-`selfreplay.train` (the CLI's loop) and `selfreplay.hf.trainer.SelfReplayTrainer` (the
+`selfreplay.training.loop` (the CLI's loop) and `selfreplay.hf.trainer.SelfReplayTrainer` (the
 transformers Trainer) both call `training_loss`.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from selfreplay.losses import head_kl_divergence, head_next_token_loss
+from selfreplay.objective.losses import head_kl_divergence, head_next_token_loss
 
 
 @dataclass

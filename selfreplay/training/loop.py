@@ -1,13 +1,13 @@
 """Pretraining and finetuning: one plain loop, in named stages.
 
-    loss = NTP(θ; x_new) + c · R        (the objective: `selfreplay.objective.training_loss`)
+    loss = NTP(θ; x_new) + c · R        (the objective: `selfreplay.objective.methods.training_loss`)
 
 `train` reads top to bottom: validate the settings and the data (before anything is
 written), open the run directory (new, resumed or finished: `selfreplay.rundir`), `setup`
 the models, data and replay, then `train_step` until a stop rule fires, with `measure` and
 a log line every `log.every_tokens` and a checkpoint now and then, and `finish` with the
 weights and summary.json. What depends on the model (the built-in Transformer, or a Hugging
-Face causal LM with init=hf:NAME_OR_PATH) comes from its family (`selfreplay.families`).
+Face causal LM with init=hf:NAME_OR_PATH) comes from its family (`selfreplay.training.families`).
 A non-finite loss or gradient norm stops the run at once
 (stop_reason "diverged"); Ctrl-C stops it after the current step with a checkpoint.
 """
@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from selfreplay.config import RunConfig, is_hf, load_config, save_config, to_dict, validate
-from selfreplay.data import BatchLoader, SequenceStream
+from selfreplay.data.sequences import BatchLoader, SequenceStream
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluate import compute_multiplier
-from selfreplay.families import Data, family_of, read_init_run
-from selfreplay.model import CONFIG_NAME, ModelConfig
-from selfreplay.objective import training_loss
+from selfreplay.evaluation.validation import compute_multiplier
+from selfreplay.data.sequences import Data
+from selfreplay.training.families import family_of, read_init_run
+from selfreplay.model.transformer import CONFIG_NAME, ModelConfig
+from selfreplay.objective.methods import training_loss
 from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
 
@@ -130,11 +131,11 @@ class Run:
 
     config: RunConfig
     mode: str
-    family: object  # what depends on the model: selfreplay.families
+    family: object  # what depends on the model: selfreplay.training.families
     directory: RunDirectory
     device: torch.device
     tokenizer: object
-    model: object  # θ: the Transformer, or a Hugging Face model as selfreplay.hf.model.CausalLM
+    model: object  # θ: the Transformer, or a Hugging Face model as selfreplay.model.hf.CausalLM
     reference: object | None  # π0, frozen (finetuning)
     params: list
     trunk: object  # model.hidden, compiled or not

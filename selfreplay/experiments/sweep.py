@@ -25,7 +25,7 @@ A sweep file is YAML:
         settings:
           stop.target_loss: {from: probe, max: new_loss, plus: 0.05}
         list: [{replay.method: none}, {replay.method: kl, replay.coeff: 10}]   # explicit points
-    report: [{figure: tokens_per_param, stage: finetune}]                   # see selfreplay.report
+    report: [{figure: tokens_per_param, stage: finetune}]                   # see selfreplay.experiments.report
 
 Settings are dotted config keys (`selfreplay pretrain --help` lists them); `grid` and `list`
 combine as grid × list. Built-in vars: `old`, `new` (token files), `tokenizer` (its directory),
@@ -651,7 +651,7 @@ def corpus_vars(corpus: dict | None, given: dict, sweep_dir: Path) -> dict:
         chosen = {"old": str(files.old), "new": str(files.new), "tokenizer": str(files.tokenizer)}
     if not chosen:
         return {}
-    from selfreplay.tokenizer import load_tokenizer
+    from selfreplay.data.tokenizer import load_tokenizer
 
     chosen = {n: str(Path(v).resolve()) for n, v in chosen.items()}
     return {**chosen, "vocab": load_tokenizer(chosen["tokenizer"]).vocab_size}

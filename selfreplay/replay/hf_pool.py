@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.hf.model import CausalLM
-from selfreplay.hf.sampling import ReplayFormat, base_format, chat_format, sample_replay
-from selfreplay.objective import ReplaySamples
+from selfreplay.model.hf import CausalLM
+from selfreplay.replay.hf_sampling import ReplayFormat, base_format, chat_format, sample_replay
+from selfreplay.objective.methods import ReplaySamples
 
 SAMPLES_NAME, HEADER_NAME = "samples.jsonl", "pool.json"
 
@@ -151,7 +151,7 @@ def sample_pool(init: str, out: str | Path, count: int, length: int, temperature
     """`selfreplay sample init=hf:MODEL --out POOL`: draw `count` samples of π0 into a pool
     directory, a batch at a time; returns the pool's header. prompts: a .txt file (one prompt
     a line) or a .jsonl file with a `prompt` field; chat sampling answers them."""
-    from selfreplay.hf.model import load_causal_lm
+    from selfreplay.model.hf import load_causal_lm
 
     if count < 1 or length < 2:
         raise SelfReplayError(f"a pool needs count >= 1 and length >= 2, got count={count}, length={length}")
@@ -182,7 +182,7 @@ def replay_format(tokenizer, chat: bool = False, system: str | None = None, prom
 
 def read_prompts(path: str) -> list[str]:
     """User prompts: the lines of a .txt file, or the `prompt` field of a .jsonl file."""
-    from selfreplay.hf.data import iter_field
+    from selfreplay.data.text import iter_field
 
     if str(path).endswith(".txt"):
         if not Path(path).is_file():

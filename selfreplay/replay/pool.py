@@ -19,10 +19,10 @@ import math
 
 import torch
 
-from selfreplay.data import SequenceStream
-from selfreplay.model import Transformer
-from selfreplay.objective import ReplaySamples
-from selfreplay.sampling import sample
+from selfreplay.data.sequences import SequenceStream
+from selfreplay.model.transformer import Transformer
+from selfreplay.objective.methods import ReplaySamples
+from selfreplay.replay.sampling import sample
 
 
 class SelfReplayPool:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.losses import token_kl, token_losses
+from selfreplay.objective.losses import head_kl_divergence, head_next_token_loss, token_kl, token_losses
 
 
 @torch.inference_mode()
@@ -89,3 +89,39 @@ def compute_multiplier(pretrain_metrics: str | Path, old_loss: float) -> float |
         if point["old_loss"] <= old_loss:
             return point["tokens"] / total
     return 1.0
+
+
+class HeadValidationSet:
+    """Held-out rows [N, T] measured through hidden states and the head, a batch at a time with
+    the blockwise losses (a 128k vocabulary's logits never exist whole); nats. mask [N, T]: the
+    tokens whose prediction counts (a conversation's assistant tokens), None: every one."""
+
+    def __init__(self, tokens: torch.Tensor, reference, mask: torch.Tensor | None = None, batch_size: int = 8):
+        self.tokens, self.reference, self.mask, self.batch_size = tokens, reference, mask, batch_size
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict[str, float]:
+        """loss (every counted prediction), loss_second_half (those of positions ≥ T/2; left out
+        when none counts there) and kl = KL(π0 ‖ πθ) (every position; with a mask, the positions
+        predicting a counted token)."""
+        model.eval()
+        device = model.head.weight.device
+        N, T = self.tokens.shape
+        sums, counts = {"loss": 0.0, "loss_second_half": 0.0, "kl": 0.0}, {"loss": 0, "loss_second_half": 0, "kl": 0}
+        for lo in range(0, N, self.batch_size):
+            batch = self.tokens[lo:lo + self.batch_size].to(device)
+            mask = self.mask[lo:lo + self.batch_size].to(device) if self.mask is not None else None
+            counted = mask if mask is not None else torch.ones_like(batch, dtype=torch.bool)
+            second_half = counted.clone()
+            second_half[:, : T // 2] = False
+            hidden, ref_hidden = model.hidden(batch), self.reference.hidden(batch)
+            head, ref_head = model.head.weight, self.reference.head.weight
+            n = {"loss": int(counted[:, 1:].sum()), "loss_second_half": int(second_half[:, 1:].sum())}
+            n["kl"] = n["loss"] if mask is not None else batch.numel()  # unmasked: position T-1 too
+            sums["loss"] += n["loss"] * head_next_token_loss(hidden, head, batch, mask=mask).item()
+            sums["loss_second_half"] += n["loss_second_half"] * head_next_token_loss(hidden, head, batch,
+                                                                                    mask=second_half).item()
+            sums["kl"] += n["kl"] * head_kl_divergence(ref_hidden, ref_head, hidden, head, mask=mask).item()
+            counts = {key: counts[key] + n[key] for key in counts}
+        model.train()
+        return {key: sums[key] / counts[key] for key in sums if counts[key]}

@@ -16,7 +16,7 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from selfreplay.config import check_output_dir
-    from selfreplay.tokenizer import TOKENIZER_FILE, train_tokenizer
+    from selfreplay.data.tokenizer import TOKENIZER_FILE, train_tokenizer
 
     check_output_dir(args.out, "--out")
     if (Path(args.out) / TOKENIZER_FILE).exists():
@@ -29,8 +29,8 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def _tokenize(args: argparse.Namespace) -> None:
-    from selfreplay.tokenizer import load_tokenizer
-    from selfreplay.tokens import write_token_file
+    from selfreplay.data.tokenizer import load_tokenizer
+    from selfreplay.data.tokens import write_token_file
 
     tok = load_tokenizer(args.tokenizer)
     meta = write_token_file(args.corpus, tok, domain=args.domain, out=args.out,
@@ -41,7 +41,7 @@ def _tokenize(args: argparse.Namespace) -> None:
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from selfreplay.synth import write_corpus
+    from selfreplay.data.synth import write_corpus
 
     paths = write_corpus(args.out, num_words=args.words, seed=args.seed)
     for language, path in paths.items():
@@ -55,7 +55,7 @@ def _sample(args: argparse.Namespace) -> None:
             raise SelfReplayError("--out writes a replay pool of a Hugging Face model: give init=hf:NAME_OR_PATH")
         if args.length is None:
             raise SelfReplayError("a replay pool needs --length, the tokens per sample")
-        from selfreplay.hf.pool import sample_pool
+        from selfreplay.replay.hf_pool import sample_pool
 
         header = sample_pool(source, args.out, count=args.n, length=args.length, temperature=args.temperature,
                              top_p=args.top_p, seed=args.seed, chat=args.chat, system=args.system,
@@ -65,7 +65,7 @@ def _sample(args: argparse.Namespace) -> None:
         return
     if args.domain is None:
         raise SelfReplayError("give --domain, the domain a sample starts from (or --out POOL for a Hugging Face model)")
-    from selfreplay.sampling import sample_cli
+    from selfreplay.replay.sampling import sample_cli
 
     sample_cli(source, domain=args.domain, num_samples=args.n, length=args.length,
                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -73,19 +73,19 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from selfreplay.hf.export import export_hf
+    from selfreplay.model.export import export_hf
 
     print(f"{args.run_dir} -> {export_hf(args.run_dir, args.hf, args.domain)} (a transformers model directory)")
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from selfreplay.train import run_from_cli
+    from selfreplay.training.loop import run_from_cli
 
     run_from_cli("pretrain", args.config, args.overrides)
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from selfreplay.train import run_from_cli
+    from selfreplay.training.loop import run_from_cli
 
     run_from_cli("finetune", args.config, args.overrides)
 
@@ -103,13 +103,13 @@ def _continual(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from selfreplay.sweep import sweep_cli
+    from selfreplay.experiments.sweep import sweep_cli
 
     sweep_cli(args.sweep_file, args.overrides, args.out, args.workers, args.launcher, args.cluster)
 
 
 def _report(args: argparse.Namespace) -> None:
-    from selfreplay.report import write_report
+    from selfreplay.experiments.report import write_report
 
     print(f"report -> {write_report(args.directory)}")
 

@@ -7,7 +7,7 @@ tasks on the model as it is now, so a run can score before and after finetuning.
 
 from __future__ import annotations
 
-from selfreplay.corpus import one_line
+from selfreplay.data.corpus import one_line
 from selfreplay.errors import SelfReplayError
 
 

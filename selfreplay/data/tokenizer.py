@@ -16,7 +16,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from selfreplay.corpus import iter_batches, one_line
+from selfreplay.data.corpus import iter_batches, one_line
 from selfreplay.errors import SelfReplayError
 
 NUM_DOMAIN_SLOTS = 8

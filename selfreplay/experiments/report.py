@@ -24,7 +24,7 @@ from pathlib import Path
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.experiments.figures import FIGURES, Figure, Finding, fmt, markdown_table
-from selfreplay.sweep import SUMMARY_FILE, SWEEP_FILE, Run, load_runs, read_outcome
+from selfreplay.experiments.sweep import SUMMARY_FILE, SWEEP_FILE, Run, load_runs, read_outcome
 
 REPORT_NAME, FIGURES_DIR = "report.md", "figures"
 

@@ -1,6 +1,6 @@
 """`selfreplay export RUN --hf OUT`: a selfreplay model as a transformers model directory.
 
-The built-in model (selfreplay.model) is pre-norm with RMSNorm without a scale, RMSNorm
+The built-in model (selfreplay.model.transformer) is pre-norm with RMSNorm without a scale, RMSNorm
 on each head's queries and keys before RoPE (rotate-half layout), a plain GELU MLP of
 width 4·D, no biases, untied embeddings and a final RMSNorm. Of the architectures in
 transformers, Apertus has every one of these: per-head q_norm/k_norm before RoPE, a
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.model import ModelConfig, Transformer
-from selfreplay.tokenizer import EOS_TOKEN, TOKENIZER_FILE, domain_token, load_tokenizer
+from selfreplay.model.transformer import ModelConfig, Transformer
+from selfreplay.data.tokenizer import EOS_TOKEN, TOKENIZER_FILE, domain_token, load_tokenizer
 
-RMS_EPS = 1e-6  # selfreplay.model.rms_norm
+RMS_EPS = 1e-6  # selfreplay.model.transformer.rms_norm
 
 
 def apertus_config(config: ModelConfig, bos_id: int, eos_id: int):
@@ -88,7 +88,7 @@ def _trained_domain(run_dir: Path) -> int:
     """The domain id of the run's training token file (slot 0 when that file is gone)."""
     import yaml
 
-    from selfreplay.tokens import read_token_meta
+    from selfreplay.data.tokens import read_token_meta
 
     train = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data", {}).get("train")
     try:

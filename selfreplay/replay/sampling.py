@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.model import KVCache, Transformer, rotation_matrices
+from selfreplay.model.transformer import KVCache, Transformer, rotation_matrices
 
 
 def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -156,7 +156,7 @@ def sample_cli(run_dir: str, domain: str, num_samples: int, length: int | None, 
     from pathlib import Path
 
     from selfreplay.runtime import resolve_device
-    from selfreplay.tokenizer import load_tokenizer
+    from selfreplay.data.tokenizer import load_tokenizer
 
     if seed < 0:
         raise SelfReplayError(f"--seed must be >= 0, got {seed}")

@@ -11,7 +11,7 @@ section is a `ModelConfig`); loading never unpickles.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,43 +19,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from selfreplay.config import ModelConfig, build
 from selfreplay.errors import SelfReplayError
 from selfreplay.rundir import CONFIG_NAME, WEIGHTS_NAME, write_atomic
-
-
-@dataclass
-class ModelConfig:
-    D: int = 256  # model width
-    L: int = 6  # layers
-    H: int = 64  # head dimension (heads = D / H)
-    T: int = 256  # sequence length (the longest context)
-    V: int = 4096  # vocabulary size
-    rope_base: float = 10000.0
-    trust_remote_code: bool = False  # init=hf: run the model repository's own code (only for a model you trust)
-    reference_dtype: str = "float32"  # init=hf, full finetuning: dtype of π0's frozen copy (bfloat16 halves it)
-
-    def __post_init__(self) -> None:
-        for name in ("D", "L", "H", "T", "V"):
-            if getattr(self, name) <= 0:
-                raise SelfReplayError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.D % self.H:
-            raise SelfReplayError(f"model.D={self.D} is not a multiple of the head dimension model.H={self.H}")
-        if self.H % 2:
-            raise SelfReplayError(f"model.H={self.H} must be even for rotary embeddings")
-
-    @property
-    def heads(self) -> int:
-        return self.D // self.H
-
-    @property
-    def non_embedding_params(self) -> int:
-        """12·L·D²: attention (4·D²) and MLP (8·D²) per layer."""
-        return 12 * self.L * self.D**2
-
-    @property
-    def params(self) -> int:
-        """All parameters: the non-embedding ones plus untied input and output embeddings."""
-        return self.non_embedding_params + 2 * self.V * self.D
 
 
 RMS_EPS = 1e-6
@@ -342,7 +308,6 @@ def load_model_config(run_dir: str | Path) -> ModelConfig:
         raise SelfReplayError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(section, dict):
         raise SelfReplayError(f"{path} has no 'model:' section: it does not describe a selfreplay model")
-    from selfreplay.config import build  # config imports this module
 
     try:
         return build(ModelConfig, section, "model.")

@@ -1,0 +1,5 @@
+"""python -m selfreplay: the command line."""
+
+from selfreplay.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The Hugging Face model family: any `AutoModelForCausalLM` (init=hf:NAME_OR_PATH) trained by
+the same loop as the built-in Transformer (`selfreplay.training`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from selfreplay.config import RunConfig
+from selfreplay.data.sequences import Data, TokenSequences
+from selfreplay.errors import SelfReplayError
+from selfreplay.evaluation.validation import HeadValidationSet
+
+
+class HuggingFaceFamily:
+    """Any `AutoModelForCausalLM` (init=hf:NAME_OR_PATH), with its own tokenizer; LoRA through peft,
+    where π0 is the same network with its adapters disabled."""
+
+    def load_data(self, config: RunConfig, mode: str) -> Data:
+        """The model's tokenizer; data.train as conversations (a row each, only the assistant's
+        tokens counting) or packed text, data.old_text as packed text, in rows of model.T tokens;
+        and the replay format (its chat template and prompts checked before anything is written)."""
+        from selfreplay.data.text import holds_conversations, load_rows, pack_text
+        from selfreplay.model.hf import load_tokenizer
+        from selfreplay.replay.hf_pool import replay_format
+
+        tokenizer = load_tokenizer(model_name(config), config.model.trust_remote_code)
+        T, d, r = config.model.T, config.data, config.replay
+        if holds_conversations(d.old_text, d.chat_field):
+            raise SelfReplayError(f"data.old_text={d.old_text} holds conversations ({d.chat_field!r}): old_text is "
+                                  f"measured as plain text, give it {d.text_field!r} records")
+        train = load_rows(d.train, tokenizer, T, d.text_field, d.chat_field)
+        old = pack_text(d.old_text, tokenizer, T, d.text_field)
+        replays = r.method in ("ntp", "kl")
+        form = replay_format(tokenizer, r.chat, r.system, r.prompts, r.stop_at_eos) if replays else None
+        return Data(tokenizer, row_sequences(train, tokenizer, T, d.val_sequences, d.seed, d.train),
+                    measured_rows(row_sequences(old, tokenizer, T, 0, d.seed, d.old_text), d.val_sequences, d.seed),
+                    None, form)
+
+    def load_models(self, config: RunConfig, mode: str, device):
+        from selfreplay.model.hf import CausalLM, frozen_reference, load_model
+
+        # float32 weights, as the built-in model's: precision=bf16 runs the matmuls under autocast
+        model = load_model(model_name(config), torch.float32, device, config.model.trust_remote_code)
+        if config.lora.rank > 0:
+            from peft import LoraConfig
+
+            from selfreplay.model.hf import with_adapters
+
+            alpha = config.lora.alpha if config.lora.alpha is not None else config.lora.rank
+            with torch.random.fork_rng():  # the adapters' random init, from the run's seed alone
+                torch.manual_seed(config.seed)
+                model = with_adapters(model, LoraConfig(r=config.lora.rank, lora_alpha=alpha,
+                                                        target_modules="all-linear"))
+        model.train()
+        lm = CausalLM(model)
+        reference = frozen_reference(lm, getattr(torch, config.model.reference_dtype))
+        return lm, reference, [p for p in model.parameters() if p.requires_grad]
+
+    def make_replay(self, config: RunConfig, reference, data: Data, device):
+        """π0's samples, from BOS or inside the chat template (replay.chat), as `load_data` set them up."""
+        from selfreplay.replay.hf_pool import ReplayPool
+
+        r = config.replay
+        if r.method not in ("ntp", "kl"):
+            return None
+        return ReplayPool(reference, data.replay_format, r.batch_size, r.buffer, r.length, r.temperature, r.top_p,
+                          seed=config.seed, keep_hidden=r.method == "kl", pool_dir=r.pool, decode_batch=r.decode_batch)
+
+    def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
+        sets = {"old": HeadValidationSet(torch.from_numpy(data.old.sequences), reference)}
+        if config.data.val_sequences:
+            new = HeadValidationSet(data.train.validation(), reference, data.train.validation_mask())
+            sets = {"new": new, **sets}
+        return sets
+
+    def drift(self, model, config: RunConfig) -> None:
+        return None  # θinit, the random draw pretraining started from, is unknown
+
+    def weights(self, model) -> dict[str, torch.Tensor]:
+        """The trainable weights alone (the LoRA adapters, or every weight; a tied one once):
+        the frozen rest is the model as loaded."""
+        return {name: p.detach() for name, p in model.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None:
+        params = {name: p for name, p in model.model.named_parameters() if p.requires_grad}
+        if set(params) != set(weights):
+            raise ValueError(f"the checkpoint holds {len(weights)} trainable weights, the model {len(params)}")
+        for name, p in params.items():
+            p.copy_(weights[name])
+
+    def save_start(self, directory, tokenizer) -> None:
+        pass  # the tokenizer goes with the model at the end: an unfinished run holds selfreplay's files alone
+
+    def save_final(self, model, tokenizer, config: RunConfig, directory) -> None:
+        """The finetuned model (or, with LoRA, its adapter) and the tokenizer by save_pretrained,
+        loadable by AutoModelForCausalLM (or peft) alone."""
+        model.model.save_pretrained(directory.path)
+        tokenizer.save_pretrained(directory.path)
+
+    def benchmark_scores(self, model, tokenizer, e) -> dict[str, dict[str, float]]:
+        """lm-eval scores of the model as it is now (eval.lm_eval_tasks), {task: {metric: value}}."""
+        from selfreplay.evaluation.benchmark_scores import benchmark_scores
+
+        tasks = [task.strip() for task in e.lm_eval_tasks.split(",") if task.strip()]
+        return benchmark_scores(model.model, tokenizer, tasks, e.lm_eval_limit, include_path=e.lm_eval_include_path)
+
+    def params(self, model, config: RunConfig) -> tuple[int, None]:
+        from selfreplay.model.hf import num_parameters
+
+        return num_parameters(model), None
+
+
+def measured_rows(old: TokenSequences, count: int, seed: int) -> TokenSequences:
+    """`count` rows of the old-domain text (a seeded choice; all of them if it holds fewer): the
+    old domain is only measured, and measuring all of a large file at each log point would cost
+    more than training."""
+    rows = old.sequences
+    if len(rows) > count:
+        rows = rows[np.sort(np.random.default_rng(seed).choice(len(rows), count, replace=False))]
+    return TokenSequences.from_rows(rows, 0, seed, name=old.path)
+
+
+def model_name(config: RunConfig) -> str:
+    return config.init.removeprefix("hf:")
+
+
+def row_sequences(rows: list[dict], tokenizer, T: int, val_sequences: int, seed: int, name: str) -> TokenSequences:
+    """Rows {"input_ids", "labels"} right-padded to T, with the mask of the labels that count
+    (None when every token counts, as in packed text)."""
+    from selfreplay.data.text import label_mask, pad_batch, pad_id
+
+    batch = pad_batch(rows, pad_id(tokenizer), width=T)
+    mask = label_mask(batch["labels"])
+    return TokenSequences.from_rows(batch["input_ids"].numpy(), val_sequences, seed, name=name,
+                                    mask=None if mask.all() else mask.numpy())
+
+

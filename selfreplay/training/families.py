@@ -1,0 +1,171 @@
+"""Model families: what the training loop (`selfreplay.training.loop`) does differently for the built-in
+Transformer and for a Hugging Face causal LM (init=hf:NAME_OR_PATH).
+
+The loop, the objective (`selfreplay.objective.methods.training_loss`) and the log lines are shared; a
+family supplies only what depends on the model:
+
+    load_data(config, mode)                 -> Data: tokenizer, new (train), old and mix rows
+    load_models(config, mode, device)       -> (θ, π0 or None, trainable parameters)
+    make_replay(config, reference, data, device) -> replay source with next_batch(), or None
+    validation_sets(config, mode, data, reference) -> {domain: object with evaluate(model) -> dict}
+    drift(model, config)                    -> ‖θ − θ0‖ / ‖θ0 − θinit‖, or None where θinit is unknown
+    weights(model) / load_weights(model, weights) -> what a checkpoint keeps of θ
+    save_start(directory, tokenizer) / save_final(model, tokenizer, config, directory): files at the start, at the end
+    params(model, config)                   -> (parameters, non-embedding parameters) for summary.json
+    benchmark_scores(model, tokenizer, eval) -> lm-eval scores {task: {metric: value}} (Hugging Face alone)
+
+A model is anything with `hidden(tokens)` [B, t, D], `head.weight` [V, D], `parameters()`,
+`train()` and `eval()`: the Transformer itself, or selfreplay.model.hf.CausalLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+
+from selfreplay.config import RunConfig, build, is_hf, read_yaml, to_dict
+from selfreplay.data.sequences import Data, SequenceStream, TokenSequences
+from selfreplay.errors import SelfReplayError
+from selfreplay.evaluation.validation import ValidationSet, weight_drift
+from selfreplay.rundir import CONFIG_NAME
+
+
+def family_of(config: RunConfig):
+    """The family that runs `config`: Hugging Face for init=hf:..., the built-in Transformer otherwise."""
+    if is_hf(config):
+        from selfreplay.hf.family import HuggingFaceFamily  # transformers is imported only when needed
+
+        return HuggingFaceFamily()
+    return BuiltinFamily()
+
+
+def read_init_run(run_dir: str) -> RunConfig:
+    """The settings of a finished pretraining run (π0), each checked for its type."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise SelfReplayError(f"init run {run_dir} not found (no {CONFIG_NAME}): pretrain it first with selfreplay pretrain")
+    try:
+        return build(RunConfig, read_yaml(path))
+    except SelfReplayError as e:
+        raise SelfReplayError(f"the init run's {path}: {e}") from None
+
+
+# ---------------------------------------------------------------- the built-in Transformer
+
+class BuiltinFamily:
+    """selfreplay's own Transformer, pretrained by `selfreplay pretrain` (init=RUN_DIR)."""
+
+    def load_data(self, config: RunConfig, mode: str) -> Data:
+        """The tokenizer and token files, each checked against the model's vocabulary."""
+        from selfreplay.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.data.tokenizer or config.init)
+        if tokenizer.vocab_size > config.model.V:
+            raise SelfReplayError(f"the tokenizer has {tokenizer.vocab_size} ids but model.V={config.model.V}: "
+                                  f"set model.V >= {tokenizer.vocab_size}")
+        split = dict(T=config.model.T, val_sequences=config.data.val_sequences, seed=config.data.seed,
+                     fingerprint=tokenizer.fingerprint)
+        read = lambda path: TokenSequences(path, **split) if path else None  # noqa: E731
+        data = Data(tokenizer, read(config.data.train), read(config.data.old) if mode == "finetune" else None,
+                    read(config.data.mix))
+        if mode == "finetune" and data.old is None:
+            raise SelfReplayError("finetuning needs the old domain's token file: set data.old=TOKEN_FILE")
+        for sequences in (data.train, data.old, data.mix):
+            if sequences is not None:
+                sequences.check_vocabulary(config.model.V)
+        if mode == "finetune":
+            replay_domains(config, data)  # names the tokenizer does not know are refused here, before any write
+        return data
+
+    def load_models(self, config: RunConfig, mode: str, device):
+        """θ (fresh, or the init run's weights, with LoRA adapters when lora.rank > 0), the frozen
+        π0 when finetuning, and the trainable parameters; keeps θ0 and θinit for `drift`."""
+        from selfreplay.model.lora import add_lora
+        from selfreplay.model.transformer import Transformer
+
+        if mode != "finetune":
+            model = Transformer(config.model)
+            model.reset_parameters(torch.Generator().manual_seed(config.seed))
+            return model.to(device).train(), None, list(model.parameters())
+        model = Transformer.from_pretrained(config.init, device=device).train()
+        reference = Transformer.from_pretrained(config.init, device=device).eval().requires_grad_(False)
+        self.start_state = {k: v.clone() for k, v in model.state_dict().items()}
+        init_model = Transformer(config.model)  # the same draw as the init run's, from its seed
+        init_model.reset_parameters(torch.Generator().manual_seed(read_init_run(config.init).seed))
+        self.init_state = {k: v.to(device) for k, v in init_model.state_dict().items()}
+        params = add_lora(model, config.lora.rank, config.lora.alpha) if config.lora.rank > 0 else list(model.parameters())
+        return model, reference, params
+
+    def make_replay(self, config: RunConfig, reference, data: Data, device):
+        """The replay source of a finetuning run, or None when its method replays nothing."""
+        from selfreplay.replay.pool import RealReplay, SelfReplayPool
+
+        r = config.replay
+        if r.method not in ("ntp", "kl", "replace"):
+            return None
+        rows = r.batch_size if r.method != "replace" else math.floor(r.coeff * config.optim.batch_size)
+        if r.source == "self":
+            sampler = decoding_model(reference, config.precision, device)
+            return SelfReplayPool(sampler, replay_domains(config, data), rows, r.buffer, r.temperature, config.seed,
+                                  keep_hidden=r.method == "kl", decode_batch=r.decode_batch, compile=r.compile)
+        return RealReplay(SequenceStream(data.old, config.data.seed + 2), rows, device)
+
+    def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
+        sets = {}
+        if config.data.val_sequences:
+            sets["new" if mode == "finetune" else "old"] = ValidationSet(data.train.validation(), reference)
+            if mode == "finetune":
+                sets["old"] = ValidationSet(data.old.validation(), reference)
+            if data.mix is not None:
+                sets["mix"] = ValidationSet(data.mix.validation(), reference)
+        return sets
+
+    def drift(self, model, config: RunConfig) -> float | None:
+        from selfreplay.model.lora import effective_weights
+
+        weights = effective_weights(model) if config.lora.rank > 0 else model.state_dict()
+        return weight_drift(weights, self.start_state, self.init_state)
+
+    def weights(self, model) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(weights)
+
+    def save_start(self, directory, tokenizer) -> None:
+        tokenizer.save(directory.path)
+
+    def save_final(self, model, tokenizer, config: RunConfig, directory) -> None:
+        """weights.safetensors (LoRA adapters merged) and config.yaml."""
+        from selfreplay.model.lora import merge_lora
+        from selfreplay.model.transformer import save_checkpoint
+
+        if config.lora.rank > 0:
+            merge_lora(model)
+        save_checkpoint(model, directory.path, to_dict(config))
+
+    def params(self, model, config: RunConfig) -> tuple[int, int]:
+        return config.model.params, config.model.non_embedding_params
+
+
+def decoding_model(reference, precision: str, device: torch.device):
+    """The copy of π0 that draws self-replay: on a GPU a bf16 run decodes with bf16 weights (a
+    copy of π0); on CPU every run decodes with π0's float32 weights, which sample faster there
+    than bf16 ones (benchmarks/speed.py: the bf16 sampler was 17% slower on the 2-core CPU)."""
+    if precision == "bf16" and torch.device(device).type != "cpu":
+        return copy.deepcopy(reference).to(torch.bfloat16)
+    return reference
+
+
+def replay_domains(config: RunConfig, data: Data) -> list[int]:
+    """The domain ids self-replay samples start from: replay.domains, else the old domain's."""
+    if not config.replay.domains:
+        return [data.old.domain_id]
+    names = [name.strip() for name in config.replay.domains.split(",") if name.strip()]
+    try:
+        return [data.tokenizer.domain_id(name) for name in names]
+    except SelfReplayError as e:
+        raise SelfReplayError(f"replay.domains: {e}") from None
