@@ -6,3 +6,11 @@ class SelfReplayError(Exception):
 
     The command line prints it as one line (no traceback) and exits non-zero.
     """
+
+
+def did_you_mean(word: str, options, cutoff: float = 0.5) -> str:
+    """"; did you mean 'X'?" for the option closest to `word`, or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=cutoff)
+    return f"; did you mean '{close[0]}'?" if close else ""

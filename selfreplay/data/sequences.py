@@ -2,7 +2,7 @@
 
 A token file is cut into sequences of length T; a seeded shuffle of the
 sequences splits off a validation set; the first token of every sequence is
-overwritten by the file's domain id (REFERENCE.md, "Data conventions"), which
+overwritten by the file's domain id (docs/method.md, "Data conventions"), which
 is what lets a model later sample a domain starting from that id. Rows already
 in memory (a Hugging Face model's conversations) may carry a mask [N, T]
 saying which tokens' predictions count; token files have none. Training

@@ -1,6 +1,6 @@
 """Byte-level BPE tokenizer with reserved ids for domains and EOS.
 
-Ids 0-7 are domain tokens (REFERENCE.md, "Data conventions": the first token of
+Ids 0-7 are domain tokens (docs/method.md, "Data conventions": the first token of
 every training sequence is overwritten by one), id 8 is EOS. A slot the user
 named is `<|domain:NAME|>`, an unnamed one `<|domain:K|>` with K its number, so
 tokenizer.json alone carries the names: nothing is stored beside it.

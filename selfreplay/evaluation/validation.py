@@ -1,7 +1,7 @@
 """Measurements: validation losses, KL to the pretrained model, weight drift, compute multiplier.
 
 Forgetting = old_loss − old_loss_0 (nats), the rise of the old domain's
-validation loss over finetuning (REFERENCE.md, "What is measured").
+validation loss over finetuning (docs/method.md, "What is measured").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Continual learning on algorithmic tasks (REFERENCE.md, "continual toy tasks").
+"""Continual learning on algorithmic tasks (docs/method.md, "Continual toy tasks").
 
 A small model learns tasks one after another, each marked by its own task token (a domain id of
 the tokenizer, at position 0 of every training sequence as for any token file). With replay,

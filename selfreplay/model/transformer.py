@@ -1,4 +1,4 @@
-"""The reference decoder-only transformer (REFERENCE.md, "The reference model").
+"""The reference decoder-only transformer (docs/method.md, "The model").
 
 Pre-norm blocks; RMSNorm without a learned scale; RoPE; RMSNorm on queries and
 keys (QK-norm); GELU MLP of width 4·D; no biases; untied input and output
@@ -179,8 +179,8 @@ def attend_new_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys:
 # matrix products (on CPU, a step compiled with them left to Inductor decoded 3x slower). It
 # mutates the whole cache views it is given, not views of one layer: PyTorch 2.13 wrote a mutated
 # per-layer view back at the wrong layer. Defined through torch.library.Library rather than
-# torch.library.custom_op, whose Python wrapper cost 40-57 µs more per call (one call per layer
-# and step).
+# torch.library.custom_op, whose Python wrapper costs more per call (one call per layer and
+# step; docs/performance.md has the measurement).
 _OPERATORS = torch.library.Library("selfreplay", "DEF")
 _OPERATORS.define("attend_new_position(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, "
                   "int layer) -> Tensor")

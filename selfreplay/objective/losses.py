@@ -1,4 +1,4 @@
-"""The finetuning objective: loss = NTP(θ; x_new) + c · R (REFERENCE.md, "Finetuning objective").
+"""The blockwise losses of the objective (docs/method.md, "The objective").
 
 Everything here is computed in float32, whatever precision the logits came in.
 """

@@ -154,7 +154,7 @@ class BuiltinFamily:
 def decoding_model(reference, precision: str, device: torch.device):
     """The copy of π0 that draws self-replay: on a GPU a bf16 run decodes with bf16 weights (a
     copy of π0); on CPU every run decodes with π0's float32 weights, which sample faster there
-    than bf16 ones (benchmarks/speed.py: the bf16 sampler was 17% slower on the 2-core CPU)."""
+    than bf16 ones (benchmarks/speed.py measures both; docs/performance.md)."""
     if precision == "bf16" and torch.device(device).type != "cpu":
         return copy.deepcopy(reference).to(torch.bfloat16)
     return reference
