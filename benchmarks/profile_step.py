@@ -20,7 +20,8 @@ from torch.profiler import profile
 
 from selfreplay.model.transformer import ModelConfig, Transformer
 from selfreplay.runtime import autocast
-from selfreplay.objective.methods import ReplaySamples, training_loss
+from selfreplay.objective.methods import training_loss
+from selfreplay.replay.samples import ReplaySamples
 
 
 def main() -> None:

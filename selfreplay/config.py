@@ -9,8 +9,6 @@ converted to the field's type or rejected with one line.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib.util
 import math
 import os
 import types
@@ -20,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from selfreplay.errors import SelfReplayError
+from selfreplay.errors import SelfReplayError, did_you_mean
+from selfreplay.rundir import notice, write_atomic
 
-REGULARIZERS = ("none", "ntp", "kl", "kl_new", "replace")
 REPLAY_SOURCES = ("self", "real")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
@@ -91,16 +89,17 @@ class OptimConfig:
 
 @dataclass
 class ReplayConfig:
-    method: str = "none"  # none | ntp | kl | kl_new | replace
+    method: str = "none"  # the replay term R (selfreplay.objective.methods): none | ntp | kl | kl_new
     source: str = "self"  # self: sampled from the frozen pretrained model; real: the old domain's data
-    coeff: float = 10.0  # c in loss = NTP(new) + c·R; for replace, the fraction of rows replaced
+    coeff: float = 10.0  # c in loss = NTP(new) + c·R
+    fraction: float = 0.0  # fraction of each batch's rows taken from the replay source in place of new rows
     batch_size: int = 16  # replay sequences per step
     buffer: int = 8  # self replay: the pool holds buffer × batch_size sequences (or decode_batch), redrawn when used up
     decode_batch: int = 128  # self replay: sequences decoded together; a pool holds at least this many
     compile: bool = False  # self replay: decode through one torch.compile'd step (fuses its small operations)
     temperature: float = 1.0  # sampling temperature of self replay
     domains: str | None = None  # self replay: comma-separated domains (names or ids) its samples start from, in turn; default: the old domain
-    length: int = 256  # init=hf: longest replay sample in tokens
+    length: int | None = None  # init=hf: longest replay sample in tokens; default: model.T (see DEFAULTS_FOLLOW)
     top_p: float | None = None  # init=hf: nucleus sampling of self replay; null: the whole distribution
     stop_at_eos: bool = True  # init=hf: a replay sample ends at EOS and the losses skip what follows
     pool: str | None = None  # init=hf: a pool directory from `selfreplay sample init=hf:... --out POOL`, replayed first
@@ -173,8 +172,7 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 def _unknown_key(key: str, cls: type) -> SelfReplayError:
     sections = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])]
-    close = difflib.get_close_matches(key, all_keys(cls) + sections, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(all_keys(cls))}"
+    hint = did_you_mean(key, all_keys(cls) + sections) or f"; valid keys: {', '.join(all_keys(cls))}"
     return SelfReplayError(f"unknown config key '{key}'{hint}")
 
 
@@ -286,7 +284,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         values = merge(values, read_yaml(path))
     values = merge(values, parse_overrides(overrides or []))
-    return _build(RunConfig, values)
+    return _build(RunConfig, renamed_settings(values))
 
 
 def to_dict(config) -> dict:
@@ -294,10 +292,8 @@ def to_dict(config) -> dict:
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    write_atomic(Path(path), lambda tmp: tmp.write_text(text))
 
 
 # ---------------------------------------------------------------- what each setting accepts
@@ -337,7 +333,7 @@ RANGES = {
     "data.mix_fraction": Range(0, 1), "data.val_sequences": AT_LEAST_0, "data.seed": AT_LEAST_0,
     "optim.lr": ABOVE_0, "optim.batch_size": AT_LEAST_1, "optim.weight_decay": AT_LEAST_0,
     "optim.beta1": BETA, "optim.beta2": BETA, "optim.warmup_steps": AT_LEAST_0, "optim.grad_clip": ABOVE_0,
-    "replay.coeff": AT_LEAST_0, "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1, "replay.decode_batch": AT_LEAST_1,
+    "replay.coeff": AT_LEAST_0, "replay.fraction": Range(0, 1, high_open=True), "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1, "replay.decode_batch": AT_LEAST_1,
     "replay.temperature": ABOVE_0, "replay.length": Range(2), "replay.top_p": Range(0, 1, low_open=True),
     "lora.rank": AT_LEAST_0, "lora.alpha": ABOVE_0,
     "stop.tokens": AT_LEAST_1, "stop.tokens_per_param": ABOVE_0, "stop.epochs": ABOVE_0,
@@ -345,7 +341,7 @@ RANGES = {
     "log.every_tokens": AT_LEAST_1, "log.growth": AT_LEAST_1, "log.checkpoint_every": AT_LEAST_0, "log.checkpoint_seconds": AT_LEAST_0,
     "eval.lm_eval_limit": AT_LEAST_1,
 }
-CHOICES = {"replay.method": REGULARIZERS, "replay.source": REPLAY_SOURCES, "optim.schedule": SCHEDULES,
+CHOICES = {"replay.source": REPLAY_SOURCES, "optim.schedule": SCHEDULES,
            "precision": PRECISIONS, "model.reference_dtype": ("float32", "bfloat16")}
 
 
@@ -376,76 +372,34 @@ def is_hf(config: RunConfig) -> bool:
     return bool(config.init) and config.init.startswith(HF_PREFIX)
 
 
-def validate(config: RunConfig, mode: str) -> None:
-    """Every check a run's settings must pass before anything is written; each failure is one
-    line saying what to change."""
-    check_ranges(config)
-    if is_hf(config) and mode != "finetune":
-        raise SelfReplayError("init=hf: names a model to finetune: run selfreplay finetune init=hf:NAME_OR_PATH")
-    if is_hf(config):
-        _validate_hf(config)
-    r, s, o = config.replay, config.stop, config.optim
-    checks = [
-        (config.model.reference_dtype != "float32" and not is_hf(config),
-         "model.reference_dtype sets the dtype of an init=hf: model's frozen copy: drop it for a built-in model"),
-        (config.eval.lm_eval_tasks and not is_hf(config),
-         "eval.lm_eval_tasks scores Hugging Face models: export the pretrained run with selfreplay export RUN --hf OUT, "
-         "then finetune init=hf:OUT"),
-        (config.eval.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None,
-         "eval.lm_eval_tasks needs lm-eval: pip install lm-eval"),
-        (not config.out, "set out=RUN_DIR, the directory the run writes to"),
-        (not config.data.train, "set data.train=TOKEN_FILE, the token file to train on"),
-        (mode == "pretrain" and not config.data.tokenizer, "set data.tokenizer=DIR, the tokenizer of the token files"),
-        (mode == "pretrain" and r.method != "none", "replay is for finetuning: pretraining takes replay.method=none"),
-        (mode == "pretrain" and config.lora.rank > 0, "LoRA is a finetuning baseline: pretraining takes lora.rank=0"),
-        (r.method == "replace" and r.coeff > 1,
-         f"replay.method=replace takes replay.coeff as a fraction of rows in [0, 1], got {r.coeff}"),
-        (config.data.mix_fraction > 0 and not config.data.mix,
-         "data.mix_fraction > 0 needs a second token file: set data.mix=TOKEN_FILE"),
-        (all(v is None for v in (s.tokens, s.tokens_per_param, s.epochs, s.target_loss, s.wall_seconds)),
-         "no stop rule: set stop.tokens, stop.tokens_per_param, stop.epochs, stop.target_loss or stop.wall_seconds"),
-        ((s.target_loss is not None or s.patience is not None) and config.data.val_sequences == 0,
-         "stop.target_loss and stop.patience need validation data: set data.val_sequences > 0"),
-        (o.schedule == "cosine" and all(v is None for v in (s.tokens, s.tokens_per_param, s.epochs)),
-         "optim.schedule=cosine decays to zero at the token budget: set stop.tokens, stop.tokens_per_param or stop.epochs"),
-    ]
-    for failed, message in checks:
-        if failed:
-            raise SelfReplayError(message)
-    if r.method == "replace" and math.floor(r.coeff * o.batch_size) >= o.batch_size:
-        raise SelfReplayError("replay.method=replace would replace every row of the batch: lower replay.coeff")
-    from selfreplay.runtime import resolve_device
-
-    resolve_device(config.device)
-    check_output_dir(config.out, "out")
+# Settings whose default is another setting's value: the one place that says which follows which.
+# (init=hf: model.T also follows the model's context when it is longer than that: selfreplay.hf.family.)
+DEFAULTS_FOLLOW = {"replay.length": "model.T"}
 
 
-def _validate_hf(config: RunConfig) -> None:
-    """The settings a Hugging Face finetuning run cannot take, each refused with one line."""
-    r, hf = config.replay, "init=hf:"
-    shape = [f"model.{f.name}" for f in dataclasses.fields(config.model)
-             if f.name not in ("T", "trust_remote_code", "reference_dtype") and getattr(config.model, f.name) != f.default]
-    checks = [
-        (config.init == HF_PREFIX, "init=hf: needs a model: init=hf:NAME_OR_PATH (a hub id or a local directory)"),
-        (not config.data.old_text, f"{hf} needs held-out old-domain text to measure forgetting: "
-                                   "set data.old_text=FILE (.jsonl, .txt or hf:DATASET)"),
-        (config.data.old or config.data.mix, f"{hf} takes text files: drop data.old and data.mix (use data.old_text)"),
-        (config.data.tokenizer, f"{hf} uses the model's own tokenizer: drop data.tokenizer"),
-        (r.method == "replace", f"{hf} takes replay.method none, ntp, kl or kl_new, not replace"),
-        (r.source != "self", f"{hf} replays samples of π0: replay.source=self"),
-        (r.domains, f"{hf} samples replay from BOS: drop replay.domains"),
-        ((r.system is not None or r.prompts) and not r.chat,
-         "replay.system and replay.prompts shape chat samples: set replay.chat=true"),
-        (config.stop.tokens_per_param is not None, f"{hf}: set stop.tokens or stop.epochs, not stop.tokens_per_param"),
-        (config.compile, f"{hf} runs eagerly: set compile=false"),
-        (r.compile, f"{hf} samples with the model's own generation code: set replay.compile=false"),
-        (config.model.reference_dtype != "float32" and config.lora.rank > 0,
-         "with LoRA π0 is the model with its adapters disabled, not a copy: drop model.reference_dtype"),
-        (shape, f"{hf} takes its shape from the model: drop {', '.join(shape)} (model.T sets the sequence length)"),
-    ]
-    for failed, message in checks:
-        if failed:
-            raise SelfReplayError(message)
+def follow_defaults(config: RunConfig) -> RunConfig:
+    """`config` with each unset setting of DEFAULTS_FOLLOW set to the value it follows."""
+    for key, source in DEFAULTS_FOLLOW.items():
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) is None:
+            value = get_key(config, source)
+            config = dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **{name: value})})
+    return config
+
+
+def renamed_settings(values: dict) -> dict:
+    """Raw settings with the spellings of the last release read into today's, each with a
+    one-line notice: replay.method=replace replay.coeff=F is now replay.fraction=F."""
+    replay = values.get("replay")
+    if not (isinstance(replay, dict) and replay.get("method") == "replace"):
+        return values
+    if replay.get("coeff") is None:
+        raise SelfReplayError("replay.method=replace is now replay.fraction=F (the fraction of each batch's rows "
+                              "taken from the replay source): set replay.fraction and drop replay.method=replace")
+    notice(f"replay.method=replace replay.coeff={replay['coeff']} is read as replay.fraction={replay['coeff']}: "
+           "write it that way, the old spelling goes in the next release")
+    replay = {k: v for k, v in replay.items() if k != "coeff"} | {"method": "none", "fraction": replay["coeff"]}
+    return {**values, "replay": replay}
 
 
 def check_output_dir(path: str | Path, key: str) -> None:
@@ -466,4 +420,4 @@ def build(cls: type, values: dict, prefix: str = ""):
     """A config dataclass from plain values (a YAML section, say), each converted to its field's type."""
     if not isinstance(values, dict):
         raise SelfReplayError(f"config section '{prefix.rstrip('.')}' must be a mapping of keys, got {values!r}")
-    return _build(cls, values, prefix)
+    return _build(cls, renamed_settings(values), prefix)

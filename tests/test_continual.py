@@ -79,7 +79,9 @@ def test_config_errors_name_the_fix():
         load_continual_config(None, ["out=x", "tasks.step=3"])
     with pytest.raises(SelfReplayError, match="unknown task"):
         load_continual_config(None, ["out=x", "tasks.names=addition,division"])
-    with pytest.raises(SelfReplayError, match="none, ntp or kl"):
+    with pytest.raises(SelfReplayError, match="choose one of none, ntp, kl$"):
+        load_continual_config(None, ["out=x", "replay.method=kl_new"])
+    with pytest.raises(SelfReplayError, match="replay.method=replace is now replay.fraction"):
         load_continual_config(None, ["out=x", "replay.method=replace"])
     with pytest.raises(SelfReplayError, match="replay.domains is set by continual"):
         load_continual_config(None, ["out=x", "replay.method=ntp", "replay.domains=addition"])

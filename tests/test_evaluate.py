@@ -32,7 +32,7 @@ def test_cached_reference_gives_the_same_numbers_as_recomputing():
     tokens = torch.randint(0, CONFIG.V, (9, CONFIG.T))
     cached = ValidationSet(tokens, pi0, batch_size=4)
     fresh = ValidationSet(tokens, pi0, batch_size=4, cache_bytes=0)
-    assert cached.reference_logprobs is not None and fresh.reference_logprobs is None
+    assert cached.reference_hidden is not None and fresh.reference_hidden is None
     a, b = cached.evaluate(theta), fresh.evaluate(theta)
     assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
 

@@ -114,12 +114,12 @@ def test_lora_keeps_pi0_as_the_adapter_disabled_network_and_saves_the_adapter(ta
 
 
 def test_a_resumed_hf_run_ends_where_an_uninterrupted_one_does(taught_llama_dir, texts, tmp_path, monkeypatch):
-    from selfreplay.evaluation.validation import HeadValidationSet
+    from selfreplay.evaluation.validation import ValidationSet
 
     overrides = ("lora.rank=4", "replay.buffer=3", "log.checkpoint_every=1", "stop.tokens=768")
     whole = train(hf_config(taught_llama_dir, texts, tmp_path / "whole", *overrides), "finetune")
     calls = {"n": 0}
-    real_evaluate = HeadValidationSet.evaluate
+    real_evaluate = ValidationSet.evaluate
 
     def dying_evaluate(*args, **kwargs):  # killed during the 4th log point (2 sets each), after checkpoints at 2, 4
         calls["n"] += 1
@@ -127,11 +127,11 @@ def test_a_resumed_hf_run_ends_where_an_uninterrupted_one_does(taught_llama_dir,
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(HeadValidationSet, "evaluate", dying_evaluate)
+    monkeypatch.setattr(ValidationSet, "evaluate", dying_evaluate)
     with pytest.raises(KeyboardInterrupt):
         train(hf_config(taught_llama_dir, texts, tmp_path / "resumed", *overrides), "finetune")
     assert (tmp_path / "resumed" / "checkpoint.json").exists()
-    monkeypatch.setattr(HeadValidationSet, "evaluate", real_evaluate)
+    monkeypatch.setattr(ValidationSet, "evaluate", real_evaluate)
     resumed = train(hf_config(taught_llama_dir, texts, tmp_path / "resumed", *overrides), "finetune")
     strip = lambda p: {k: v for k, v in p.items() if k not in WALL_CLOCK}  # noqa: E731
     for key in ("old_loss", "new_loss", "old_kl", "new_kl", "forgetting", "steps", "tokens"):
@@ -141,14 +141,15 @@ def test_a_resumed_hf_run_ends_where_an_uninterrupted_one_does(taught_llama_dir,
 
 
 def test_replay_comes_first_from_a_pool_written_by_selfreplay_sample(taught_llama_dir, texts, tmp_path, monkeypatch):
-    from selfreplay.replay.hf_pool import ReplayPool, sample_pool
+    from selfreplay.replay.pool import ReplayPool
+    from selfreplay.replay.pool_dir import sample_pool
 
     sample_pool(f"hf:{taught_llama_dir}", tmp_path / "pool", count=6, length=32, seed=3)
     seen = []
     real_next = ReplayPool.next_batch
 
     def spy(pool):
-        seen.append((pool.file_cursor, len(pool.file_rows), pool.draws))
+        seen.append((pool.stored_cursor, len(pool.stored), pool.draws))
         return real_next(pool)
 
     monkeypatch.setattr(ReplayPool, "next_batch", spy)
@@ -166,10 +167,10 @@ def test_gpt2_with_its_tied_head_finetunes_with_each_replay_method(tiny_gpt2_dir
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_over(taught_llama_dir, texts, tmp_path, monkeypatch):
-    from selfreplay.evaluation.validation import HeadValidationSet
+    from selfreplay.evaluation.validation import ValidationSet
 
     out = tmp_path / "run"
-    real_evaluate = HeadValidationSet.evaluate
+    real_evaluate = ValidationSet.evaluate
     calls = {"n": 0}
 
     def dying_evaluate(*args, **kwargs):  # killed at the second log point, with no checkpoint written
@@ -178,11 +179,11 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(taught_llama_dir, 
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(HeadValidationSet, "evaluate", dying_evaluate)
+    monkeypatch.setattr(ValidationSet, "evaluate", dying_evaluate)
     with pytest.raises(KeyboardInterrupt):
         train(hf_config(taught_llama_dir, texts, out), "finetune")
     assert not list(out.glob("ckpt-*"))
-    monkeypatch.setattr(HeadValidationSet, "evaluate", real_evaluate)
+    monkeypatch.setattr(ValidationSet, "evaluate", real_evaluate)
     assert train(hf_config(taught_llama_dir, texts, out), "finetune")["steps"] == 4
 
 
@@ -265,7 +266,7 @@ def test_new_loss_on_conversations_counts_only_the_assistants_predictions(taught
 
     import torch
 
-    from selfreplay.evaluation.validation import HeadValidationSet
+    from selfreplay.evaluation.validation import ValidationSet
     from selfreplay.model.hf import CausalLM, load_causal_lm
 
     lm = CausalLM(load_causal_lm(taught_llama_dir)[0].eval())
@@ -275,7 +276,7 @@ def test_new_loss_on_conversations_counts_only_the_assistants_predictions(taught
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(5, 200, (5, 16), generator=generator)
     mask = torch.rand(5, 16, generator=generator) < 0.4
-    result = HeadValidationSet(tokens, reference, mask, batch_size=2).evaluate(lm)
+    result = ValidationSet(tokens, reference, mask, batch_size=2).evaluate(lm)
     with torch.no_grad():
         logp, ref_logp = (m.head(m.hidden(tokens)).log_softmax(-1)[:, :-1] for m in (lm, reference))
     counted = mask[:, 1:]  # mask is on the predicted token: position t-1 predicts token t
@@ -288,7 +289,7 @@ def test_new_loss_on_conversations_counts_only_the_assistants_predictions(taught
     assert result["kl"] == pytest.approx(kl[counted].mean().item(), rel=1e-4) and result["kl"] > 0
     first_half_only = mask.clone()
     first_half_only[:, 16 // 2:] = False
-    assert "loss_second_half" not in HeadValidationSet(tokens, reference, first_half_only).evaluate(lm)
+    assert "loss_second_half" not in ValidationSet(tokens, reference, first_half_only).evaluate(lm)
 
 
 @pytest.fixture(scope="module")

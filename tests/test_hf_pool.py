@@ -6,10 +6,11 @@ import torch
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-import selfreplay.replay.hf_pool as pool_module  # noqa: E402
+import selfreplay.replay.pool_dir as pool_module  # noqa: E402
 from selfreplay.errors import SelfReplayError  # noqa: E402
 from selfreplay.model.hf import CausalLM, load_causal_lm  # noqa: E402
-from selfreplay.replay.hf_pool import ReplayPool, read_pool, sample_pool  # noqa: E402
+from selfreplay.config import ReplayConfig  # noqa: E402
+from selfreplay.replay.pool_dir import hf_replay_pool, read_pool, sample_pool  # noqa: E402
 from selfreplay.replay.hf_sampling import base_format  # noqa: E402
 
 
@@ -43,7 +44,8 @@ def test_a_pool_directory_holds_ids_text_and_what_drew_them(pool_dir, taught_lla
 def test_a_run_replays_the_pool_file_in_order_and_draws_only_after_it(pool_dir, reference, monkeypatch):
     lm, tokenizer = reference
     rows, _ = read_pool(pool_dir)
-    replay = ReplayPool(lm, base_format(tokenizer), batch_size=4, buffer=2, length=40, pool_dir=pool_dir)
+    replay = hf_replay_pool(lm, base_format(tokenizer), ReplayConfig(batch_size=4, buffer=2, decode_batch=8, length=40,
+                                                                    pool=str(pool_dir)), keep_hidden=True)
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("a pool file's samples were drawn again")
@@ -63,11 +65,12 @@ def test_a_run_replays_the_pool_file_in_order_and_draws_only_after_it(pool_dir, 
 
 def test_ranks_split_the_pool_file_and_draw_with_their_own_seeds(pool_dir, reference):
     lm, tokenizer = reference
-    ranks = [ReplayPool(lm, base_format(tokenizer), 2, 1, 40, pool_dir=pool_dir, rank=r, world_size=2) for r in (0, 1)]
+    replay = ReplayConfig(batch_size=2, buffer=1, decode_batch=2, length=40, pool=str(pool_dir))
+    ranks = [hf_replay_pool(lm, base_format(tokenizer), replay, True, rank=r, world_size=2) for r in (0, 1)]
     shares = [read_pool(pool_dir, r, 2)[0] for r in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == 6 and not set(map(tuple, shares[0])) & set(map(tuple, shares[1]))
     for replay in ranks:
-        replay.file_cursor = len(replay.file_rows)  # skip to the fresh draws
+        replay.stored_cursor = len(replay.stored)  # skip to the fresh draws
     first, second = (replay.next_batch().tokens for replay in ranks)
     assert not torch.equal(first[:, :8], second[:, :8])
 
@@ -81,7 +84,8 @@ def test_an_unfinished_or_missing_pool_is_one_line(tmp_path):
 
 def test_drawn_batches_are_cut_after_their_longest_sample(reference):
     lm, tokenizer = reference
-    replay = ReplayPool(lm, base_format(tokenizer), batch_size=4, buffer=2, length=60, seed=0)
+    replay = hf_replay_pool(lm, base_format(tokenizer), ReplayConfig(batch_size=4, buffer=2, decode_batch=8, length=60),
+                            keep_hidden=True, seed=0)
     batches = [replay.next_batch() for _ in range(3)]
     assert replay.draws == 2
     for batch in batches:

@@ -89,7 +89,8 @@ def test_a_command_line_run_puts_lm_eval_scores_before_and_after_in_its_summary(
 def test_lm_eval_tasks_are_refused_in_one_line_for_a_built_in_model(tmp_path):
     from dataclasses import replace
 
-    from selfreplay.config import EvalConfig, RunConfig, validate
+    from selfreplay.config import EvalConfig, RunConfig
+    from selfreplay.training.validate import validate
 
     config = replace(RunConfig(), init=str(tmp_path / "pre"), out=str(tmp_path / "ft"), data=replace(
         RunConfig().data, train=str(tmp_path / "new.bin")), eval=EvalConfig(lm_eval_tasks="arc_easy"))

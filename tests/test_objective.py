@@ -4,7 +4,8 @@ Hugging Face model's batches come: padding changes nothing it computes."""
 import torch
 
 from selfreplay.model.transformer import ModelConfig, Transformer
-from selfreplay.objective.methods import ReplaySamples, training_loss
+from selfreplay.objective.methods import training_loss
+from selfreplay.replay.samples import ReplaySamples
 
 CONFIG = ModelConfig(D=16, L=1, H=8, T=12, V=40)
 

@@ -8,7 +8,8 @@ import torch
 from selfreplay.config import load_config
 from selfreplay.errors import SelfReplayError
 from selfreplay.model.transformer import ModelConfig, Transformer
-from selfreplay.objective.methods import ReplaySamples, training_loss
+from selfreplay.objective.methods import training_loss
+from selfreplay.replay.samples import ReplaySamples
 from selfreplay.training.loop import is_log_step, resolve_config, train
 
 from conftest import MODEL, finetune_config
@@ -148,10 +149,11 @@ def test_a_kill_during_checkpoint_save_leaves_the_previous_checkpoint_loadable(c
 
 
 def test_self_replay_pool_starts_at_the_old_domain_and_is_redrawn_every_buffer_steps(pretrained):
-    from selfreplay.replay.pool import SelfReplayPool
+    from selfreplay.config import ReplayConfig
+    from selfreplay.replay.pool import self_replay_pool
 
     reference = Transformer.from_pretrained(pretrained).eval()
-    pool = SelfReplayPool(reference, domain_id=0, batch_size=3, buffer=4, seed=0)
+    pool = self_replay_pool(reference, 0, ReplayConfig(batch_size=3, buffer=4, decode_batch=12), keep_hidden=True, seed=0)
     drawn = [pool.next_batch() for _ in range(9)]
     batches, hidden = [d.tokens for d in drawn], [d.hidden for d in drawn]
     assert all((b[:, 0] == 0).all() and b.shape == (3, reference.config.T) for b in batches)
@@ -163,34 +165,37 @@ def test_self_replay_pool_starts_at_the_old_domain_and_is_redrawn_every_buffer_s
 
 def test_a_pool_holds_at_least_decode_batch_samples_drawn_together(pretrained, monkeypatch):
     import selfreplay.replay.pool as replay_module
-    from selfreplay.replay.pool import SelfReplayPool
+    from selfreplay.config import ReplayConfig
+    from selfreplay.replay.pool import self_replay_pool
 
     calls = []
     real_sample = replay_module.sample
     monkeypatch.setattr(replay_module, "sample", lambda *a, **k: calls.append((a[2], k["batch_size"])) or real_sample(*a, **k))
     reference = Transformer.from_pretrained(pretrained).eval()
     # 3 rows a step, buffer 2, but 10 decoded together: pools of 12 (4 batches), drawn every 4 steps
-    pool = SelfReplayPool(reference, domain_id=0, batch_size=3, buffer=2, seed=0, decode_batch=10)
+    pool = self_replay_pool(reference, 0, ReplayConfig(batch_size=3, buffer=2, decode_batch=10), keep_hidden=True, seed=0)
     batches = [pool.next_batch().tokens for _ in range(8)]
     assert calls == [(12, 10), (12, 10)] and pool.draws == 2
     assert len({tuple(row.tolist()) for b in batches for row in b}) == 24  # still never replayed twice
 
 
-def test_replace_puts_floor_cB_replay_rows_in_each_batch(corpus, pretrained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("spelling", [["replay.fraction=0.3"], ["replay.method=replace", "replay.coeff=0.3"]])
+def test_fraction_puts_floor_fB_replay_rows_in_each_batch(corpus, pretrained, tmp_path, monkeypatch, spelling):
     import selfreplay.training.loop as train_module
 
     seen = []
     real_loss = train_module.training_loss
 
     def spy(model, reference, new, replay, method, coeff, *args, **kwargs):
-        seen.append((len(new), len(replay.tokens)))
+        seen.append((len(new), int((new[:, 0] == 0).sum()), replay, method.name))  # rows, rows of the old domain (id 0)
         assert kwargs["new_mask"] is None  # token files: every token counts
         return real_loss(model, reference, new, replay, method, coeff, *args, **kwargs)
 
     monkeypatch.setattr(train_module, "training_loss", spy)
-    train(finetune_config(corpus, pretrained, tmp_path / "rep", "replay.method=replace", "replay.coeff=0.3",
-                          "optim.batch_size=10"), "finetune")
-    assert seen and all(rows == (10, 3) for rows in seen)  # floor(0.3 · 10) = 3 of 10 rows
+    summary = train(finetune_config(corpus, pretrained, tmp_path / "rep", *spelling, "optim.batch_size=10"), "finetune")
+    # floor(0.3 · 10) = 3 of 10 rows are π0's samples (they start at the old domain's id); no replay term
+    assert seen and all(step == (10, 3, None, "none") for step in seen)
+    assert summary["method"] == "none"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -234,9 +239,11 @@ def test_engine_settings_train_to_nearly_the_same_loss(corpus, pretrained, tmp_p
 
 
 def test_self_replay_can_start_from_several_domains_in_turn(corpus, pretrained, tmp_path):
-    from selfreplay.replay.pool import SelfReplayPool
+    from selfreplay.config import ReplayConfig
+    from selfreplay.replay.pool import self_replay_pool
 
-    pool = SelfReplayPool(Transformer.from_pretrained(pretrained).eval(), [0, 1], batch_size=3, buffer=2, seed=0)
+    pool = self_replay_pool(Transformer.from_pretrained(pretrained).eval(), [0, 1], ReplayConfig(batch_size=3, buffer=2,
+                            decode_batch=6), keep_hidden=True, seed=0)
     first = torch.cat([pool.next_batch().tokens[:, 0] for _ in range(2)])
     assert first.tolist() == [0, 1, 0, 1, 0, 1]
     summary = train(finetune_config(corpus, pretrained, tmp_path / "two", "replay.method=kl",

@@ -39,3 +39,9 @@ def benchmark_scores(model, tokenizer, tasks: list[str], limit: int | None = Non
     return {task: {name.split(",")[0]: float(value) for name, value in metrics.items()
                    if "," in name and "stderr" not in name and isinstance(value, (int, float))}
             for task, metrics in results["results"].items()}
+
+
+def benchmark_table(before: dict, after: dict) -> dict:
+    """{task: {metric: {"before": π0's score, "after": the finetuned model's}}}."""
+    return {task: {metric: {"before": before.get(task, {}).get(metric), "after": value}
+                   for metric, value in metrics.items()} for task, metrics in after.items()}

@@ -11,55 +11,85 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.objective.losses import head_kl_divergence, head_next_token_loss, token_kl, token_losses
-
-
-@torch.inference_mode()
-def evaluate(model, tokens: torch.Tensor, reference=None, batch_size: int = 64,
-             reference_logprobs: list[torch.Tensor] | None = None) -> dict[str, float]:
-    """Mean next-token loss, its second half (predictions of positions ≥ T/2) and, given the
-    frozen reference model (or its log-probabilities per batch), the mean KL(π0 ‖ πθ) over
-    positions, on sequences [N, T]; nats."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum = half_sum = kl_sum = 0.0
-    half = tokens.shape[1] // 2
-    for i, lo in enumerate(range(0, len(tokens), batch_size)):
-        batch = tokens[lo:lo + batch_size].to(device)
-        logits = model(batch)
-        losses = token_losses(logits, batch)  # [b, T-1]; column j predicts position j+1
-        loss_sum += losses.sum().item()
-        half_sum += losses[:, half - 1:].sum().item()
-        if reference_logprobs is not None:
-            kl_sum += token_kl(reference_logprobs[i], logits).sum().item()
-        elif reference is not None:
-            kl_sum += token_kl(reference(batch), logits).sum().item()
-    model.train(was_training)
-    N, T = tokens.shape
-    out = {"loss": loss_sum / (N * (T - 1)), "loss_second_half": half_sum / (N * (T - half))}
-    if reference is not None or reference_logprobs is not None:
-        out["kl"] = kl_sum / (N * T)
-    return out
+from selfreplay.objective.losses import head_kl_divergence, head_next_token_loss
 
 
 class ValidationSet:
-    """Held-out sequences [N, T] of one domain. π0's log-probabilities on them never change
-    during finetuning, so they are computed once when they fit in `cache_bytes`."""
+    """Held-out rows [N, T] of one domain, measured through the final hidden states and the head,
+    a batch at a time with the blockwise losses (a 128k vocabulary's logits never exist whole),
+    for every model family and front end. mask [N, T]: the tokens whose prediction counts (a
+    conversation's assistant tokens); None: every one. π0 is frozen, so its hidden states on
+    the rows are kept once when they fit in `cache_bytes`."""
 
-    def __init__(self, tokens: torch.Tensor, reference=None, batch_size: int = 64, cache_bytes: int = 1 << 30):
-        self.tokens, self.reference, self.batch_size = tokens, reference, batch_size
-        self.reference_logprobs = None
-        vocab = reference.config.V if reference is not None else 0
-        if reference is not None and tokens.numel() * vocab * 4 <= cache_bytes:
-            device = next(reference.parameters()).device
-            with torch.inference_mode():
-                self.reference_logprobs = [
-                    torch.log_softmax(reference(tokens[lo:lo + batch_size].to(device)).float(), dim=-1)
-                    for lo in range(0, len(tokens), batch_size)]
+    def __init__(self, tokens: torch.Tensor, reference=None, mask: torch.Tensor | None = None, batch_size: int = 64,
+                 cache_bytes: int = 1 << 30):
+        self.tokens, self.reference, self.mask, self.batch_size = tokens, reference, mask, batch_size
+        self.reference_hidden: list[torch.Tensor] | None = None
+        self._reference_loss: float | None = None
+        if reference is not None and tokens.numel() * reference.head.weight.shape[1] * 4 <= cache_bytes:
+            self.reference_hidden = [self._hidden(reference, batch) for _, batch, _ in self._batches(reference)]
 
+    def _batches(self, model):
+        device = model.head.weight.device
+        for lo in range(0, len(self.tokens), self.batch_size):
+            mask = self.mask[lo:lo + self.batch_size].to(device) if self.mask is not None else None
+            yield lo // self.batch_size, self.tokens[lo:lo + self.batch_size].to(device), mask
+
+    @staticmethod
+    @torch.no_grad()
+    def _hidden(model, batch: torch.Tensor) -> torch.Tensor:
+        return model.hidden(batch)
+
+    def _reference_hidden_of(self, i: int, batch: torch.Tensor) -> torch.Tensor:
+        return self.reference_hidden[i] if self.reference_hidden is not None else self._hidden(self.reference, batch)
+
+    @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
-        return evaluate(model, self.tokens, self.reference, self.batch_size, self.reference_logprobs)
+        """loss (every counted prediction), loss_second_half (those of positions ≥ T/2; left out
+        when none counts there) and, with π0, kl = KL(π0 ‖ πθ) (every position; with a mask, the
+        positions predicting a counted token); nats."""
+        was_training = model.training
+        model.eval()
+        T = self.tokens.shape[1]
+        sums, counts = dict.fromkeys(("loss", "loss_second_half", "kl"), 0.0), dict.fromkeys(("loss", "loss_second_half", "kl"), 0)
+        for i, batch, mask in self._batches(model):
+            counted = mask if mask is not None else torch.ones_like(batch, dtype=torch.bool)
+            second_half = counted.clone()
+            second_half[:, : T // 2] = False
+            hidden, head = model.hidden(batch), model.head.weight
+            terms = {"loss": (counted, lambda: head_next_token_loss(hidden, head, batch, mask=mask)),
+                     "loss_second_half": (second_half, lambda: head_next_token_loss(hidden, head, batch, mask=second_half))}
+            if self.reference is not None:
+                ref_hidden = self._reference_hidden_of(i, batch)
+                kl = lambda: head_kl_divergence(ref_hidden, self.reference.head.weight, hidden, head, mask=mask)  # noqa: E731
+                terms["kl"] = (counted if mask is not None else None, kl)  # unmasked: position T-1 too
+            for key, (where, term) in terms.items():
+                n = int(where[:, 1:].sum()) if where is not None else batch.numel()
+                if n:
+                    sums[key] += n * term().item()
+                    counts[key] += n
+        model.train(was_training)
+        return {key: sums[key] / counts[key] for key in sums if counts[key]}
+
+    @torch.no_grad()
+    def reference_loss(self) -> float:
+        """π0's own loss on the rows (nats): forgetting is the rise of the finetuned model's over it."""
+        if self._reference_loss is None:
+            total = count = 0.0
+            for i, batch, mask in self._batches(self.reference):
+                counted = mask if mask is not None else torch.ones_like(batch, dtype=torch.bool)
+                n = int(counted[:, 1:].sum())
+                if n:
+                    ref_hidden = self._reference_hidden_of(i, batch)
+                    total += n * head_next_token_loss(ref_hidden, self.reference.head.weight, batch, mask=mask).item()
+                    count += n
+            self._reference_loss = total / count
+        return self._reference_loss
+
+
+def evaluate(model, tokens: torch.Tensor, reference=None, batch_size: int = 64) -> dict[str, float]:
+    """`ValidationSet(tokens, reference).evaluate(model)` for sequences [N, T], once."""
+    return ValidationSet(tokens, reference, batch_size=batch_size, cache_bytes=0).evaluate(model)
 
 
 @torch.no_grad()
@@ -89,39 +119,3 @@ def compute_multiplier(pretrain_metrics: str | Path, old_loss: float) -> float |
         if point["old_loss"] <= old_loss:
             return point["tokens"] / total
     return 1.0
-
-
-class HeadValidationSet:
-    """Held-out rows [N, T] measured through hidden states and the head, a batch at a time with
-    the blockwise losses (a 128k vocabulary's logits never exist whole); nats. mask [N, T]: the
-    tokens whose prediction counts (a conversation's assistant tokens), None: every one."""
-
-    def __init__(self, tokens: torch.Tensor, reference, mask: torch.Tensor | None = None, batch_size: int = 8):
-        self.tokens, self.reference, self.mask, self.batch_size = tokens, reference, mask, batch_size
-
-    @torch.no_grad()
-    def evaluate(self, model) -> dict[str, float]:
-        """loss (every counted prediction), loss_second_half (those of positions ≥ T/2; left out
-        when none counts there) and kl = KL(π0 ‖ πθ) (every position; with a mask, the positions
-        predicting a counted token)."""
-        model.eval()
-        device = model.head.weight.device
-        N, T = self.tokens.shape
-        sums, counts = {"loss": 0.0, "loss_second_half": 0.0, "kl": 0.0}, {"loss": 0, "loss_second_half": 0, "kl": 0}
-        for lo in range(0, N, self.batch_size):
-            batch = self.tokens[lo:lo + self.batch_size].to(device)
-            mask = self.mask[lo:lo + self.batch_size].to(device) if self.mask is not None else None
-            counted = mask if mask is not None else torch.ones_like(batch, dtype=torch.bool)
-            second_half = counted.clone()
-            second_half[:, : T // 2] = False
-            hidden, ref_hidden = model.hidden(batch), self.reference.hidden(batch)
-            head, ref_head = model.head.weight, self.reference.head.weight
-            n = {"loss": int(counted[:, 1:].sum()), "loss_second_half": int(second_half[:, 1:].sum())}
-            n["kl"] = n["loss"] if mask is not None else batch.numel()  # unmasked: position T-1 too
-            sums["loss"] += n["loss"] * head_next_token_loss(hidden, head, batch, mask=mask).item()
-            sums["loss_second_half"] += n["loss_second_half"] * head_next_token_loss(hidden, head, batch,
-                                                                                    mask=second_half).item()
-            sums["kl"] += n["kl"] * head_kl_divergence(ref_hidden, ref_head, hidden, head, mask=mask).item()
-            counts = {key: counts[key] + n[key] for key in counts}
-        model.train()
-        return {key: sums[key] / counts[key] for key in sums if counts[key]}

@@ -39,6 +39,7 @@ import yaml
 from selfreplay.config import (DataConfig, LogConfig, OptimConfig, ReplayConfig, RunConfig, build, check_ranges, merge,
                                parse_overrides, read_yaml, to_dict)
 from selfreplay.errors import SelfReplayError
+from selfreplay.objective.methods import NO_REPLAY, REPLAY_METHODS, replay_method
 from selfreplay.model.transformer import ModelConfig, Transformer
 from selfreplay.rundir import CONFIG_NAME, RESUMABLE, SUMMARY_NAME, RunDirectory, changed_settings, notice, write_atomic
 from selfreplay.runtime import resolve_device
@@ -111,13 +112,16 @@ def load_continual_config(path: str | None, overrides: list[str]) -> ContinualCo
     values = merge(DEFAULTS, read_yaml(path) if path else {})
     config = build(ContinualConfig, merge(values, parse_overrides(overrides)))
     names, r, t = config.task_names, config.replay, config.tasks
+    method = replay_method(r.method)
     checks = [
         (not config.out, "set out=RUN_DIR, the directory the run writes to"),
         (not names, "set tasks.names to a comma-separated list of tasks"),
         (any(n not in TASKS for n in names), f"unknown task in tasks.names={config.tasks.names!r}: "
                                              f"choose from {', '.join(TASKS)}"),
         (len(set(names)) != len(names), "tasks.names repeats a task"),
-        (r.method not in ("none", "ntp", "kl"), f"replay.method must be none, ntp or kl here, got {r.method!r}"),
+        (method is not NO_REPLAY and not method.needs_replay,
+         f"replay.method={method.name} has no replay to carry earlier tasks: choose one of "
+         f"{', '.join(m.name for m in REPLAY_METHODS.values() if m.needs_replay or m is NO_REPLAY)}"),
         (r.source != "self", "replay here is self-replay from the snapshot at each task's start: set replay.source=self"),
         (r.domains is not None, "replay.domains is set by continual (every earlier task): drop it"),
         (min(t.steps, t.train_examples, t.eval_examples) < 1,
@@ -243,7 +247,7 @@ def task_run(config: ContinualConfig, out: Path, i: int, files: dict[str, Path])
     else:
         mode = "finetune"
         settings.update({"init": out / run_name(names, i - 1), "data.old": files[names[i - 1]]})
-        if config.replay.method != "none":
+        if replay_method(config.replay.method).needs_replay or config.replay.fraction > 0:
             settings.update({f"replay.{key}": value for key, value in vars(config.replay).items()})
             settings["replay.domains"] = ",".join(names[:i])
     return mode, [f"{key}={value}" for key, value in settings.items()]

@@ -3,13 +3,17 @@ the same loop as the built-in Transformer (`selfreplay.training`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from selfreplay.config import RunConfig
 from selfreplay.data.sequences import Data, TokenSequences
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluation.validation import HeadValidationSet
+from selfreplay.evaluation.validation import ValidationSet
+from selfreplay.objective.methods import replay_method
+from selfreplay.rundir import notice
 
 
 class HuggingFaceFamily:
@@ -22,7 +26,7 @@ class HuggingFaceFamily:
         and the replay format (its chat template and prompts checked before anything is written)."""
         from selfreplay.data.text import holds_conversations, load_rows, pack_text
         from selfreplay.model.hf import load_tokenizer
-        from selfreplay.replay.hf_pool import replay_format
+        from selfreplay.replay.pool_dir import replay_format
 
         tokenizer = load_tokenizer(model_name(config), config.model.trust_remote_code)
         T, d, r = config.model.T, config.data, config.replay
@@ -31,8 +35,8 @@ class HuggingFaceFamily:
                                   f"measured as plain text, give it {d.text_field!r} records")
         train = load_rows(d.train, tokenizer, T, d.text_field, d.chat_field)
         old = pack_text(d.old_text, tokenizer, T, d.text_field)
-        replays = r.method in ("ntp", "kl")
-        form = replay_format(tokenizer, r.chat, r.system, r.prompts, r.stop_at_eos) if replays else None
+        form = replay_format(tokenizer, r.chat, r.system, r.prompts, r.stop_at_eos) \
+            if replay_method(r.method).needs_replay else None
         return Data(tokenizer, row_sequences(train, tokenizer, T, d.val_sequences, d.seed, d.train),
                     measured_rows(row_sequences(old, tokenizer, T, 0, d.seed, d.old_text), d.val_sequences, d.seed),
                     None, form)
@@ -59,18 +63,17 @@ class HuggingFaceFamily:
 
     def make_replay(self, config: RunConfig, reference, data: Data, device):
         """π0's samples, from BOS or inside the chat template (replay.chat), as `load_data` set them up."""
-        from selfreplay.replay.hf_pool import ReplayPool
+        from selfreplay.replay.pool_dir import hf_replay_pool
 
-        r = config.replay
-        if r.method not in ("ntp", "kl"):
+        method = replay_method(config.replay.method)
+        if not method.needs_replay:
             return None
-        return ReplayPool(reference, data.replay_format, r.batch_size, r.buffer, r.length, r.temperature, r.top_p,
-                          seed=config.seed, keep_hidden=r.method == "kl", pool_dir=r.pool, decode_batch=r.decode_batch)
+        return hf_replay_pool(reference, data.replay_format, config.replay, method.keeps_hidden, seed=config.seed)
 
     def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
-        sets = {"old": HeadValidationSet(torch.from_numpy(data.old.sequences), reference)}
+        sets = {"old": ValidationSet(torch.from_numpy(data.old.sequences), reference, batch_size=8)}
         if config.data.val_sequences:
-            new = HeadValidationSet(data.train.validation(), reference, data.train.validation_mask())
+            new = ValidationSet(data.train.validation(), reference, data.train.validation_mask(), batch_size=8)
             sets = {"new": new, **sets}
         return sets
 
@@ -137,3 +140,20 @@ def row_sequences(rows: list[dict], tokenizer, T: int, val_sequences: int, seed:
                                     mask=None if mask.all() else mask.numpy())
 
 
+def fit_to_context(config: RunConfig, t_given: bool) -> RunConfig:
+    """`config` with model.T no longer than the model's context: cut to it, with a notice, where
+    model.T was left at its default; one line where the user asked for more."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(model_name(config), trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError):
+        return config  # loading the model says what is wrong, in its own words
+    context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if context is None or config.model.T <= context:
+        return config
+    if t_given:
+        raise SelfReplayError(f"model.T={config.model.T} exceeds the model's context of {context} tokens: "
+                              f"set model.T <= {context}")
+    notice(f"model.T follows the model's context: {context} tokens (the default, {config.model.T}, is longer)")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, T=context))

@@ -5,7 +5,7 @@
     trainer.train()
 
 R is the forward KL(π0 ‖ πθ) (or πθ's next-token loss) on sequences that π0, the model as
-it was before finetuning, samples from itself (selfreplay.replay.hf_pool). Both terms go through
+it was before finetuning, samples from itself (selfreplay.replay.pool_dir). Both terms go through
 the blockwise losses of selfreplay.objective.losses, so the [tokens, vocabulary] logits never exist
 whole. With a peft model π0 is the same network with its adapters disabled. Under torchrun
 or accelerate every rank draws its own replay with its own seed (seed + rank).
@@ -13,6 +13,7 @@ or accelerate every rank draws its own replay with its own seed (seed + rank).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,27 +21,33 @@ from functools import partial
 import torch
 from transformers import Trainer, TrainingArguments
 
-from selfreplay.errors import SelfReplayError
+from selfreplay.config import ReplayConfig, RunConfig, check_ranges
 from selfreplay.data.text import label_mask, pad_batch, pad_id, rows_from_dataset
+from selfreplay.errors import SelfReplayError
+from selfreplay.evaluation.benchmark_scores import benchmark_table
+from selfreplay.evaluation.validation import ValidationSet
 from selfreplay.model.hf import CausalLM, frozen_reference, load_causal_lm, with_adapters
-from selfreplay.replay.hf_pool import ReplayPool, replay_format
-from selfreplay.objective.losses import head_kl_divergence, head_next_token_loss
-from selfreplay.objective.methods import training_loss
+from selfreplay.objective.methods import NO_REPLAY, REPLAY_METHODS, replay_method, training_loss
+from selfreplay.replay.pool import ReplayPool
+from selfreplay.replay.pool_dir import hf_replay_pool, replay_format
 
-REPLAY_METHODS = ("none", "kl", "ntp")
+# ReplayConfig's settings that only the built-in model's loop takes (the rest are replay_X here)
+BUILTIN_ONLY = ("source", "fraction", "domains", "compile")
 
 
 @dataclass
 class SelfReplayConfig(TrainingArguments):
     """TrainingArguments plus the replay settings (per device: each rank draws its own replay)."""
 
-    replay_method: str = field(default="kl", metadata={"help": "none | kl: KL(π0‖πθ) on replay | ntp: NTP on replay"})
+    replay_method: str = field(default="kl", metadata={"help": " | ".join(f"{m.name}: {m.description}"
+                                                                         for m in REPLAY_METHODS.values())})
     replay_coeff: float = field(default=10.0, metadata={"help": "c in loss = NTP(new) + c·R"})
     replay_batch_size: int = field(default=8, metadata={"help": "replay sequences per device per step"})
     replay_buffer: int = field(default=8, metadata={"help": "a draw holds buffer × replay_batch_size samples"})
     replay_decode_batch: int = field(default=128, metadata={"help": "replay samples decoded together (faster when "
                                                                     "larger, in more memory)"})
-    replay_length: int = field(default=256, metadata={"help": "longest replay sample in tokens, prompt included"})
+    replay_length: int | None = field(default=None, metadata={"help": "longest replay sample in tokens, prompt "
+                                                                      "included; default: max_length"})
     replay_temperature: float = 1.0
     replay_top_p: float | None = None
     replay_chat: bool = field(default=False, metadata={"help": "sample conversations inside the chat template"})
@@ -55,6 +62,16 @@ class SelfReplayConfig(TrainingArguments):
     lm_eval_include_path: str | None = field(default=None, metadata={"help": "folder of lm-eval task YAML files"})
     remove_unused_columns: bool = False  # rows are already input_ids and labels
 
+    def replay_config(self) -> ReplayConfig:
+        """The replay settings as the command line's ReplayConfig (the one schema: replay_X is its
+        X), checked by the same ranges; replay_length follows max_length when unset."""
+        values = {f.name: getattr(self, f"replay_{f.name}") for f in dataclasses.fields(ReplayConfig)
+                  if f.name not in BUILTIN_ONLY}
+        replay = ReplayConfig(**values)
+        replay = dataclasses.replace(replay, length=replay.length or self.max_length)
+        check_ranges(RunConfig(replay=replay))
+        return replay
+
 
 class SelfReplayTrainer(Trainer):
     """`Trainer` with the replay term; takes the model (or its name), `args`, `train_dataset`
@@ -65,9 +82,7 @@ class SelfReplayTrainer(Trainer):
     def __init__(self, model, args: SelfReplayConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None, ref_model=None, old_eval_dataset=None, **kwargs):
         args = args or SelfReplayConfig(output_dir="selfreplay-output")
-        if args.replay_method not in REPLAY_METHODS:
-            raise SelfReplayError(f"unknown replay_method {args.replay_method!r}: "
-                                  f"choose one of {', '.join(REPLAY_METHODS)}")
+        self.method, replay = replay_method(args.replay_method, key="replay_method"), args.replay_config()
         if isinstance(model, str):
             model, tokenizer = load_causal_lm(model)
             processing_class = processing_class or tokenizer
@@ -89,18 +104,15 @@ class SelfReplayTrainer(Trainer):
         dtype = getattr(torch, args.reference_dtype) if args.reference_dtype else None
         self.reference = CausalLM(ref_model.eval().requires_grad_(False)) if ref_model is not None \
             else frozen_reference(self.lm, dtype)
-        self.replay = self._replay_source(tokenizer) if args.replay_method != "none" else None
-        self.old_loss_0: float | None = None
+        self.replay = self._replay_source(tokenizer, replay) if self.method.needs_replay else None
+        self.old_set: ValidationSet | None = None  # built at the first measurement, on the model's device
         self._logged: dict[str, list[float]] = {"ntp_loss": [], "replay_loss": [], "replay_seconds": []}
 
-    def _replay_source(self, tokenizer) -> ReplayPool:
-        a = self.args
-        chat = a.replay_chat or a.replay_system is not None or a.replay_prompts is not None
-        form = replay_format(tokenizer, chat, a.replay_system, a.replay_prompts, a.replay_stop_at_eos)
-        return ReplayPool(self.reference, form, a.replay_batch_size, a.replay_buffer, a.replay_length,
-                          a.replay_temperature, a.replay_top_p, seed=a.seed, keep_hidden=a.replay_method == "kl",
-                          pool_dir=a.replay_pool, rank=a.process_index, world_size=a.world_size,
-                          decode_batch=a.replay_decode_batch)
+    def _replay_source(self, tokenizer, replay: ReplayConfig) -> ReplayPool:
+        chat = replay.chat or replay.system is not None or replay.prompts is not None
+        form = replay_format(tokenizer, chat, replay.system, replay.prompts, replay.stop_at_eos)
+        return hf_replay_pool(self.reference, form, replay, self.method.keeps_hidden, seed=self.args.seed,
+                              rank=self.args.process_index, world_size=self.args.world_size)
 
     def train(self, *args, **kwargs):
         """Trainer.train, with the lm-eval tasks of `args.lm_eval_tasks` scored before and after
@@ -112,8 +124,8 @@ class SelfReplayTrainer(Trainer):
             after = self._benchmark_scores(tasks)
             self.benchmark_scores = {"before": before, "after": after}
             if self.is_world_process_zero():
-                self.log({f"lm_eval_{task}_{metric}_{when}": value for when, scores in self.benchmark_scores.items()
-                          for task, metrics in scores.items() for metric, value in metrics.items()})
+                self.log({f"lm_eval_{task}_{metric}_{when}": value for task, metrics in benchmark_table(before, after).items()
+                          for metric, scores in metrics.items() for when, value in scores.items()})
         return output
 
     def _benchmark_scores(self, tasks: list[str]) -> dict | None:
@@ -129,9 +141,9 @@ class SelfReplayTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         new = inputs["input_ids"]
         new_mask = label_mask(inputs["labels"]) if "labels" in inputs else None
-        method = self.args.replay_method if self.replay is not None and model.training else "none"
+        method = self.method if model.training else NO_REPLAY
         replay = None
-        if method != "none":
+        if method.needs_replay:
             start = time.perf_counter()
             replay = self.replay.next_batch()
             self._logged["replay_seconds"].append(time.perf_counter() - start)
@@ -164,27 +176,10 @@ class SelfReplayTrainer(Trainer):
             metrics.update({f"{metric_key_prefix}_{k}": v for k, v in old.items()})
         return metrics
 
-    @torch.no_grad()
-    def measure_old(self, batch_size: int = 8) -> dict[str, float]:
-        """old_loss, old_kl and forgetting on the old-domain rows, a batch at a time with the blockwise losses."""
-        was_training = self.model.training
-        self.model.eval()
-        head, ref_head, device = self.lm.head.weight, self.reference.head.weight, self.args.device
-        sums = {"loss": 0.0, "kl": 0.0, "loss_0": 0.0}
-        count = 0
-        for lo in range(0, len(self.old_rows), batch_size):
-            batch = pad_batch(self.old_rows[lo:lo + batch_size], pad_id=0)
-            tokens, mask = batch["input_ids"].to(device), label_mask(batch["labels"]).to(device)
-            n = int(mask[:, 1:].sum())
-            hidden, ref_hidden = self.lm.hidden(tokens), self.reference.hidden(tokens)
-            sums["loss"] += n * head_next_token_loss(hidden, head, tokens, mask=mask).item()
-            sums["kl"] += n * head_kl_divergence(ref_hidden, ref_head, hidden, head, mask=mask).item()
-            if self.old_loss_0 is None:
-                sums["loss_0"] += n * head_next_token_loss(ref_hidden, ref_head, tokens, mask=mask).item()
-            count += n
-        self.model.train(was_training)
-        if self.old_loss_0 is None:
-            self.old_loss_0 = sums["loss_0"] / count
-        old_loss = sums["loss"] / count
-        return {"old_loss": old_loss, "old_kl": sums["kl"] / count, "forgetting": old_loss - self.old_loss_0}
-
+    def measure_old(self) -> dict[str, float]:
+        """old_loss, old_kl and forgetting on the old-domain rows (selfreplay.evaluation.validation)."""
+        if self.old_set is None:
+            batch = pad_batch(self.old_rows, pad_id=0)
+            self.old_set = ValidationSet(batch["input_ids"], self.reference, label_mask(batch["labels"]), batch_size=8)
+        old = self.old_set.evaluate(self.lm)
+        return {"old_loss": old["loss"], "old_kl": old["kl"], "forgetting": old["loss"] - self.old_set.reference_loss()}

@@ -61,7 +61,7 @@ def head_next_token_loss(hidden: torch.Tensor, head_weight: torch.Tensor, tokens
         hidden, targets = hidden[keep], targets[keep]
     if len(targets) == 0:  # nothing to predict: zero, still connected to the graph
         return hidden.sum().float() * 0.0
-    return _HeadLoss.apply(hidden, head_weight, targets, None, None, _compute_dtype(hidden), compile)
+    return _HeadLoss.apply(*_graded(hidden, head_weight), targets, None, None, _compute_dtype(hidden), compile)
 
 
 def head_kl_divergence(ref_hidden: torch.Tensor, ref_head_weight: torch.Tensor, hidden: torch.Tensor,
@@ -79,8 +79,16 @@ def head_kl_divergence(ref_hidden: torch.Tensor, ref_head_weight: torch.Tensor, 
     hidden, ref_hidden = hidden.reshape(-1, D), ref_hidden.reshape(-1, D)
     if len(hidden) == 0:
         return hidden.sum().float() * 0.0
-    return _HeadLoss.apply(hidden, head_weight, None, ref_hidden, ref_head_weight.detach(),
+    return _HeadLoss.apply(*_graded(hidden, head_weight), None, ref_hidden, ref_head_weight.detach(),
                            _compute_dtype(hidden), compile)
+
+
+def _graded(hidden: torch.Tensor, head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs as given, or detached under no_grad: a parameter still asks for its gradient
+    there, and a measurement would pay for forming it."""
+    if torch.is_grad_enabled():
+        return hidden, head_weight
+    return hidden.detach(), head_weight.detach()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -1,78 +1,113 @@
-"""Replay sequences: sampled from the frozen pretrained model (self) or read from old data (real).
+"""Replay sequences: sampled from the frozen pretrained model π0 (self) or read from old data (real).
 
-A self-replay pool holds `buffer × batch_size` fresh samples of π0 started at
-the old domain id, or `decode_batch` when that is more (π0 is frozen, so one large draw
-has the distribution of several small ones, and decodes faster); each training step
-consumes one replay batch, and an empty pool is redrawn, so the same sample is never
-replayed twice. Decoding the pool
-computes π0's final hidden states at every position of every sample; the pool
-keeps them, so the KL penalty needs no second forward pass of π0 over its own
-samples.
+One `ReplayPool` serves every model family (docs/method.md, "The replay pool"). It holds `size`
+samples of π0, drawn together by a family's `draw` callable (the built-in KV-cache sampler,
+or a Hugging Face model's decoding), and gives them out `batch_size` at a time; an empty pool
+is drawn again, so no sample is replayed twice. π0 is frozen, so one large draw has the
+distribution of several small ones, and decodes faster. Where the KL needs them, the draw
+keeps π0's final hidden states on its samples, and the KL then needs no second pass of π0.
+Samples stored beforehand (a pool directory from `selfreplay sample`) are replayed first.
 
-Both sources give `next_batch() -> ReplaySamples` (tokens [b, T], and π0's hidden states
-[b, T, D] when the pool kept them).
+Every source gives `next_batch() -> ReplaySamples` and round-trips `state_dict()`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
+from selfreplay.config import ReplayConfig
 from selfreplay.data.sequences import SequenceStream
-from selfreplay.model.transformer import Transformer
-from selfreplay.objective.methods import ReplaySamples
+from selfreplay.replay.samples import ReplaySamples
 from selfreplay.replay.sampling import sample
 
+# draw(count, generator, offset) -> count fresh samples of π0; offset: samples drawn before
+# (a chat pool takes its prompts in turn from there)
+Draw = Callable[[int, torch.Generator, int], ReplaySamples]
 
-class SelfReplayPool:
-    """Replay batches [batch_size, T] sampled from the frozen model `reference`, with its hidden
-    states on them when keep_hidden (what the KL penalty needs; NTP replay needs only tokens).
 
-    Samples start at `domain_id`, or, given several ids, at each in turn (replay of every
-    earlier task in continual learning, say). compile: decode through a torch.compile'd step
-    (`sample`)."""
+def pool_size(batch_size: int, buffer: int, decode_batch: int) -> int:
+    """Samples a pool holds: `buffer` replay batches, or enough whole batches for one decode
+    batch of `decode_batch` samples when that is more."""
+    return batch_size * max(buffer, math.ceil(decode_batch / batch_size))
 
-    def __init__(self, reference: Transformer, domain_id: int | list[int], batch_size: int, buffer: int,
-                 temperature: float = 1.0, seed: int = 0, keep_hidden: bool = True, decode_batch: int | None = None,
-                 compile: bool = False):
-        self.reference, self.keep_hidden, self.compile = reference, keep_hidden, compile
-        self.batch_size, self.temperature = batch_size, temperature
-        self.decode_batch = decode_batch or buffer * batch_size
-        # a pool is a whole number of replay batches: buffer of them, or enough for decode_batch
-        self.size = batch_size * max(buffer, math.ceil(self.decode_batch / batch_size))
-        device = next(reference.parameters()).device
-        ids = torch.as_tensor(domain_id, dtype=torch.long).reshape(-1)
-        self.first_tokens = ids.repeat(self.size // len(ids) + 1)[:self.size].to(device)
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-        self.pool: torch.Tensor | None = None
-        self.hidden: torch.Tensor | None = None
+
+class ReplayPool:
+    """Replay batches [batch_size, t] of π0's samples: first `stored` (replayed in order, again
+    from the start when `repeat`), then fresh draws of `size` samples. `score(tokens)` gives
+    π0's hidden states [b, t, D] for stored samples that lack them (the KL), or is None."""
+
+    def __init__(self, draw: Draw, batch_size: int, size: int, device, seed: int = 0,
+                 stored: ReplaySamples | None = None, repeat: bool = False, score=None):
+        self.draw, self.batch_size, self.size, self.device = draw, batch_size, size, device
+        self.stored, self.repeat, self.score = stored, repeat, score
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.pool: ReplaySamples | None = None
         self.cursor = 0
-        self.draws = 0  # pools sampled so far
-
-    def refill(self) -> None:
-        drawn = sample(self.reference, self.first_tokens, self.size, temperature=self.temperature,
-                       generator=self.generator, batch_size=self.decode_batch, return_hidden=self.keep_hidden,
-                       compile=self.compile)
-        self.pool, self.hidden = drawn if self.keep_hidden else (drawn, None)
-        self.cursor, self.draws = 0, self.draws + 1
+        self.stored_cursor = 0
+        self.draws = 0  # pools drawn from π0 so far
 
     def next_batch(self) -> ReplaySamples:
-        if self.pool is None or self.cursor == len(self.pool):
+        if self.stored is not None and self.stored_cursor < len(self.stored):
+            return self._from_stored()
+        if self.pool is None or self.cursor >= len(self.pool):
             self.refill()
-        rows = slice(self.cursor, self.cursor + self.batch_size)
+        batch = self.pool.rows(slice(self.cursor, self.cursor + self.batch_size))
         self.cursor += self.batch_size
-        return ReplaySamples(self.pool[rows], hidden=self.hidden[rows] if self.hidden is not None else None)
+        return batch.trimmed()
+
+    def refill(self) -> None:
+        """Draw `size` fresh samples from π0."""
+        self.pool = self.draw(self.size, self.generator, self.draws * self.size)
+        self.cursor, self.draws = 0, self.draws + 1
+
+    def _from_stored(self) -> ReplaySamples:
+        batch = self.stored.rows(slice(self.stored_cursor, self.stored_cursor + self.batch_size))
+        self.stored_cursor += len(batch)
+        if self.repeat and self.stored_cursor >= len(self.stored):
+            self.stored_cursor = 0
+        batch = batch.to(self.device).trimmed()
+        if batch.hidden is None and self.score is not None:
+            with torch.no_grad():
+                batch.hidden = self.score(batch.tokens)
+        return batch
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "draws": self.draws, "generator": self.generator.get_state(),
-                "pool": self.pool, "hidden": self.hidden}
+        """Positions and counts, and as tensors (None where absent) the generator's state and the
+        current draw: pool (tokens), mask and hidden."""
+        pool = self.pool or ReplaySamples(None)
+        return {"cursor": self.cursor, "stored_cursor": self.stored_cursor, "draws": self.draws,
+                "generator": self.generator.get_state(), "pool": pool.tokens, "mask": pool.mask, "hidden": pool.hidden}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor, self.draws = int(state["cursor"]), int(state["draws"])
+        self.stored_cursor = int(state.get("stored_cursor", state.get("file_cursor", 0)))
         self.generator.set_state(state["generator"])
-        self.pool, self.hidden = state["pool"], state.get("hidden")
+        tokens = state.get("pool")
+        self.pool = ReplaySamples(tokens, state.get("mask"), state.get("hidden")).to(self.device) \
+            if tokens is not None else None
+
+
+def self_replay_pool(reference, domain_id: int | list[int], replay: ReplayConfig, keep_hidden: bool, seed: int = 0,
+                     batch_size: int | None = None) -> ReplayPool:
+    """The pool of the built-in Transformer `reference`'s samples [size, T] that `replay`
+    describes, each started at `domain_id`, or, given several ids, at each in turn (replay of
+    every earlier task in continual learning, say); with π0's hidden states when keep_hidden
+    (what the KL needs; NTP replay needs only tokens). batch_size: rows a batch, when not
+    replay.batch_size (rows mixed into the new batch: replay.fraction)."""
+    batch_size = batch_size or replay.batch_size
+    device = next(reference.parameters()).device
+    ids = torch.as_tensor(domain_id, dtype=torch.long).reshape(-1)
+
+    def draw(count: int, generator: torch.Generator, offset: int) -> ReplaySamples:
+        first_tokens = ids.repeat(count // len(ids) + 1)[:count].to(device)
+        drawn = sample(reference, first_tokens, count, temperature=replay.temperature, generator=generator,
+                       batch_size=replay.decode_batch, return_hidden=keep_hidden, compile=replay.compile)
+        return ReplaySamples(drawn[0], hidden=drawn[1]) if keep_hidden else ReplaySamples(drawn)
+
+    return ReplayPool(draw, batch_size, pool_size(batch_size, replay.buffer, replay.decode_batch), device, seed)
 
 
 class RealReplay:

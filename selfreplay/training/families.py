@@ -1,18 +1,8 @@
-"""Model families: what the training loop (`selfreplay.training.loop`) does differently for the built-in
-Transformer and for a Hugging Face causal LM (init=hf:NAME_OR_PATH).
-
-The loop, the objective (`selfreplay.objective.methods.training_loss`) and the log lines are shared; a
-family supplies only what depends on the model:
-
-    load_data(config, mode)                 -> Data: tokenizer, new (train), old and mix rows
-    load_models(config, mode, device)       -> (θ, π0 or None, trainable parameters)
-    make_replay(config, reference, data, device) -> replay source with next_batch(), or None
-    validation_sets(config, mode, data, reference) -> {domain: object with evaluate(model) -> dict}
-    drift(model, config)                    -> ‖θ − θ0‖ / ‖θ0 − θinit‖, or None where θinit is unknown
-    weights(model) / load_weights(model, weights) -> what a checkpoint keeps of θ
-    save_start(directory, tokenizer) / save_final(model, tokenizer, config, directory): files at the start, at the end
-    params(model, config)                   -> (parameters, non-embedding parameters) for summary.json
-    benchmark_scores(model, tokenizer, eval) -> lm-eval scores {task: {metric: value}} (Hugging Face alone)
+"""Model families: what the training loop (`selfreplay.training.loop`) does differently for the
+built-in Transformer (here) and for a Hugging Face causal LM (init=hf:NAME_OR_PATH,
+`selfreplay.hf.family`). The loop, the objective (`selfreplay.objective.methods`), the replay pool
+(`selfreplay.replay.pool`), the measurements (`selfreplay.evaluation.validation`) and the log lines
+are shared; a family supplies only what depends on the model, as `Family` says.
 
 A model is anything with `hidden(tokens)` [B, t, D], `head.weight` [V, D], `parameters()`,
 `train()` and `eval()`: the Transformer itself, or selfreplay.model.hf.CausalLM.
@@ -23,17 +13,58 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from selfreplay.config import RunConfig, build, is_hf, read_yaml, to_dict
+from selfreplay.config import EvalConfig, RunConfig, build, is_hf, read_yaml, to_dict
 from selfreplay.data.sequences import Data, SequenceStream, TokenSequences
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.validation import ValidationSet, weight_drift
-from selfreplay.rundir import CONFIG_NAME
+from selfreplay.objective.methods import replay_method
+from selfreplay.replay.samples import ReplaySamples
+from selfreplay.rundir import CONFIG_NAME, RunDirectory
 
 
-def family_of(config: RunConfig):
+class ReplaySource(Protocol):
+    """Where replay batches come from: a pool of π0's samples, or the old domain's data."""
+
+    def next_batch(self) -> ReplaySamples: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Family(Protocol):
+    """What the loop asks of a model family."""
+
+    def load_data(self, config: RunConfig, mode: str) -> Data:
+        """The tokenizer and the rows of each domain, checked before anything is written."""
+
+    def load_models(self, config: RunConfig, mode: str, device) -> tuple[object, object | None, list]:
+        """(θ, π0 when finetuning or None, θ's trainable parameters)."""
+
+    def make_replay(self, config: RunConfig, reference, data: Data, device) -> ReplaySource | None: ...
+
+    def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict[str, ValidationSet]: ...
+
+    def drift(self, model, config: RunConfig) -> float | None:
+        """‖θ − θ0‖ / ‖θ0 − θinit‖, or None where θinit is unknown."""
+
+    def weights(self, model) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of θ."""
+
+    def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None: ...
+    def save_start(self, directory: RunDirectory, tokenizer) -> None: ...
+    def save_final(self, model, tokenizer, config: RunConfig, directory: RunDirectory) -> None: ...
+
+    def params(self, model, config: RunConfig) -> tuple[int, int | None]:
+        """(parameters, non-embedding parameters) for summary.json."""
+
+    def benchmark_scores(self, model, tokenizer, e: EvalConfig) -> dict[str, dict[str, float]]:
+        """lm-eval scores {task: {metric: value}} (eval.lm_eval_tasks)."""
+
+
+def family_of(config: RunConfig) -> Family:
     """The family that runs `config`: Hugging Face for init=hf:..., the built-in Transformer otherwise."""
     if is_hf(config):
         from selfreplay.hf.family import HuggingFaceFamily  # transformers is imported only when needed
@@ -101,16 +132,15 @@ class BuiltinFamily:
 
     def make_replay(self, config: RunConfig, reference, data: Data, device):
         """The replay source of a finetuning run, or None when its method replays nothing."""
-        from selfreplay.replay.pool import RealReplay, SelfReplayPool
+        from selfreplay.replay.pool import RealReplay, self_replay_pool
 
-        r = config.replay
-        if r.method not in ("ntp", "kl", "replace"):
+        r, method = config.replay, replay_method(config.replay.method)
+        if not method.needs_replay and r.fraction == 0:
             return None
-        rows = r.batch_size if r.method != "replace" else math.floor(r.coeff * config.optim.batch_size)
+        rows = r.batch_size if method.needs_replay else math.floor(r.fraction * config.optim.batch_size)
         if r.source == "self":
             sampler = decoding_model(reference, config.precision, device)
-            return SelfReplayPool(sampler, replay_domains(config, data), rows, r.buffer, r.temperature, config.seed,
-                                  keep_hidden=r.method == "kl", decode_batch=r.decode_batch, compile=r.compile)
+            return self_replay_pool(sampler, replay_domains(config, data), r, method.keeps_hidden, config.seed, rows)
         return RealReplay(SequenceStream(data.old, config.data.seed + 2), rows, device)
 
     def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
@@ -149,6 +179,10 @@ class BuiltinFamily:
 
     def params(self, model, config: RunConfig) -> tuple[int, int]:
         return config.model.params, config.model.non_embedding_params
+
+    def benchmark_scores(self, model, tokenizer, e: EvalConfig) -> dict[str, dict[str, float]]:
+        raise SelfReplayError("eval.lm_eval_tasks scores Hugging Face models: export the run with "
+                              "selfreplay export RUN --hf OUT, then finetune init=hf:OUT")
 
 
 def decoding_model(reference, precision: str, device: torch.device):

@@ -23,14 +23,17 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.config import RunConfig, is_hf, load_config, save_config, to_dict, validate
+from selfreplay.config import (RunConfig, follow_defaults, is_hf, load_config, merge, parse_overrides, read_yaml,
+                               save_config, to_dict)
 from selfreplay.data.sequences import BatchLoader, SequenceStream
 from selfreplay.errors import SelfReplayError
-from selfreplay.evaluation.validation import compute_multiplier
+from selfreplay.evaluation.benchmark_scores import benchmark_table
+from selfreplay.evaluation.validation import ValidationSet, compute_multiplier
 from selfreplay.data.sequences import Data
-from selfreplay.training.families import family_of, read_init_run
+from selfreplay.training.families import Family, ReplaySource, family_of, read_init_run
+from selfreplay.training.validate import validate
 from selfreplay.model.transformer import CONFIG_NAME, ModelConfig
-from selfreplay.objective.methods import training_loss
+from selfreplay.objective.methods import NO_REPLAY, ReplayMethod, replay_method, training_loss
 from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
 
@@ -55,6 +58,12 @@ def resolve_config(mode: str, path: str | None, overrides: list[str] | None) -> 
         base = {"model": vars(init.model), "data": {"old": init.data.train, "seed": init.data.seed,
                                                     "val_sequences": init.data.val_sequences}}
         config = load_config(path, overrides, base=base)
+    if is_hf(config) and mode == "finetune" and config.init != "hf:":
+        from selfreplay.hf.family import fit_to_context
+
+        given = merge(read_yaml(path) if path else {}, parse_overrides(overrides or []))
+        config = fit_to_context(config, t_given="T" in (given.get("model") or {}))
+    config = follow_defaults(config)
     validate(config, mode)
     return _absolute_paths(config)
 
@@ -131,18 +140,19 @@ class Run:
 
     config: RunConfig
     mode: str
-    family: object  # what depends on the model: selfreplay.training.families
+    family: Family  # what depends on the model: selfreplay.training.families
     directory: RunDirectory
     device: torch.device
     tokenizer: object
     model: object  # θ: the Transformer, or a Hugging Face model as selfreplay.model.hf.CausalLM
     reference: object | None  # π0, frozen (finetuning)
-    params: list
+    params: list[torch.nn.Parameter]
     trunk: object  # model.hidden, compiled or not
     optimizer: torch.optim.Optimizer
     loader: BatchLoader
-    replay: object | None  # a replay source: next_batch() -> ReplaySamples
-    validation: dict
+    method: ReplayMethod  # the replay term (replay.method)
+    replay: ReplaySource | None  # replay batches: a term's own, or rows mixed into the batch (replay.fraction)
+    validation: dict[str, ValidationSet]  # by domain: new, old, mix
     total_steps: int | None
     tokens_per_step: int
     log_every: int
@@ -177,12 +187,12 @@ def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> 
                          SequenceStream(data.mix, config.data.seed + 1) if data.mix else None,
                          config.data.mix_fraction)
     replay = family.make_replay(config, reference, data, device) if finetune else None
-    if config.replay.method == "replace":
+    if config.replay.fraction > 0:
         loader.batch_size -= replay.batch_size  # replay rows take the place of new rows
     tokens_per_step = loader.batch_size * config.model.T
     validation = family.validation_sets(config, mode, data, reference)
-    return Run(config, mode, family, directory, device, data.tokenizer, model, reference, params, trunk, optimizer, loader, replay,
-               validation, _step_budget(config, tokens_per_step, data.train.train_tokens), tokens_per_step,
+    return Run(config, mode, family, directory, device, data.tokenizer, model, reference, params, trunk, optimizer, loader,
+               replay_method(config.replay.method), replay, validation, _step_budget(config, tokens_per_step, data.train.train_tokens), tokens_per_step,
                max(1, round(config.log.every_tokens / tokens_per_step)))
 
 
@@ -224,12 +234,12 @@ def train_step(run: Run, progress: Progress) -> None:
     replay_tick = time.perf_counter()
     replay = run.replay.next_batch() if run.replay is not None else None
     progress.replay_seconds += time.perf_counter() - replay_tick
-    if r.method == "replace":
-        new = torch.cat([new, replay.tokens])
+    if r.fraction > 0:  # the replay rows are part of the batch, not of a term
         if new_mask is not None:  # every replay token counts
             new_mask = torch.cat([new_mask, torch.ones_like(replay.tokens, dtype=torch.bool)])
+        new, replay = torch.cat([new, replay.tokens]), None
     with autocast(run.device, config.precision):
-        loss, ntp, reg = training_loss(run.model, run.reference, new, replay, r.method, r.coeff, run.trunk,
+        loss, ntp, reg = training_loss(run.model, run.reference, new, replay, run.method, r.coeff, run.trunk,
                                        config.compile, new_mask=new_mask)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -278,7 +288,7 @@ def log_point(run: Run, progress: Progress, metrics: dict) -> None:
             "train_seconds": round(progress.train_seconds, 3), "replay_seconds": round(progress.replay_seconds, 3),
             "lr": learning_rate(max(0, progress.step - 1), run.config, run.total_steps),
             "train_loss": mean(i.loss), "grad_norm": mean(i.grad_norm),
-            "replay_loss": mean(i.replay_loss) if run.config.replay.method not in ("none", "replace") else None,
+            "replay_loss": mean(i.replay_loss) if run.method is not NO_REPLAY else None,
             "tokens_per_second": i.tokens / i.seconds if i.seconds > 0 else None, **metrics}
     start = progress.start_metrics
     if run.finetune and start is not None and "old_loss" in metrics:
@@ -400,6 +410,7 @@ def train(config: RunConfig, mode: str) -> dict:
 
     Raises TrainingDiverged (after writing the summary) when the loss or gradients stop being finite.
     """
+    config = follow_defaults(config)
     validate(config, mode)
     data = load_data(config, mode)
     directory = RunDirectory(config.out)
@@ -479,12 +490,6 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
     run.directory.write_summary(summary)
     run.directory.clear_checkpoints()
     return _raise_if_diverged(summary)
-
-
-def benchmark_table(before: dict, after: dict) -> dict:
-    """{task: {metric: {"before": π0's score, "after": the finetuned model's}}}."""
-    return {task: {metric: {"before": before.get(task, {}).get(metric), "after": value}
-                   for metric, value in metrics.items()} for task, metrics in after.items()}
 
 
 def _raise_if_diverged(summary: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Replay batches for a Hugging Face model: drawn on the fly from π0, or read from a pool directory.
+"""Replay pools of a Hugging Face model: drawn on the fly from π0, or read from a pool directory.
 
 A pool directory, written once by `selfreplay sample init=... --out POOL` (`write_pool`), holds
 
@@ -6,9 +6,9 @@ A pool directory, written once by `selfreplay sample init=... --out POOL` (`writ
     pool.json       what drew them: model, format, temperature, top_p, length, seed, count
 
 A run reading a pool replays its samples in order and never draws them again; when
-they run out, it draws fresh ones from π0 (or, with repeat, goes through the file again).
-Each rank of a multi-process run takes every world_size-th sample of the file, and
-draws with its own seed (seed + rank).
+they run out, it draws fresh ones from π0 (or, with repeat, goes through the file again),
+through the one `selfreplay.replay.pool.ReplayPool`. Each rank of a multi-process run takes
+every world_size-th sample of the file, and draws with its own seed (seed + rank).
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from selfreplay.config import ReplayConfig
 from selfreplay.errors import SelfReplayError
 from selfreplay.model.hf import CausalLM
 from selfreplay.replay.hf_sampling import ReplayFormat, base_format, chat_format, sample_replay
-from selfreplay.objective.methods import ReplaySamples
+from selfreplay.replay.pool import ReplayPool, pool_size
+from selfreplay.replay.samples import ReplaySamples
 
 SAMPLES_NAME, HEADER_NAME = "samples.jsonl", "pool.json"
 
@@ -65,83 +67,34 @@ def read_pool(pool_dir: str | Path, rank: int = 0, world_size: int = 1) -> tuple
     return rows, header
 
 
-class ReplayPool:
-    """Replay batches [batch_size, t] from π0 (`reference`): first the samples of `pool_dir`
-    when given, then fresh draws of `buffer` batches at a time. With keep_hidden (the KL
-    penalty), each batch comes with π0's final hidden states: kept from decoding for a
-    draw, computed by one π0 pass for a batch read from a file."""
-
-    def __init__(self, reference: CausalLM, form: ReplayFormat, batch_size: int, buffer: int, length: int,
-                 temperature: float = 1.0, top_p: float | None = None, seed: int = 0, keep_hidden: bool = True,
-                 pool_dir: str | Path | None = None, repeat: bool = False, rank: int = 0, world_size: int = 1,
-                 decode_batch: int = 128):
-        self.reference, self.form, self.keep_hidden = reference, form, keep_hidden
-        self.decode_batch = decode_batch  # samples decoded together: a larger batch draws faster, in more memory
-        self.batch_size, self.buffer, self.length = batch_size, buffer, length
-        self.temperature, self.top_p, self.repeat = temperature, top_p, repeat
-        self.generator = torch.Generator(device=reference.head.weight.device).manual_seed(seed + rank)
-        self.file_rows = read_pool(pool_dir, rank, world_size)[0] if pool_dir is not None else []
-        self.file_cursor = 0
-        self.pool: ReplaySamples | None = None
-        self.cursor = 0
-        self.draws = 0  # pools drawn from π0 so far
-
-    def next_batch(self) -> ReplaySamples:
-        if self.file_cursor < len(self.file_rows):
-            batch = self._from_file()
-        else:
-            if self.pool is None or self.cursor >= len(self.pool.tokens):
-                self.refill()
-            rows = slice(self.cursor, self.cursor + self.batch_size)
-            self.cursor += self.batch_size
-            hidden = self.pool.hidden[rows] if self.pool.hidden is not None else None
-            batch = ReplaySamples(self.pool.tokens[rows], self.pool.mask[rows], hidden)
-        return _trimmed(batch)
-
-    def refill(self) -> None:
-        """Draw `buffer × batch_size` fresh samples from π0."""
-        count = self.buffer * self.batch_size
-        self.pool = sample_replay(self.reference, self.form, count, self.length, self.temperature, self.top_p,
-                                  self.generator, batch_size=self.decode_batch, keep_hidden=self.keep_hidden,
-                                  offset=self.draws * count)
-        self.cursor, self.draws = 0, self.draws + 1
-
-    def _from_file(self) -> ReplaySamples:
-        rows = self.file_rows[self.file_cursor: self.file_cursor + self.batch_size]
-        self.file_cursor += len(rows)
-        if self.repeat and self.file_cursor >= len(self.file_rows):
-            self.file_cursor = 0
-        device = self.reference.head.weight.device
-        width = max(len(r) for r in rows)
-        tokens = torch.full((len(rows), width), self.form.pad, dtype=torch.long, device=device)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)], mask[i, : len(r)] = torch.as_tensor(r), True
-        hidden = self.reference.hidden(tokens) if self.keep_hidden else None
-        return ReplaySamples(tokens, mask, hidden)
-
-    def state_dict(self) -> dict:
-        """Positions and counts, and as tensors (None where absent) the generator's state and the
-        current draw: pool (tokens), mask and hidden."""
-        pool = self.pool or ReplaySamples(None)
-        return {"file_cursor": self.file_cursor, "cursor": self.cursor, "draws": self.draws,
-                "generator": self.generator.get_state(), "pool": pool.tokens, "mask": pool.mask, "hidden": pool.hidden}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.file_cursor, self.cursor, self.draws = int(state["file_cursor"]), int(state["cursor"]), int(state["draws"])
-        self.generator.set_state(state["generator"])
-        device = self.reference.head.weight.device
-        on_device = lambda t: t.to(device) if t is not None else None  # noqa: E731
-        tokens = state.get("pool")
-        self.pool = ReplaySamples(on_device(tokens), on_device(state.get("mask")), on_device(state.get("hidden"))) \
-            if tokens is not None else None
+def stored_samples(pool_dir: str | Path, pad: int, rank: int = 0, world_size: int = 1) -> ReplaySamples:
+    """This rank's samples of a pool directory as one batch [N, longest], right-padded with `pad`."""
+    rows = read_pool(pool_dir, rank, world_size)[0]
+    tokens = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+    mask = torch.zeros(tokens.shape, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)], mask[i, : len(row)] = torch.as_tensor(row), True
+    return ReplaySamples(tokens, mask)
 
 
-def _trimmed(batch: ReplaySamples) -> ReplaySamples:
-    """The batch cut after its longest sample: padding past every stop is not worth a forward pass."""
-    width = int(batch.mask.sum(1).max())
-    return ReplaySamples(batch.tokens[:, :width], batch.mask[:, :width],
-                         batch.hidden[:, :width] if batch.hidden is not None else None)
+def hf_replay_pool(reference: CausalLM, form: ReplayFormat, replay: ReplayConfig, keep_hidden: bool, seed: int = 0,
+                   rank: int = 0, world_size: int = 1, repeat: bool = False) -> ReplayPool:
+    """The pool of a Hugging Face model's samples that `replay` describes (from BOS, or inside
+    the chat template as `form` says; at most replay.length tokens each): first those of the
+    directory replay.pool when given (every world_size-th, from `rank`), then fresh draws. Each
+    rank draws with its own seed (seed + rank). With keep_hidden (the KL's method keeps them),
+    each batch comes with π0's hidden states: kept from decoding for a draw, computed by one π0
+    pass for a stored batch."""
+    length = replay.length  # set by then: it follows model.T (config.DEFAULTS_FOLLOW)
+
+    def draw(count: int, generator: torch.Generator, offset: int) -> ReplaySamples:
+        return sample_replay(reference, form, count, length, replay.temperature, replay.top_p, generator,
+                             batch_size=replay.decode_batch, keep_hidden=keep_hidden, offset=offset)
+
+    stored = stored_samples(replay.pool, form.pad, rank, world_size) if replay.pool is not None else None
+    size = pool_size(replay.batch_size, replay.buffer, replay.decode_batch)
+    return ReplayPool(draw, replay.batch_size, size, reference.head.weight.device, seed + rank, stored, repeat,
+                      reference.hidden if keep_hidden else None)
 
 
 def sample_pool(init: str, out: str | Path, count: int, length: int, temperature: float = 1.0,
