@@ -137,7 +137,7 @@ VALID = ["out=runs/x", "data.train=x.bin", "data.tokenizer=tok", "stop.tokens=10
     ("replay.top_p=1.5", "replay.top_p must be in (0, 1]"),
 ])
 def test_every_invalid_setting_is_refused_with_one_line_before_anything_is_written(tmp_path, override, message):
-    from selfreplay.config import validate
+    from selfreplay.training.validate import validate
 
     with pytest.raises(SelfReplayError) as e:
         validate(load_config(None, [*VALID, f"out={tmp_path / 'run'}", override]), "pretrain")
@@ -148,7 +148,7 @@ def test_every_invalid_setting_is_refused_with_one_line_before_anything_is_writt
 @pytest.mark.parametrize("out, message", [("file", "is a file, not a directory"),
                                           ("file/run", "lies under the file")])
 def test_output_paths_that_cannot_be_a_run_directory_are_refused(tmp_path, out, message):
-    from selfreplay.config import validate
+    from selfreplay.training.validate import validate
 
     (tmp_path / "file").write_text("keep me")
     with pytest.raises(SelfReplayError, match=message):
@@ -162,7 +162,8 @@ HF_VALID = ["init=hf:some/model", "data.train=new.jsonl", "data.old_text=old.jso
 @pytest.mark.parametrize("override, message", [
     ("data.old_text=null", "needs held-out old-domain text to measure forgetting: set data.old_text="),
     ("init=hf:", "init=hf: needs a model"),
-    ("replay.method=replace", "not replace"),
+    ("replay.method=replace", "replay.method=replace is now replay.fraction=F"),
+    ("replay.fraction=0.25", "drop replay.fraction"),
     ("replay.source=real", "replay.source=self"),
     ("data.old=old.bin", "drop data.old and data.mix"),
     ("data.tokenizer=tok", "drop data.tokenizer"),
@@ -173,7 +174,7 @@ HF_VALID = ["init=hf:some/model", "data.train=new.jsonl", "data.old_text=old.jso
     ("model.D=64", "takes its shape from the model: drop model.D"),
 ])
 def test_hf_settings_it_cannot_take_are_refused_with_one_line(tmp_path, override, message):
-    from selfreplay.config import validate
+    from selfreplay.training.validate import validate
 
     with pytest.raises(SelfReplayError) as e:
         validate(load_config(None, [*HF_VALID, f"out={tmp_path / 'run'}", override]), "finetune")
@@ -183,7 +184,8 @@ def test_hf_settings_it_cannot_take_are_refused_with_one_line(tmp_path, override
 
 
 def test_hf_settings_load_and_validate(tmp_path):
-    from selfreplay.config import is_hf, validate
+    from selfreplay.config import is_hf
+    from selfreplay.training.validate import validate
 
     config = load_config(None, [*HF_VALID, f"out={tmp_path / 'run'}", "replay.top_p=0.9", "replay.length=64",
                                 "replay.stop_at_eos=false", "model.trust_remote_code=true", "data.text_field=body"])
