@@ -112,3 +112,19 @@ def test_export_then_a_replay_pool_from_the_exported_model(pretrained, tmp_path)
     one_line_error(run("sample", str(pretrained), "--out", str(tmp_path / "p2"), "-n", "2", "--length", "8"),
                    "give init=hf:")
     one_line_error(run("export", str(pretrained), "--hf", str(exported)), "is not empty")
+
+
+@pytest.fixture
+def hf_model_dir(request):
+    pytest.importorskip("transformers")  # before the fixture that builds the model imports it
+    return request.getfixturevalue("tiny_llama_dir")
+
+
+def test_finetuning_a_hf_model_on_text_without_the_text_field_names_the_config_key(hf_model_dir, tmp_path):
+    (tmp_path / "new.jsonl").write_text(json.dumps({"body": "hola"}) + "\n")
+    (tmp_path / "old.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    one_line_error(run("finetune", f"init=hf:{hf_model_dir}", f"out={tmp_path / 'ft'}",
+                       f"data.train={tmp_path / 'new.jsonl'}", f"data.old_text={tmp_path / 'old.jsonl'}",
+                       "model.T=16", "replay.length=16", "stop.tokens=64"),
+                   "no 'text' field (fields: body): choose one with data.text_field=FIELD")
+    assert not (tmp_path / "ft").exists()

@@ -7,9 +7,9 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from conftest import conversations, sentences, write_jsonl  # noqa: E402
-from selfreplay.errors import SelfReplayError  # noqa: E402
 from selfreplay.data.chat import assistant_tokens, chat_turns, prompt_tokens  # noqa: E402
 from selfreplay.data.text import IGNORE, chat_rows, load_rows, pack_text, pad_batch, rows_from_dataset  # noqa: E402
+from selfreplay.errors import SelfReplayError  # noqa: E402
 
 
 def test_text_is_packed_into_full_rows_with_eos_after_every_document(tmp_path, hf_tokenizer):
@@ -21,11 +21,16 @@ def test_text_is_packed_into_full_rows_with_eos_after_every_document(tmp_path, h
     assert len(rows) == len(expected) // 16 and flat == expected[: len(flat)]
 
 
-def test_a_text_file_without_the_text_field_is_one_line(tmp_path, hf_tokenizer):
-    path = write_jsonl(tmp_path / "x.jsonl", ["hola"], field="body")
-    with pytest.raises(SelfReplayError, match="no 'text' field") as error:
-        pack_text(str(path), hf_tokenizer, T=8)
-    assert "\n" not in str(error.value)
+@pytest.mark.parametrize("setting", [None, "--text-field", "text_field=NAME"])
+def test_a_text_file_without_the_text_field_names_the_callers_setting_in_one_line(tmp_path, hf_tokenizer, setting):
+    path = write_jsonl(tmp_path / "x.jsonl", ["hola", "adiós"], field="body")
+    with pytest.raises(SelfReplayError) as error:
+        if setting is None:  # a run's data (data.train, data.old_text): the config key
+            load_rows(str(path), hf_tokenizer, T=8)
+        else:
+            pack_text(str(path), hf_tokenizer, T=8, setting=setting)
+    expected = setting or "data.text_field=FIELD"
+    assert str(error.value) == f"{path}:1: no 'text' field (fields: body): choose one with {expected}"
 
 
 def test_conversations_count_only_the_assistants_tokens(hf_tokenizer):
@@ -63,8 +68,11 @@ def test_a_tokenizer_without_a_chat_template_is_one_line_when_one_is_needed(tmp_
 
 
 def test_a_dataset_without_a_text_or_messages_column_is_one_line(hf_tokenizer):
-    with pytest.raises(SelfReplayError, match="no 'text', 'messages' or 'input_ids' column"):
-        rows_from_dataset([{"body": "hola"}], hf_tokenizer, T=8)
+    with pytest.raises(SelfReplayError, match="^old_eval_dataset has no 'text', 'messages' or 'input_ids' column "
+                                              r"\(columns: body\): rename the text column to 'text'$"):
+        rows_from_dataset([{"body": "hola"}], hf_tokenizer, T=8, name="old_eval_dataset")
+    with pytest.raises(SelfReplayError, match="^the training dataset is empty$"):
+        rows_from_dataset([], hf_tokenizer, T=8)
     rows = rows_from_dataset([{"text": s} for s in sentences("en", 30)], hf_tokenizer, T=8)
     assert rows and all(len(r["input_ids"]) == 8 for r in rows)
 

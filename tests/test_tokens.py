@@ -119,7 +119,8 @@ def _no_field(tmp_path):
 @pytest.mark.parametrize("make_corpus, message", [
     (lambda tmp_path: tmp_path / "missing.jsonl", "corpus not found"),
     (_empty, "holds no documents"),
-    (_no_field, "bad.jsonl:3001: no 'text' field (fields: body)"),  # after a full batch was written
+    # after a full batch was written; `tokenize` chooses the field with its flag
+    (_no_field, "bad.jsonl:3001: no 'text' field (fields: body): choose one with --text-field"),
 ])
 def test_failed_tokenize_reports_one_line_and_keeps_the_old_file(tokenizer, tmp_path, make_corpus, message):
     corpus = make_corpus(tmp_path)

@@ -20,19 +20,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfreplay.data.chat import assistant_tokens
 from selfreplay.data.corpus import iter_batches, one_line, parse_hf_source
 from selfreplay.errors import SelfReplayError
-from selfreplay.data.chat import assistant_tokens
 
 IGNORE = -100  # label of a token whose prediction does not count
 
 
-def pack_text(source: str, tokenizer, T: int, text_field: str = "text") -> list[dict]:
-    """Rows of exactly T tokens cut from the documents of `source` joined by EOS."""
-    rows = pack_documents(iter_batches(source, text_field), tokenizer, T)
+RUN_TEXT_FIELD = "data.text_field=FIELD"  # the setting that names the text field of a run's data
+CORPUS_TEXT_FIELD = "--text-field"  # the one selfreplay.data.corpus names (tokenizer train, tokenize)
+
+
+def pack_text(source: str, tokenizer, T: int, text_field: str = "text",
+              setting: str = RUN_TEXT_FIELD) -> list[dict]:
+    """Rows of exactly T tokens cut from the documents of `source` joined by EOS.
+
+    `setting` is how the caller's front end chooses `text_field`, named when a record lacks it.
+    """
+    rows = pack_documents(_batches(source, text_field, setting), tokenizer, T)
     if not rows:
         raise SelfReplayError(f"{source} holds fewer tokens than one sequence of {T}")
     return rows
+
+
+def _batches(source: str, text_field: str, setting: str) -> Iterator[list[str]]:
+    """The corpus's batches of documents; a missing text field names `setting`, not the corpus's flag."""
+    batches = iter_batches(source, text_field)  # outside the try: a missing file is reported as it is
+    try:
+        yield from batches
+    except SelfReplayError as e:
+        message = str(e)
+        if setting == CORPUS_TEXT_FIELD or not message.endswith(CORPUS_TEXT_FIELD):
+            raise
+        raise SelfReplayError(message.removesuffix(CORPUS_TEXT_FIELD) + setting) from None
 
 
 def pack_documents(batches: Iterable[list[str]], tokenizer, T: int) -> list[dict]:
@@ -67,11 +87,13 @@ def chat_rows(source: str, tokenizer, T: int, field: str = "messages") -> list[d
     return rows
 
 
-def load_rows(source: str, tokenizer, T: int, text_field: str = "text", chat_field: str = "messages") -> list[dict]:
-    """Conversations when the first record of a JSONL file or dataset has `chat_field`, packed text otherwise."""
+def load_rows(source: str, tokenizer, T: int, text_field: str = "text", chat_field: str = "messages",
+              setting: str = RUN_TEXT_FIELD) -> list[dict]:
+    """Conversations when the first record of a JSONL file or dataset has `chat_field`, packed text otherwise
+    (`setting` as in `pack_text`)."""
     if holds_conversations(source, chat_field):
         return chat_rows(source, tokenizer, T, chat_field)
-    return pack_text(source, tokenizer, T, text_field)
+    return pack_text(source, tokenizer, T, text_field, setting)
 
 
 def holds_conversations(source: str, chat_field: str = "messages") -> bool:
@@ -80,17 +102,21 @@ def holds_conversations(source: str, chat_field: str = "messages") -> bool:
     return isinstance(first, dict) and chat_field in first
 
 
-def rows_from_dataset(dataset, tokenizer, T: int, text_field: str = "text", chat_field: str = "messages") -> list[dict]:
+def rows_from_dataset(dataset, tokenizer, T: int, text_field: str = "text", chat_field: str = "messages",
+                      name: str = "the training dataset") -> list[dict]:
     """Rows from an in-memory dataset (a `datasets.Dataset` or a list of dicts), by its columns:
-    tokenized rows ("input_ids", optional "labels") pass through; conversations; text."""
+    tokenized rows ("input_ids", optional "labels") pass through; conversations; text.
+    `name` is how errors call the dataset (the argument it was passed as)."""
+    if not hasattr(dataset, "column_names") and not dataset:
+        raise SelfReplayError(f"{name} is empty")  # a list of dicts: no first row to read the columns from
     columns = set(dataset.column_names if hasattr(dataset, "column_names") else dataset[0])
     if "input_ids" in columns:
         return [{"input_ids": list(r["input_ids"]), "labels": list(r.get("labels") or r["input_ids"])} for r in dataset]
     if chat_field in columns:
         return [conversation_row(tokenizer, r[chat_field], T, f"row {i}") for i, r in enumerate(dataset)]
     if text_field not in columns:
-        raise SelfReplayError(f"the training dataset has no {text_field!r}, {chat_field!r} or 'input_ids' column "
-                              f"(columns: {', '.join(sorted(columns))})")
+        raise SelfReplayError(f"{name} has no {text_field!r}, {chat_field!r} or 'input_ids' column "
+                              f"(columns: {', '.join(sorted(columns))}): rename the text column to {text_field!r}")
     return pack_documents([[r[text_field] for r in dataset]], tokenizer, T)
 
 
