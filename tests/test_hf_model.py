@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -5,7 +7,8 @@ pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from selfreplay.errors import SelfReplayError  # noqa: E402
-from selfreplay.model.hf import CausalLM, frozen_reference, load_causal_lm, num_parameters  # noqa: E402
+from selfreplay.model.hf import (CausalLM, frozen_reference, load_causal_lm, num_parameters,  # noqa: E402
+                                 with_adapters)
 
 
 @pytest.fixture(params=["llama", "gpt2"])
@@ -38,6 +41,38 @@ def test_hidden_states_through_a_kv_cache_equal_the_full_pass(tiny_llama_dir):
         cache = lm.new_cache(9)
         steps = [lm.hidden(tokens[:, :4], cache)] + [lm.hidden(tokens[:, t:t + 1], cache) for t in range(4, 9)]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def deprecations(run) -> list[str]:
+    """The FutureWarning and DeprecationWarning messages raised while run() runs, each time one is raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [f"{w.category.__name__}: {w.message}" for w in caught
+            if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+
+
+@pytest.mark.parametrize("adapters", [False, True], ids=["full", "lora"])
+def test_a_forward_and_a_decoding_step_through_a_kv_cache_warn_of_no_deprecation(model_dir, adapters):
+    """The cache goes in under the name the installed transformers takes (`cache` on 5.x, whose
+    `past_key_values` warns on every call; `past_key_values` on 4.x), for the model and for π0."""
+    from peft import LoraConfig
+
+    model, _ = load_causal_lm(model_dir)
+    if adapters:
+        model = with_adapters(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    lm = CausalLM(model)
+    tokens = torch.randint(0, lm.config.vocab_size, (2, 6))
+
+    def prompt_then_one_step():
+        for each in (lm, frozen_reference(lm)):
+            cache = each.new_cache(6)
+            with torch.no_grad():
+                each.hidden(tokens[:, :5], cache)
+                each.hidden(tokens[:, 5:], cache)
+            each.hidden(tokens)  # a training forward, no cache
+
+    assert deprecations(prompt_then_one_step) == []
 
 
 def test_models_with_transformed_logits_are_refused():

@@ -1,3 +1,4 @@
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -94,6 +95,18 @@ def test_kept_hidden_states_are_the_full_forward_pass_on_every_counted_position(
         full = lm.hidden(samples.tokens)
     counted = samples.mask[:, 1:]  # position t-1 predicts token t
     assert torch.allclose(samples.hidden[:, :-1][counted], full[:, :-1][counted], atol=1e-4)
+
+
+def test_sampling_warns_of_no_deprecation(taught, tiny_gpt2_dir):
+    """A whole decode (cache made, prompt, one step per token) as an error on any FutureWarning or
+    DeprecationWarning: transformers 5.x warns at every step given a cache under its 4.x name."""
+    gpt2, tok = load_causal_lm(tiny_gpt2_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        for lm, form in ((taught[0], chat_format(taught[1])), (CausalLM(gpt2), base_format(tok))):
+            samples = sample_replay(lm, form, 2, 12, seed=0, keep_hidden=True)
+            assert samples.tokens.shape == (2, 12)
 
 
 def test_replay_longer_than_the_context_is_one_line(tiny_gpt2_dir):

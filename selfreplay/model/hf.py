@@ -84,8 +84,11 @@ class CausalLM:
         inner = _transformers_model(model)
         self.config = inner.config
         check_plain_head(inner)
-        accepts = "logits_to_keep" in inspect.signature(inner.forward).parameters
-        self._no_logits = {"logits_to_keep": _NO_POSITIONS} if accepts else {}
+        parameters = inspect.signature(inner.forward).parameters
+        self._no_logits = {"logits_to_keep": _NO_POSITIONS} if "logits_to_keep" in parameters else {}
+        # transformers 5.x names the KV-cache argument `cache` and warns at `past_key_values` on every
+        # call (the old name goes in 5.40); 4.x models, and remote code written for them, take only the old one
+        self._cache_arg = "cache" if "cache" in parameters else "past_key_values"
 
     @property
     def head(self) -> nn.Module:
@@ -95,8 +98,8 @@ class CausalLM:
     def hidden(self, tokens: torch.Tensor, cache=None, model: nn.Module | None = None) -> torch.Tensor:
         """Final hidden states [B, t, D] of tokens [B, t]; `model` runs the call instead of
         self.model (the DDP-wrapped module inside a Trainer step)."""
-        out = (model or self.model)(input_ids=tokens, past_key_values=cache, use_cache=cache is not None,
-                                    output_hidden_states=True, **self._no_logits)
+        out = (model or self.model)(input_ids=tokens, use_cache=cache is not None, output_hidden_states=True,
+                                    **{self._cache_arg: cache}, **self._no_logits)
         return out.hidden_states[-1]
 
     def new_cache(self, length: int):
@@ -108,6 +111,11 @@ class CausalLM:
 
     def parameters(self):
         return self.model.parameters()
+
+    @property
+    def training(self) -> bool:
+        """Whether the model is in training mode (dropout on), as nn.Module says it."""
+        return self.model.training
 
     def train(self, mode: bool = True) -> "CausalLM":
         self.model.train(mode)
