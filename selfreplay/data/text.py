@@ -28,7 +28,6 @@ IGNORE = -100  # label of a token whose prediction does not count
 
 
 RUN_TEXT_FIELD = "data.text_field=FIELD"  # the setting that names the text field of a run's data
-CORPUS_TEXT_FIELD = "--text-field"  # the one selfreplay.data.corpus names (tokenizer train, tokenize)
 
 
 def pack_text(source: str, tokenizer, T: int, text_field: str = "text",
@@ -37,22 +36,10 @@ def pack_text(source: str, tokenizer, T: int, text_field: str = "text",
 
     `setting` is how the caller's front end chooses `text_field`, named when a record lacks it.
     """
-    rows = pack_documents(_batches(source, text_field, setting), tokenizer, T)
+    rows = pack_documents(iter_batches(source, text_field, setting=setting), tokenizer, T)
     if not rows:
         raise SelfReplayError(f"{source} holds fewer tokens than one sequence of {T}")
     return rows
-
-
-def _batches(source: str, text_field: str, setting: str) -> Iterator[list[str]]:
-    """The corpus's batches of documents; a missing text field names `setting`, not the corpus's flag."""
-    batches = iter_batches(source, text_field)  # outside the try: a missing file is reported as it is
-    try:
-        yield from batches
-    except SelfReplayError as e:
-        message = str(e)
-        if setting == CORPUS_TEXT_FIELD or not message.endswith(CORPUS_TEXT_FIELD):
-            raise
-        raise SelfReplayError(message.removesuffix(CORPUS_TEXT_FIELD) + setting) from None
 
 
 def pack_documents(batches: Iterable[list[str]], tokenizer, T: int) -> list[dict]:

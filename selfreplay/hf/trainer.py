@@ -91,9 +91,10 @@ class SelfReplayTrainer(Trainer):
         if peft_config is not None:
             model = with_adapters(model, peft_config)
         tokenizer, T = processing_class, args.max_length
-        rows = rows_from_dataset(train_dataset, tokenizer, T) if train_dataset is not None else None
-        evals = rows_from_dataset(eval_dataset, tokenizer, T) if eval_dataset is not None else None
-        self.old_rows = rows_from_dataset(old_eval_dataset, tokenizer, T) if old_eval_dataset is not None else None
+        rows = rows_from_dataset(train_dataset, tokenizer, T, name="train_dataset") if train_dataset is not None else None
+        evals = rows_from_dataset(eval_dataset, tokenizer, T, name="eval_dataset") if eval_dataset is not None else None
+        self.old_rows = rows_from_dataset(old_eval_dataset, tokenizer, T,
+                                          name="old_eval_dataset") if old_eval_dataset is not None else None
         if evals is None and self.old_rows is not None:
             evals = {}  # old-domain measurement alone: Trainer wants some eval_dataset to schedule evaluation
         super().__init__(model=model, args=args, train_dataset=rows, eval_dataset=evals,
