@@ -1,4 +1,4 @@
-"""`selfreplay reproduce`: every experiment of a folder run and gathered into one report of claims."""
+"""`selfreplay reproduce`: every experiment (packaged, or of a folder) run and gathered into one report of claims."""
 
 import csv
 import re
@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.experiments.reproduce import EXPERIMENTS, experiment_files, overrides_for, reproduce
+from selfreplay.experiments.reproduce import experiment_files, overrides_for, reproduce
 
 TINY_MODEL = {"model.D": 16, "model.L": 1, "model.H": 8, "model.T": 16}
 FINETUNE = {"data.train": "${new}", "optim.batch_size": 4, "optim.warmup_steps": 1, "stop.tokens": "${tokens}",
@@ -39,23 +39,35 @@ def test_overrides_go_to_every_experiment_or_to_the_one_named():
     assert overrides_for("continual", given) == ["old=a.bin", "steps=3", "x=a:b"]
 
 
-def test_the_repository_experiments_are_found_and_checked(tmp_path):
+def test_the_packaged_experiments_are_found_and_checked(tmp_path):
     from selfreplay.experiments.sweep import check_sweep
 
-    files = experiment_files(EXPERIMENTS)
+    files = experiment_files()
     assert {"method_comparison", "capacity", "learning_rate", "continual"} <= set(files)
     for name, path in files.items():
         for profile in ("small", "paper"):
             check_sweep(path, [f"profile={profile}"], tmp_path / name)  # every stage, var and figure resolves
+        check_sweep(name, ["profile=small"], tmp_path / name)  # by name, as `selfreplay sweep NAME` runs it
     with pytest.raises(SelfReplayError, match="did you mean 'capacity'"):
-        experiment_files(EXPERIMENTS, ["capacty"])
+        experiment_files(None, ["capacty"])
+    assert list(experiment_files(None, ["continual", "capacity"])) == ["capacity", "continual"]
+
+
+def test_a_folder_of_experiments_holds_name_yaml_or_name_sweep_yaml(tmp_path):
+    (tmp_path / "a.yaml").write_text("stages: []\n")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "sweep.yaml").write_text("stages: []\n")
+    assert experiment_files(tmp_path) == {"a": tmp_path / "a.yaml", "b": tmp_path / "b" / "sweep.yaml"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SelfReplayError, match="holds no NAME.yaml"):
+        experiment_files(tmp_path / "empty")
 
 
 def test_reproduce_runs_each_experiment_and_writes_one_report_of_claims(tmp_path):
     experiments = tmp_path / "experiments"
-    for name, sweep in (("methods", METHODS), ("continual", CONTINUAL)):
-        (experiments / name).mkdir(parents=True)
-        (experiments / name / "sweep.yaml").write_text(yaml.safe_dump(sweep, sort_keys=False))
+    (experiments / "continual").mkdir(parents=True)
+    (experiments / "methods.yaml").write_text(yaml.safe_dump(METHODS, sort_keys=False))
+    (experiments / "continual" / "sweep.yaml").write_text(yaml.safe_dump(CONTINUAL, sort_keys=False))
     out = tmp_path / "out"
     path = reproduce("small", out, experiments, overrides=["methods:tokens=512"], workers=2, say=lambda line: None)
     text = path.read_text()

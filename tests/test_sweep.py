@@ -83,6 +83,33 @@ def test_unknown_profile_and_var_name_the_nearest(tmp_path):
         run_sweep(path, ["lrr=3"], tmp_path / "out")
 
 
+@pytest.mark.parametrize("workers", [0, -2])
+def test_workers_below_one_are_refused_in_one_line(workers, tmp_path, capsys):
+    from selfreplay.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"stages": [{"name": "a", "mode": "pretrain"}]}))
+    with pytest.raises(SelfReplayError, match=f"--workers must be >= 1, got {workers}"):
+        run_sweep(path, [], tmp_path / "out", workers=workers)
+    assert not (tmp_path / "out").exists()  # refused before anything is made or run
+    assert main(["sweep", str(path), "--workers", str(workers), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"--workers must be >= 1, got {workers}" in err and len(err.splitlines()) == 1
+
+
+def test_a_packaged_experiment_is_named_and_a_misspelt_one_is_one_line(tmp_path, monkeypatch, capsys):
+    from selfreplay.cli import main
+    from selfreplay.experiments.packaged import sweep_path
+    from selfreplay.experiments.sweep.runner import sweep_directory
+
+    monkeypatch.chdir(tmp_path)
+    assert sweep_path("capacity").name == "capacity.yaml"
+    assert sweep_directory(sweep_path("capacity"), None) == tmp_path / "sweeps" / "capacity"  # the default --out
+    assert main(["sweep", "capacty", "profile=small"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "unknown experiment 'capacty'; did you mean 'capacity'?" in err and len(err.splitlines()) == 1
+
+
 def finished(stage, init, **values):
     run = Run(stage, "finetune", Path(f"/s/{stage}/{len(values)}"), settings={"replay.coeff": values.pop("coeff", 1)},
               init=init, status="done", summary=values)

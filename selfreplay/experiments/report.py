@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.experiments.figures import FIGURES, Figure, Finding, fmt, markdown_table
+from selfreplay.experiments.figures import FIGURES, Figure, Finding, fmt, markdown_table, pretraining_figure
 from selfreplay.experiments.sweep import SUMMARY_FILE, SWEEP_FILE, Run, load_runs, read_outcome
+from selfreplay.rundir import write_atomic
 
 REPORT_NAME, FIGURES_DIR = "report.md", "figures"
 
@@ -46,29 +47,6 @@ def sweep_section(sweep_dir: Path, figures_dir: Path) -> Section:
         figure = FIGURES[spec["figure"]]
         figures.append(figure(spec, runs, figures_dir))
     return Section(sweep_dir.name, sweep.description, figures, runs)
-
-
-def pretraining_figure(run: Run, figures_dir: Path) -> Figure:
-    """Validation loss against training tokens (log x) of a pretraining run."""
-    from selfreplay.experiments.compare import read_curve
-    from selfreplay.experiments.figures import _pyplot, _save
-
-    curve = [p for p in read_curve(run.run_dir) if p.get("old_loss") is not None and p["tokens"] > 0]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot([p["tokens"] for p in curve], [p["old_loss"] for p in curve], ".-", label="old domain")
-    if any(p.get("mix_loss") is not None for p in curve):
-        ax.plot([p["tokens"] for p in curve], [p.get("mix_loss") for p in curve], ".-", label="mixed-in domain")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Pretraining")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    path = _save(fig, figures_dir / "pretraining.png")
-    s = run.summary
-    caption = f"Validation loss {fmt(s.get('old_loss'))} after {s.get('tokens'):,} tokens in {s.get('train_seconds', 0):.0f} s."
-    return Figure(path, "Pretraining curve", caption, "")
 
 
 def run_section(run_dir: Path, figures_dir: Path) -> Section:
@@ -150,5 +128,6 @@ def report_directory(directory: str | Path) -> tuple[Path, Section]:
         raise SelfReplayError(f"{root} is neither a sweep directory ({SWEEP_FILE}) nor a finished run "
                               f"({SUMMARY_FILE}): run selfreplay sweep, pretrain or finetune first")
     path = root / REPORT_NAME
-    path.write_text(render(f"Report: {root.name}", [section], root))
+    text = render(f"Report: {root.name}", [section], root)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
     return path, section
