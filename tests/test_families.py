@@ -323,3 +323,17 @@ def test_chat_settings_a_run_cannot_take_are_one_line_before_anything_is_written
         train(chat_config(model_dir, chats, tmp_path / "run", *overrides), "finetune")
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_defaults_follow_the_model_a_new_user_sets_neither_model_t_nor_replay_length(tiny_llama_dir, texts, tmp_path,
+                                                                                  capsys):
+    """A Llama of 128 positions, finetuned with nothing but the required keys: model.T follows its
+    context (with a notice) and replay.length follows model.T, instead of refusing the run."""
+    required = [f"init=hf:{tiny_llama_dir}", f"data.train={texts['new']}", f"data.old_text={texts['old']}",
+                f"out={tmp_path / 'run'}", "replay.method=kl", "stop.tokens=512"]
+    config = resolve_config("finetune", None, required)
+    assert config.model.T == 128 and config.replay.length == 128
+    assert "model.T follows the model's context: 128 tokens" in capsys.readouterr().err
+    assert resolve_config("finetune", None, [*required, "model.T=64"]).replay.length == 64
+    with pytest.raises(SelfReplayError, match="model.T=256 exceeds the model's context of 128 tokens"):
+        resolve_config("finetune", None, [*required, "model.T=256"])

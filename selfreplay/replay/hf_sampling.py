@@ -19,7 +19,7 @@ from selfreplay.errors import SelfReplayError
 from selfreplay.data.chat import ChatTurns, chat_turns, prompt_tokens
 from selfreplay.data.text import pad_id
 from selfreplay.model.hf import CausalLM
-from selfreplay.objective.methods import ReplaySamples
+from selfreplay.replay.samples import ReplaySamples
 from selfreplay.replay.sampling import next_token
 
 
