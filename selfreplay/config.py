@@ -89,7 +89,7 @@ class OptimConfig:
 
 @dataclass
 class ReplayConfig:
-    method: str = "none"  # the replay term R (selfreplay.objective.methods): none | ntp | kl | kl_new
+    method: str = "none"  # the replay term R: a name in selfreplay.objective.methods.REPLAY_METHODS
     source: str = "self"  # self: sampled from the frozen pretrained model; real: the old domain's data
     coeff: float = 10.0  # c in loss = NTP(new) + c·R
     fraction: float = 0.0  # fraction of each batch's rows taken from the replay source in place of new rows
@@ -387,19 +387,28 @@ def follow_defaults(config: RunConfig) -> RunConfig:
     return config
 
 
-def renamed_settings(values: dict) -> dict:
-    """Raw settings with the spellings of the last release read into today's, each with a
-    one-line notice: replay.method=replace replay.coeff=F is now replay.fraction=F."""
-    replay = values.get("replay")
-    if not (isinstance(replay, dict) and replay.get("method") == "replace"):
-        return values
-    if replay.get("coeff") is None:
+def renamed(settings: dict) -> dict:
+    """Dotted settings ({"replay.method": ...}) with the spellings of the last release read into
+    today's: replay.method=replace replay.coeff=F is now replay.fraction=F. The one place that
+    knows an old spelling (runs, sweep files and run records of the last release still hold it)."""
+    if settings.get("replay.method") != "replace":
+        return settings
+    if settings.get("replay.coeff") is None:
         raise SelfReplayError("replay.method=replace is now replay.fraction=F (the fraction of each batch's rows "
                               "taken from the replay source): set replay.fraction and drop replay.method=replace")
-    notice(f"replay.method=replace replay.coeff={replay['coeff']} is read as replay.fraction={replay['coeff']}: "
-           "write it that way, the old spelling goes in the next release")
-    replay = {k: v for k, v in replay.items() if k != "coeff"} | {"method": "none", "fraction": replay["coeff"]}
-    return {**values, "replay": replay}
+    rest = {k: v for k, v in settings.items() if k != "replay.coeff"}
+    return {**rest, "replay.method": "none", "replay.fraction": settings["replay.coeff"]}
+
+
+def renamed_settings(values: dict) -> dict:
+    """Raw nested settings read by `renamed`, with a one-line notice where an old spelling was read."""
+    replay = values.get("replay")
+    if not isinstance(replay, dict) or replay.get("method") != "replace":
+        return values
+    new = renamed({f"replay.{k}": v for k, v in replay.items()})
+    notice(f"replay.method=replace replay.coeff={replay.get('coeff')} is read as replay.fraction="
+           f"{new['replay.fraction']}: write it that way, the old spelling goes in the next release")
+    return {**values, "replay": {k.removeprefix("replay."): v for k, v in new.items()}}
 
 
 def check_output_dir(path: str | Path, key: str) -> None:

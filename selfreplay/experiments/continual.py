@@ -36,12 +36,31 @@ from pathlib import Path
 import torch
 import yaml
 
-from selfreplay.config import (DataConfig, LogConfig, OptimConfig, ReplayConfig, RunConfig, build, check_ranges, merge,
-                               parse_overrides, read_yaml, to_dict)
+from selfreplay.config import (
+    DataConfig,
+    LogConfig,
+    OptimConfig,
+    ReplayConfig,
+    RunConfig,
+    build,
+    check_ranges,
+    merge,
+    parse_overrides,
+    read_yaml,
+    to_dict,
+)
 from selfreplay.errors import SelfReplayError
-from selfreplay.objective.methods import NO_REPLAY, REPLAY_METHODS, replay_method
 from selfreplay.model.transformer import ModelConfig, Transformer
-from selfreplay.rundir import CONFIG_NAME, RESUMABLE, SUMMARY_NAME, RunDirectory, changed_settings, notice, write_atomic
+from selfreplay.objective.methods import NO_REPLAY, REPLAY_METHODS, replay_method
+from selfreplay.rundir import (
+    CONFIG_NAME,
+    RESUMABLE,
+    SUMMARY_NAME,
+    RunDirectory,
+    changed_settings,
+    notice,
+    write_atomic,
+)
 from selfreplay.runtime import resolve_device
 
 MODULUS = 97

@@ -25,10 +25,14 @@ SCALES = {
 
 
 def run_demo(out_dir: str | Path = "demo_runs", scale: str = "small", seed: int = 0) -> list[dict]:
-    from selfreplay.experiments.compare import finetune_methods, format_table, plot_old_vs_new
-    from selfreplay.experiments.corpora import synthetic_token_files
     from selfreplay.data.synth import LANGUAGES
     from selfreplay.data.tokens import read_token_meta
+    from selfreplay.experiments.compare import (
+        finetune_methods,
+        format_table,
+        plot_old_vs_new,
+    )
+    from selfreplay.experiments.corpora import synthetic_token_files
     from selfreplay.training.loop import resolve_config, train
 
     if scale not in SCALES:

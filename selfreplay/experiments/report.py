@@ -23,8 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.experiments.figures import FIGURES, Figure, Finding, fmt, markdown_table, pretraining_figure
-from selfreplay.experiments.sweep import SUMMARY_FILE, SWEEP_FILE, Run, load_runs, read_outcome
+from selfreplay.experiments.figures import (
+    FIGURES,
+    Figure,
+    Finding,
+    fmt,
+    markdown_table,
+    pretraining_figure,
+)
+from selfreplay.experiments.sweep import (
+    SUMMARY_FILE,
+    SWEEP_FILE,
+    Run,
+    load_runs,
+    read_outcome,
+)
 from selfreplay.rundir import write_atomic
 
 REPORT_NAME, FIGURES_DIR = "report.md", "figures"

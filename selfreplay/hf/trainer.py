@@ -27,7 +27,7 @@ from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
 from selfreplay.evaluation.validation import ValidationSet
 from selfreplay.model.hf import CausalLM, frozen_reference, load_causal_lm, with_adapters
-from selfreplay.objective.methods import NO_REPLAY, REPLAY_METHODS, replay_method, training_loss
+from selfreplay.objective.methods import NO_REPLAY, REPLAY_KL, REPLAY_METHODS, replay_method, training_loss
 from selfreplay.replay.pool import ReplayPool
 from selfreplay.replay.pool_dir import hf_replay_pool, replay_format
 
@@ -39,7 +39,7 @@ BUILTIN_ONLY = ("source", "fraction", "domains", "compile")
 class SelfReplayConfig(TrainingArguments):
     """TrainingArguments plus the replay settings (per device: each rank draws its own replay)."""
 
-    replay_method: str = field(default="kl", metadata={"help": " | ".join(f"{m.name}: {m.description}"
+    replay_method: str = field(default=REPLAY_KL.name, metadata={"help": " | ".join(f"{m.name}: {m.description}"
                                                                          for m in REPLAY_METHODS.values())})
     replay_coeff: float = field(default=10.0, metadata={"help": "c in loss = NTP(new) + c·R"})
     replay_batch_size: int = field(default=8, metadata={"help": "replay sequences per device per step"})

@@ -9,7 +9,11 @@ One module per experiment: `methods`, `capacity`, `learning_rate`, `continual`; 
 draws a single pretraining run; `common` holds what they share.
 """
 
-from selfreplay.experiments.figures.capacity import mix_frontier_figure, model_size_figure, tokens_per_param_figure
+from selfreplay.experiments.figures.capacity import (
+           mix_frontier_figure,
+           model_size_figure,
+           tokens_per_param_figure,
+)
 from selfreplay.experiments.figures.common import Figure, Finding, fmt, markdown_table
 from selfreplay.experiments.figures.continual import continual_figure
 from selfreplay.experiments.figures.learning_rate import learning_rate_figure

@@ -6,8 +6,21 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfreplay.experiments.figures.common import (Figure, Finding, best_replay, finished, fmt, markdown_table,
-                                                   method_label, number, plain, pyplot, reached, replays, save)
+from selfreplay.experiments.figures.common import (
+    Figure,
+    Finding,
+    best_replay,
+    finished,
+    fmt,
+    markdown_table,
+    method_label,
+    number,
+    plain,
+    pyplot,
+    reached,
+    replays,
+    save,
+)
 from selfreplay.experiments.measures import rises
 
 LENGTH_CLAIM = ("Forgetting with the best replay coefficient rises monotonically with tokens per parameter and is "

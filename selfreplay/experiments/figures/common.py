@@ -8,6 +8,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from selfreplay.errors import SelfReplayError
+from selfreplay.objective.methods import NEW_BATCH_KL
 
 
 @dataclass
@@ -78,10 +79,7 @@ def reached(run) -> bool:
 
 
 def replay_fraction(run) -> float:
-    """The fraction of each batch's rows taken from the replay source: replay.fraction, or
-    replay.coeff under the older spelling replay.method=replace."""
-    if run.value("replay.method") == "replace":
-        return float(run.value("replay.coeff") or 0.0)
+    """The fraction of each batch's rows taken from the replay source (replay.fraction)."""
     return float(run.value("replay.fraction") or 0.0)
 
 
@@ -110,6 +108,6 @@ def method_label(run) -> str:
         return f"replay rows {Fraction(replay_fraction(run)).limit_denominator(1024)}"
     if method in (None, "none"):
         return "no replay"
-    if method == "kl_new":
+    if method == NEW_BATCH_KL.name:
         return f"KL on new data c={float(coeff):g}"
     return f"{source}-{str(method).upper()} c={float(coeff):g}"

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.experiments.figures.common import Figure, Finding, finished, markdown_table, pyplot, stage_names
+from selfreplay.experiments.figures.common import (
+    Figure,
+    Finding,
+    finished,
+    markdown_table,
+    pyplot,
+    stage_names,
+)
 
 CLAIM = ("With self-replay every earlier task keeps >= 90% of the accuracy it had when its training ended; "
          "without replay at least one falls below 50% (paper: ~100% vs ~0-20%)")

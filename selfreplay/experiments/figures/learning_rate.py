@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfreplay.experiments.figures.common import (Figure, Finding, finished, fmt, markdown_table, method_label,
-                                                   number, pyplot, reached, replay_fraction, replays, save)
+from selfreplay.experiments.figures.common import (
+    Figure,
+    Finding,
+    finished,
+    fmt,
+    markdown_table,
+    method_label,
+    number,
+    pyplot,
+    reached,
+    replay_fraction,
+    replays,
+    save,
+)
 from selfreplay.experiments.measures import ComputeRatio, Finetuned, compute_ratio
 
 CLAIM = ("At the highest learning rate, replay forgets no more than the no-replay learning rate that needs >= 10x "

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfreplay.experiments.figures.common import (Figure, Finding, finished, fmt, markdown_table, method_label,
-                                                   number, reached)
+from selfreplay.experiments.figures.common import (
+    Figure,
+    Finding,
+    finished,
+    fmt,
+    markdown_table,
+    method_label,
+    number,
+    reached,
+)
+from selfreplay.objective.methods import REPLAY_KL, replay_method
 
 CLAIM = ("Self-generated replay removes most forgetting, as well as real replay: every replay variant forgets "
          "<= 20% of plain finetuning's, self-KL within 0.02 nats of real-KL (paper: 95-97% less, self = real)")
@@ -31,9 +40,9 @@ def methods_reproduced(done: list) -> bool | None:
     method = lambda r: (r.value("replay.method") or "none", r.value("replay.source"))  # noqa: E731
     base = next((r.summary["forgetting"] for r in at_target
                  if method(r)[0] == "none" and not r.value("lora.rank")), None)
-    replayed = [r for r in at_target if method(r)[0] in ("kl", "ntp") and method(r)[1] in ("self", "real")]
-    self_kl = next((r.summary["forgetting"] for r in replayed if method(r) == ("kl", "self")), None)
-    real_kl = next((r.summary["forgetting"] for r in replayed if method(r) == ("kl", "real")), None)
+    replayed = [r for r in at_target if replay_method(method(r)[0]).needs_replay and method(r)[1] in ("self", "real")]
+    self_kl = next((r.summary["forgetting"] for r in replayed if method(r) == (REPLAY_KL.name, "self")), None)
+    real_kl = next((r.summary["forgetting"] for r in replayed if method(r) == (REPLAY_KL.name, "real")), None)
     if not base or base <= 0 or self_kl is None or real_kl is None:
         return None
     return all(r.summary["forgetting"] <= 0.2 * base for r in replayed) and self_kl <= real_kl + 0.02

@@ -56,11 +56,35 @@ and `runner` (the whole sweep). The packaged experiments are found by `selfrepla
 """
 
 from selfreplay.experiments.sweep.launch import cores, default_workers
-from selfreplay.experiments.sweep.plan import (SUMMARY_FILE, Run, derive, expand, expand_all, format_value,
-                                               point_name, read_outcome)
-from selfreplay.experiments.sweep.results import RESULTS_FILE, SWEEP_FILE, load_runs, write_results
-from selfreplay.experiments.sweep.runner import check_sweep, resolve_sweep, run_sweep, sweep_cli
-from selfreplay.experiments.sweep.sweep_file import From, InitSpec, Stage, Sweep, parse_sweep
+from selfreplay.experiments.sweep.plan import (
+                                               SUMMARY_FILE,
+                                               Run,
+                                               derive,
+                                               expand,
+                                               expand_all,
+                                               format_value,
+                                               point_name,
+                                               read_outcome,
+)
+from selfreplay.experiments.sweep.results import (
+                                               RESULTS_FILE,
+                                               SWEEP_FILE,
+                                               load_runs,
+                                               write_results,
+)
+from selfreplay.experiments.sweep.runner import (
+                                               check_sweep,
+                                               resolve_sweep,
+                                               run_sweep,
+                                               sweep_cli,
+)
+from selfreplay.experiments.sweep.sweep_file import (
+                                               From,
+                                               InitSpec,
+                                               Stage,
+                                               Sweep,
+                                               parse_sweep,
+)
 from selfreplay.experiments.sweep.values import choose_vars
 
 __all__ = ["RESULTS_FILE", "SUMMARY_FILE", "SWEEP_FILE", "From", "InitSpec", "Run", "Stage", "Sweep", "check_sweep",

@@ -10,7 +10,12 @@ import time
 from pathlib import Path
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.experiments.sweep.plan import SUMMARY_FILE, Run, format_value, read_outcome
+from selfreplay.experiments.sweep.plan import (
+    SUMMARY_FILE,
+    Run,
+    format_value,
+    read_outcome,
+)
 
 
 def cores() -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from selfreplay.config import renamed
 from selfreplay.errors import SelfReplayError
 from selfreplay.experiments.sweep.sweep_file import From, Stage, Sweep
 from selfreplay.experiments.sweep.values import dotted, number
@@ -44,7 +45,7 @@ class Run:
         """A summary key, else a setting, else a key of the run's config.yaml; `init`: the init run dir."""
         if key == "init":
             return str(self.init.run_dir) if self.init is not None else self.settings.get("init")
-        for source in (self.summary, self.settings, self.config):
+        for source in (self.summary, renamed(self.settings), self.config):
             if key in source and not isinstance(source[key], From):
                 return source[key]
         return None
@@ -140,7 +141,7 @@ def read_outcome(run: Run) -> None:
     summary_path = run.run_dir / SUMMARY_FILE
     config_path = run.run_dir / CONFIG_NAME
     if config_path.is_file():
-        run.config = dotted(yaml.safe_load(config_path.read_text()) or {})
+        run.config = renamed(dotted(yaml.safe_load(config_path.read_text()) or {}))
     if not summary_path.is_file():
         return
     try:
@@ -193,18 +194,9 @@ def prepare_stage(runs: list[Run], by_stage: dict[str, list[Run]]) -> None:
             run.status, run.error = "failed", f"finished with other settings ({changed}): delete {run.run_dir} to rerun it"
 
 
-def as_recorded(settings: dict) -> dict:
-    """Settings as a run's config.yaml records them: the older replay.method=replace replay.coeff=F
-    is recorded as replay.method=none replay.fraction=F (read that way for one more release)."""
-    if settings.get("replay.method") != "replace":
-        return settings
-    rest = {k: v for k, v in settings.items() if k != "replay.coeff"}
-    return {**rest, "replay.method": "none", "replay.fraction": settings.get("replay.coeff")}
-
-
 def stale_setting(run: Run) -> str | None:
     """'KEY: was -> now' when a finished run's config.yaml disagrees with the sweep file's setting."""
-    for key, value in as_recorded(run.settings).items():
+    for key, value in renamed(run.settings).items():
         if isinstance(value, From) or key not in run.config:
             continue
         was = run.config[key]

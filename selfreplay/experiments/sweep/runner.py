@@ -13,7 +13,12 @@ from selfreplay.experiments.sweep.launch import choose_workers, make_launcher, r
 from selfreplay.experiments.sweep.plan import Run, expand, prepare_stage
 from selfreplay.experiments.sweep.results import RESULTS_FILE, SWEEP_FILE, write_results
 from selfreplay.experiments.sweep.sweep_file import SWEEP_FIELDS, Sweep, parse_sweep
-from selfreplay.experiments.sweep.values import check_fields, choose_vars, number, substitute
+from selfreplay.experiments.sweep.values import (
+    check_fields,
+    choose_vars,
+    number,
+    substitute,
+)
 from selfreplay.rundir import write_atomic
 
 CORPUS_FIELDS = ("words", "vocab", "seed")

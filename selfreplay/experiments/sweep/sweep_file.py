@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.experiments.sweep.values import check_fields, dotted, nearest, number, substitute
+from selfreplay.experiments.sweep.values import (
+    check_fields,
+    dotted,
+    nearest,
+    number,
+    substitute,
+)
 
 SWEEP_FIELDS = ("description", "vars", "profiles", "corpus", "stages", "report", "launcher")
 STAGE_FIELDS = ("name", "mode", "init", "settings", "grid", "list")
