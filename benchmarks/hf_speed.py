@@ -7,7 +7,7 @@ A random built-in model is exported to a transformers directory (selfreplay.mode
 identical logits), then measured:
 - self-replay KL finetuning, new-task tokens/s (replay batch 16, buffer 8, sampling
   included, fixed-length samples as the built-in draws them): the built-in step
-  (`train.training_loss` with `SelfReplayPool`) and `SelfReplayTrainer` on the export;
+  (`training_loss` with `self_replay_pool`) and `SelfReplayTrainer` on the export;
 - replay sampling with π0's hidden states kept, tokens/s: the built-in KV-cache sampler
   and `selfreplay.replay.hf_sampling.sample_replay`.
 Steady state: the first steps (warm-up, the first draw) are timed apart. Prints a table
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from selfreplay.model.transformer import ModelConfig, Transformer
-from selfreplay.replay.pool import SelfReplayPool
+from selfreplay.config import ReplayConfig
+from selfreplay.replay.pool import self_replay_pool
 from selfreplay.replay.sampling import sample
 from selfreplay.objective.methods import training_loss
 
@@ -39,7 +40,8 @@ def built_in_kl_step_rate(model: Transformer, batch: int, replay_batch: int, buf
     reference = Transformer(model.config).to(device)
     reference.load_state_dict(model.state_dict())
     reference.eval().requires_grad_(False)
-    pool = SelfReplayPool(reference, 0, replay_batch, buffer, seed=0)
+    replay = ReplayConfig(batch_size=replay_batch, buffer=buffer, decode_batch=replay_batch * buffer)
+    pool = self_replay_pool(reference, 0, replay, keep_hidden=True, seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     T = model.config.T
     for step in range(warmup + steps):
