@@ -142,10 +142,27 @@ def test_trainer_runs_under_torchrun_with_each_rank_drawing_its_own_replay(taugh
     assert ranks[0]["replay"] != ranks[1]["replay"]
 
 
-def test_gpt2_with_its_tied_head_trains_with_replay_kl(tiny_gpt2_dir, tmp_path):
-    trainer = SelfReplayTrainer(tiny_gpt2_dir, _args(tmp_path, max_steps=2, learning_rate=1e-2),
-                                train_dataset=_spanish())
-    embedding = trainer.model.get_input_embeddings().weight.detach().clone()
+def test_gpt2_tied_head_trains_while_pi0_keeps_a_frozen_copy(tiny_gpt2_dir, tmp_path):
+    """GPT-2's head is its input embedding: training moves θ's and leaves π0's, so the replay
+    term is exactly zero at the start and, after training, the forward KL of the full logits."""
+    from transformers import AutoModelForCausalLM
+
+    # no dropout: θ is then exactly π0 at step 0, and the direct computation runs the network the step ran
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    tokenizer = load_causal_lm(tiny_gpt2_dir)[1]
+    trainer = SelfReplayTrainer(model, _args(tmp_path, max_steps=2, learning_rate=1e-2), train_dataset=_spanish(),
+                                processing_class=tokenizer)
+    samples = _fixed_replay(trainer, tokenizer)
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    batch = pad_batch(trainer.train_dataset[:4], tokenizer.pad_token_id)
+    model.train()
+    _, start = trainer.compute_loss(model, batch, return_outputs=True)
     trainer.train()
-    assert not torch.equal(trainer.model.get_input_embeddings().weight, embedding)
-    assert trainer.state.log_history[-2]["replay_loss"] >= 0
+    model.train()
+    loss, end = trainer.compute_loss(model, batch, return_outputs=True)
+    assert not torch.equal(model.get_input_embeddings().weight, embedding)
+    assert torch.equal(trainer.reference.head.weight, embedding)  # π0's tied head is a copy, frozen
+    forward, _ = _direct_forward_kl(trainer.reference.model, model, samples)
+    assert start["replay_loss"].item() == pytest.approx(0.0, abs=1e-6)
+    assert forward > 1e-4 and end["replay_loss"].item() == pytest.approx(forward, rel=1e-4)
+    assert loss.item() == pytest.approx(end["ntp_loss"].item() + trainer.args.replay_coeff * forward, rel=1e-5)
