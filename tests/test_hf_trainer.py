@@ -166,3 +166,39 @@ def test_gpt2_tied_head_trains_while_pi0_keeps_a_frozen_copy(tiny_gpt2_dir, tmp_
     assert start["replay_loss"].item() == pytest.approx(0.0, abs=1e-6)
     assert forward > 1e-4 and end["replay_loss"].item() == pytest.approx(forward, rel=1e-4)
     assert loss.item() == pytest.approx(end["ntp_loss"].item() + trainer.args.replay_coeff * forward, rel=1e-5)
+
+
+def test_the_trainers_replay_settings_are_the_command_lines_replay_config(tmp_path):
+    """One schema: each replay_X of SelfReplayConfig is ReplayConfig's X, of the same type, checked by
+    the same ranges; the settings only the built-in loop takes are named, not forgotten."""
+    import dataclasses
+    import typing
+
+    from selfreplay.config import ReplayConfig
+    from selfreplay.errors import SelfReplayError
+    from selfreplay.hf.trainer import BUILTIN_ONLY
+
+    trainer_hints, config_hints = typing.get_type_hints(SelfReplayConfig), typing.get_type_hints(ReplayConfig)
+    trainer_keys = {f.name.removeprefix("replay_") for f in dataclasses.fields(SelfReplayConfig)
+                    if f.name.startswith("replay_")}
+    assert trainer_keys == set(config_hints) - set(BUILTIN_ONLY)
+    assert all(trainer_hints[f"replay_{key}"] == config_hints[key] for key in trainer_keys)
+    replay = _args(tmp_path, replay_method="kl_new", replay_coeff=3.0, replay_length=None, max_length=24).replay_config()
+    assert (replay.method, replay.coeff, replay.length, replay.batch_size) == ("kl_new", 3.0, 24, 3)
+    with pytest.raises(SelfReplayError, match=r"replay.temperature must be > 0, got 0.0"):
+        _args(tmp_path, replay_temperature=0.0).replay_config()
+
+
+def test_kl_on_the_new_batch_trains_through_the_trainer_and_an_unknown_method_is_one_line(taught_llama_dir, tmp_path):
+    from selfreplay.errors import SelfReplayError
+
+    model, tokenizer = load_causal_lm(taught_llama_dir)
+    trainer = SelfReplayTrainer(model, _args(tmp_path, replay_method="kl_new", max_steps=2), train_dataset=_spanish(),
+                                processing_class=tokenizer)
+    assert trainer.replay is None  # kl_new draws no replay: its KL is on the new batch
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "replay_loss" in entry]
+    assert logged and logged[-1]["replay_loss"] > 0
+    with pytest.raises(SelfReplayError, match="unknown replay_method 'replace': choose one of none, ntp, kl, kl_new"):
+        SelfReplayTrainer(model, _args(tmp_path, replay_method="replace"), train_dataset=_spanish(),
+                          processing_class=tokenizer)
