@@ -51,7 +51,8 @@ def add_reproduce(sub) -> None:
     p.add_argument("--profile", default="small", help="small (a 2-core CPU) or paper (a GPU); default small")
     p.add_argument("--out", default="reproduce", help="output directory (default: reproduce)")
     p.add_argument("--only", default=None, metavar="NAME[,NAME]", help="run only these experiments")
-    p.add_argument("--experiments", default=None, help="folder of NAME/sweep.yaml (default: experiments/)")
+    p.add_argument("--experiments", default=None,
+                   help="a folder of NAME.yaml sweep files (default: the packaged experiments)")
     p.add_argument("--workers", type=int, default=None,
                    help="points run at once, 1 or more (default: 2, or 1 on one core)")
     p.set_defaults(func=reproduce)
