@@ -14,3 +14,9 @@ def did_you_mean(word: str, options, cutoff: float = 0.5) -> str:
 
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=cutoff)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def one_line(message: object, limit: int = 300) -> str:
+    """`message` as a single line of at most `limit` characters (for wrapped exceptions)."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -21,15 +21,9 @@ from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
-from selfreplay.errors import SelfReplayError
+from selfreplay.errors import SelfReplayError, one_line
 
 CORPUS_KINDS = ".jsonl, .jsonl.gz, .txt or hf:NAME[:CONFIG[:SPLIT]]"
-
-
-def one_line(message: object, limit: int = 300) -> str:
-    """`message` as a single line of at most `limit` characters (for wrapped exceptions)."""
-    text = " ".join(str(message).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str]:

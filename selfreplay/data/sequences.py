@@ -13,15 +13,14 @@ reads exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from selfreplay.errors import SelfReplayError
 from selfreplay.data.tokens import open_tokens
+from selfreplay.errors import SelfReplayError
 
 
 class TokenSequences:

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from selfreplay.data.chat import assistant_tokens
-from selfreplay.data.corpus import iter_batches, one_line, parse_hf_source
-from selfreplay.errors import SelfReplayError
+from selfreplay.data.corpus import iter_batches, parse_hf_source
+from selfreplay.errors import SelfReplayError, one_line
 
 IGNORE = -100  # label of a token whose prediction does not count
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from selfreplay.data.corpus import iter_batches, one_line
-from selfreplay.errors import SelfReplayError
+from selfreplay.data.corpus import iter_batches
+from selfreplay.errors import SelfReplayError, one_line
 
 NUM_DOMAIN_SLOTS = 8
 EOS_ID = NUM_DOMAIN_SLOTS

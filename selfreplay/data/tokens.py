@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from selfreplay.data.corpus import iter_batches, one_line
-from selfreplay.errors import SelfReplayError
+from selfreplay.data.corpus import iter_batches
 from selfreplay.data.tokenizer import Tokenizer
+from selfreplay.errors import SelfReplayError, one_line
 
 FORMAT_VERSION = 1
 DTYPE = np.dtype("<u2")

@@ -7,8 +7,7 @@ tasks on the model as it is now, so a run can score before and after finetuning.
 
 from __future__ import annotations
 
-from selfreplay.data.corpus import one_line
-from selfreplay.errors import SelfReplayError
+from selfreplay.errors import SelfReplayError, one_line
 
 
 def benchmark_scores(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,

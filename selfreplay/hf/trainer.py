@@ -26,8 +26,19 @@ from selfreplay.data.text import label_mask, pad_batch, pad_id, rows_from_datase
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
 from selfreplay.evaluation.validation import ValidationSet
-from selfreplay.model.hf import CausalLM, frozen_reference, load_causal_lm, with_adapters
-from selfreplay.objective.methods import NO_REPLAY, REPLAY_KL, REPLAY_METHODS, replay_method, training_loss
+from selfreplay.model.hf import (
+    CausalLM,
+    frozen_reference,
+    load_causal_lm,
+    with_adapters,
+)
+from selfreplay.objective.methods import (
+    NO_REPLAY,
+    REPLAY_KL,
+    REPLAY_METHODS,
+    replay_method,
+    training_loss,
+)
 from selfreplay.replay.pool import ReplayPool
 from selfreplay.replay.pool_dir import hf_replay_pool, replay_format
 

@@ -20,9 +20,14 @@ from pathlib import Path
 
 import torch
 
+from selfreplay.data.tokenizer import (
+    EOS_TOKEN,
+    TOKENIZER_FILE,
+    domain_token,
+    load_tokenizer,
+)
 from selfreplay.errors import SelfReplayError
 from selfreplay.model.transformer import ModelConfig, Transformer
-from selfreplay.data.tokenizer import EOS_TOKEN, TOKENIZER_FILE, domain_token, load_tokenizer
 
 RMS_EPS = 1e-6  # selfreplay.model.transformer.rms_norm
 

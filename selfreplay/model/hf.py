@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfreplay.data.corpus import one_line
-from selfreplay.errors import SelfReplayError
+from selfreplay.errors import SelfReplayError, one_line
 
 _NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep: project no position onto the vocabulary
 # config attributes of models whose logits are not hidden @ head.T (Gemma 2/3, Cohere, Granite)

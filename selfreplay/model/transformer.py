@@ -23,7 +23,6 @@ from selfreplay.config import ModelConfig, build
 from selfreplay.errors import SelfReplayError
 from selfreplay.rundir import CONFIG_NAME, WEIGHTS_NAME, write_atomic
 
-
 RMS_EPS = 1e-6
 
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from selfreplay.errors import SelfReplayError
 from selfreplay.data.chat import ChatTurns, chat_turns, prompt_tokens
 from selfreplay.data.text import pad_id
+from selfreplay.errors import SelfReplayError
 from selfreplay.model.hf import CausalLM
 from selfreplay.replay.samples import ReplaySamples
 from selfreplay.replay.sampling import next_token

@@ -22,7 +22,12 @@ import torch
 from selfreplay.config import ReplayConfig
 from selfreplay.errors import SelfReplayError
 from selfreplay.model.hf import CausalLM
-from selfreplay.replay.hf_sampling import ReplayFormat, base_format, chat_format, sample_replay
+from selfreplay.replay.hf_sampling import (
+    ReplayFormat,
+    base_format,
+    chat_format,
+    sample_replay,
+)
 from selfreplay.replay.pool import ReplayPool, pool_size
 from selfreplay.replay.samples import ReplaySamples
 

@@ -155,8 +155,8 @@ def sample_cli(run_dir: str, domain: str, num_samples: int, length: int | None, 
     """`selfreplay sample`: print decoded samples, one block each, EOS shown as a line of its own."""
     from pathlib import Path
 
-    from selfreplay.runtime import resolve_device
     from selfreplay.data.tokenizer import load_tokenizer
+    from selfreplay.runtime import resolve_device
 
     if seed < 0:
         raise SelfReplayError(f"--seed must be >= 0, got {seed}")

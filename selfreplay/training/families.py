@@ -67,7 +67,9 @@ class Family(Protocol):
 def family_of(config: RunConfig) -> Family:
     """The family that runs `config`: Hugging Face for init=hf:..., the built-in Transformer otherwise."""
     if is_hf(config):
-        from selfreplay.hf.family import HuggingFaceFamily  # transformers is imported only when needed
+        from selfreplay.hf.family import (
+            HuggingFaceFamily,  # transformers is imported only when needed
+        )
 
         return HuggingFaceFamily()
     return BuiltinFamily()

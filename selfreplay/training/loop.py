@@ -23,19 +23,32 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.config import (RunConfig, follow_defaults, is_hf, load_config, merge, parse_overrides, read_yaml,
-                               save_config, to_dict)
-from selfreplay.data.sequences import BatchLoader, SequenceStream
+from selfreplay.config import (
+    RunConfig,
+    follow_defaults,
+    is_hf,
+    load_config,
+    merge,
+    parse_overrides,
+    read_yaml,
+    save_config,
+    to_dict,
+)
+from selfreplay.data.sequences import BatchLoader, Data, SequenceStream
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
 from selfreplay.evaluation.validation import ValidationSet, compute_multiplier
-from selfreplay.data.sequences import Data
-from selfreplay.training.families import Family, ReplaySource, family_of, read_init_run
-from selfreplay.training.validate import validate
 from selfreplay.model.transformer import CONFIG_NAME, ModelConfig
-from selfreplay.objective.methods import NO_REPLAY, ReplayMethod, replay_method, training_loss
+from selfreplay.objective.methods import (
+    NO_REPLAY,
+    ReplayMethod,
+    replay_method,
+    training_loss,
+)
 from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
+from selfreplay.training.families import Family, ReplaySource, family_of, read_init_run
+from selfreplay.training.validate import validate
 
 
 class TrainingDiverged(SelfReplayError):

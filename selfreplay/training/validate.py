@@ -7,7 +7,13 @@ import dataclasses
 import importlib.util
 import math
 
-from selfreplay.config import HF_PREFIX, RunConfig, check_output_dir, check_ranges, is_hf
+from selfreplay.config import (
+    HF_PREFIX,
+    RunConfig,
+    check_output_dir,
+    check_ranges,
+    is_hf,
+)
 from selfreplay.errors import SelfReplayError
 from selfreplay.objective.methods import NO_REPLAY, replay_method
 from selfreplay.runtime import resolve_device
