@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
 
 import selfreplay.objective.losses as losses
-from selfreplay.objective.losses import (head_kl_divergence, head_next_token_loss, kl_divergence, next_token_loss, token_kl,
-                               token_losses)
+from selfreplay.errors import SelfReplayError
+from selfreplay.objective.losses import (REST_FLOOR, head_kl_divergence, head_kl_from_topk, head_next_token_loss,
+                                         kl_divergence, next_token_loss, token_kl, token_losses, topk_targets)
 
 
 def test_kl_is_zero_for_identical_models_and_positive_otherwise():
@@ -148,3 +151,125 @@ def test_an_all_true_mask_gives_the_unmasked_next_token_loss_and_an_empty_one_ze
     empty = head_kl_divergence(hidden, head, hidden + 1, head, mask=~full)
     assert empty.item() == 0.0
     empty.backward()  # still part of the graph
+
+
+# ---------------------------------------------------------------- stored top-K targets
+
+def _bucket_kl(ref_logits, logits, k):
+    """Direct float64 KL between the (k+1)-bucket coarsenings (π0's top-k tokens, the rest), k < V,
+    averaged over the rows of [N, V] logits."""
+    ref_logp, logp = torch.log_softmax(ref_logits.double(), -1), torch.log_softmax(logits.double(), -1)
+    top = ref_logp.topk(k, dim=-1).indices
+    off = torch.ones_like(ref_logp, dtype=torch.bool).scatter_(1, top, False)
+
+    def buckets(lp):
+        return torch.cat([lp.gather(1, top), lp.masked_fill(~off, float("-inf")).logsumexp(-1, keepdim=True)], 1)
+    p0, q = buckets(ref_logp), buckets(logp)
+    return (p0.exp() * (p0 - q)).sum(-1).mean()
+
+
+def _models(seed, V=11, D=6, B=3, T=10, sharp=1.0):
+    torch.manual_seed(seed)
+    hidden = (sharp * torch.randn(B, T, D, dtype=torch.float64)).requires_grad_(True)
+    head = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    return hidden, head, sharp * torch.randn(B, T, D, dtype=torch.float64), torch.randn(V, D, dtype=torch.float64)
+
+
+def test_topk_targets_with_k_equal_v_give_the_full_kl_and_its_gradients(small_chunks):
+    hidden, head, ref_hidden, ref_head = _models(4)
+    mask = torch.rand(3, 10) < 0.7
+    for m in (None, mask):
+        targets = topk_targets(ref_hidden, ref_head, 11, mask=m)
+        assert torch.all(targets[2] == REST_FLOOR)  # no rest bucket at K = V: the floor, finite
+        stored = head_kl_from_topk(*targets, hidden, head, mask=m)
+        full = head_kl_divergence(ref_hidden, ref_head, hidden, head, mask=m)
+        assert stored.dtype == torch.float32 and stored.item() == pytest.approx(full.item(), rel=1e-6)
+        for a, b in zip(_grads(stored, hidden, head), _grads(full, hidden, head)):
+            assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_topk_targets_are_the_largest_log_probabilities_and_the_log_of_the_mass_left(small_chunks):
+    _, _, ref_hidden, ref_head = _models(5)
+    logp, ids, rest = topk_targets(ref_hidden, ref_head, 4)
+    full = torch.log_softmax(ref_hidden @ ref_head.T, -1).reshape(30, 11)
+    assert logp.shape == ids.shape == (30, 4) and rest.shape == (30,)
+    assert logp.dtype == rest.dtype == torch.float32 and ids.dtype == torch.int32
+    expected = full.topk(4, dim=-1)
+    assert torch.equal(ids.long(), expected.indices) and torch.allclose(logp.double(), expected.values, atol=1e-6)
+    assert torch.allclose(rest.double(), torch.log1p(-expected.values.exp().sum(-1)), atol=1e-5)
+
+
+def test_the_rest_mass_stays_exact_when_it_is_far_below_float32_resolution():
+    V = 50  # head = identity: the hidden states are the logits
+    logits = torch.zeros(1, 1, V)
+    logits[0, 0, 7] = 50.0  # one token takes all but ≈ 49·e^-50 ≈ 1e-20 of the mass
+    _, ids, rest = topk_targets(logits, torch.eye(V), 1)
+    assert ids.item() == 7 and rest.item() == pytest.approx(math.log(V - 1) - 50.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("sharp", [1.0, 6.0])  # 6: peaked models, rest masses far below 1e-7
+def test_topk_kl_below_v_is_the_bucket_kl_with_its_gradients_and_at_most_the_full_kl(small_chunks, sharp):
+    hidden, head, ref_hidden, ref_head = _models(6, sharp=sharp)
+    full = head_kl_divergence(ref_hidden, ref_head, hidden, head).item()
+    values = []
+    for k in (1, 3, 10):
+        stored = head_kl_from_topk(*topk_targets(ref_hidden, ref_head, k), hidden, head)
+        direct = _bucket_kl((ref_hidden @ ref_head.T).reshape(30, 11), (hidden @ head.T).reshape(30, 11), k)
+        assert stored.item() == pytest.approx(direct.item(), rel=1e-5)
+        for a, b in zip(_grads(stored, hidden, head), _grads(direct, hidden, head)):
+            assert torch.allclose(a, b, atol=1e-6 * sharp**2)
+        values.append(stored.item())
+    assert 0 < values[0] and all(v <= full * (1 + 1e-6) for v in values)
+    assert values[0] < full  # one bucket of two loses information: strictly below
+
+
+def test_topk_kl_respects_the_mask_for_per_position_and_preselected_targets(small_chunks):
+    hidden, head, ref_hidden, ref_head = _models(7)
+    mask = torch.rand(3, 10) < 0.6
+    mask[0, 1:] = False  # a row with nothing to predict
+    keep = mask[:, 1:]
+    per_position = [t.view(3, 10, *t.shape[1:]) for t in topk_targets(ref_hidden, ref_head, 3)]
+    preselected = topk_targets(ref_hidden, ref_head, 3, mask=mask)
+    for targets in (per_position, preselected):
+        direct = _bucket_kl((ref_hidden @ ref_head.T)[:, :-1][keep], (hidden @ head.T)[:, :-1][keep], 3)
+        stored = head_kl_from_topk(*targets, hidden, head, mask=mask)
+        assert stored.item() == pytest.approx(direct.item(), rel=1e-5)
+        for a, b in zip(_grads(stored, hidden, head), _grads(direct, hidden, head)):
+            assert torch.allclose(a, b, atol=1e-6)
+    empty = ~torch.ones(3, 10, dtype=torch.bool)
+    nothing = head_kl_from_topk(*per_position, hidden, head, mask=empty)
+    assert nothing.item() == 0.0
+    nothing.backward()  # still part of the graph
+
+
+@pytest.mark.parametrize("k", [2, 9])
+def test_topk_kl_is_zero_with_no_gradient_at_the_reference(small_chunks, k):
+    hidden = torch.randn(2, 5, 4, requires_grad=True)
+    head = torch.randn(9, 4, requires_grad=True)
+    stored = head_kl_from_topk(*topk_targets(hidden.detach(), head.detach(), k), hidden, head)
+    assert stored.item() == pytest.approx(0.0, abs=1e-6)
+    assert all(g.abs().max() < 1e-6 for g in _grads(stored, hidden, head))
+    moved = head_kl_from_topk(*topk_targets(hidden.detach(), head.detach(), k), hidden + 0.3, head)
+    assert moved.item() > 1e-4
+
+
+def test_compiled_topk_kl_gives_the_eager_values_and_gradients_and_bf16_storage_is_close(small_chunks):
+    torch.manual_seed(8)
+    hidden, head = torch.randn(2, 8, 6, requires_grad=True), torch.randn(10, 6, requires_grad=True)
+    logp, ids, rest = topk_targets(torch.randn(2, 8, 6), head.detach(), 4)
+    eager, compiled = (head_kl_from_topk(logp, ids, rest, hidden, head, compile=c) for c in (False, True))
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-5)
+    for a, b in zip(_grads(compiled, hidden, head), _grads(eager, hidden, head)):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert head_kl_from_topk(logp.bfloat16(), ids, rest, hidden, head).item() == pytest.approx(eager.item(), rel=2e-2)
+
+
+def test_topk_targets_that_do_not_fit_are_refused_with_one_line():
+    hidden, head = torch.randn(2, 4, 3), torch.randn(6, 3)
+    with pytest.raises(SelfReplayError, match="1 <= K <= V = 6"):
+        topk_targets(hidden, head, 7)
+    logp, ids, rest = topk_targets(hidden, head, 2)
+    with pytest.raises(SelfReplayError, match="cover 8 positions but the batch has 3"):
+        head_kl_from_topk(logp, ids, rest, hidden, head, mask=torch.tensor([[1, 1, 1, 0], [1, 0, 1, 0]]).bool())
+    with pytest.raises(SelfReplayError, match="V = 4 tokens"):
+        head_kl_from_topk(*topk_targets(hidden, torch.randn(8, 3), 5), hidden, torch.randn(4, 3))

@@ -5,8 +5,12 @@ Everything here is computed in float32, whatever precision the logits came in.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from selfreplay.errors import SelfReplayError
 
 
 def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -61,7 +65,11 @@ def head_next_token_loss(hidden: torch.Tensor, head_weight: torch.Tensor, tokens
         hidden, targets = hidden[keep], targets[keep]
     if len(targets) == 0:  # nothing to predict: zero, still connected to the graph
         return hidden.sum().float() * 0.0
-    return _HeadLoss.apply(*_graded(hidden, head_weight), targets, None, None, _compute_dtype(hidden), compile)
+    N, dtype, ntp_block = len(targets), _compute_dtype(hidden), _block_function("ntp", compile)
+
+    def block(lo, hi, logits):
+        return ntp_block(logits, targets[lo:hi], 1.0 / N, dtype)
+    return _HeadLoss.apply(*_graded(hidden, head_weight), block, dtype)
 
 
 def head_kl_divergence(ref_hidden: torch.Tensor, ref_head_weight: torch.Tensor, hidden: torch.Tensor,
@@ -71,16 +79,101 @@ def head_kl_divergence(ref_hidden: torch.Tensor, ref_head_weight: torch.Tensor, 
     only `hidden` and `head_weight`. mask [B, T] (bool), as for `head_next_token_loss`: the
     mean runs over the positions t-1 whose next token t has mask[t] (position T-1, which
     predicts past the sequence, is then left out)."""
-    D = hidden.shape[-1]
-    ref_hidden = ref_hidden.detach()
-    if mask is not None:
-        keep = mask[:, 1:]
-        hidden, ref_hidden = hidden[:, :-1][keep], ref_hidden[:, :-1][keep]
-    hidden, ref_hidden = hidden.reshape(-1, D), ref_hidden.reshape(-1, D)
+    hidden, ref_hidden = _kl_positions(hidden, mask), _kl_positions(ref_hidden.detach(), mask)
     if len(hidden) == 0:
         return hidden.sum().float() * 0.0
-    return _HeadLoss.apply(*_graded(hidden, head_weight), None, ref_hidden, ref_head_weight.detach(),
-                           _compute_dtype(hidden), compile)
+    N, dtype, kl_block = len(hidden), _compute_dtype(hidden), _block_function("kl", compile)
+    ref_weight = ref_head_weight.detach().to(dtype)
+
+    def block(lo, hi, logits):
+        return kl_block(logits, ref_hidden[lo:hi].to(dtype) @ ref_weight.T, 1.0 / N, dtype)
+    return _HeadLoss.apply(*_graded(hidden, head_weight), block, dtype)
+
+
+def _kl_positions(x: torch.Tensor, mask: torch.Tensor | None, trailing: int = 1) -> torch.Tensor:
+    """x [B, T, *rest] (rest: `trailing` dims) → [N, *rest], the positions the KL averages over:
+    all B·T without a mask, else the positions t-1 whose next token t has mask[t]."""
+    if mask is not None:
+        x = x[:, :-1][mask[:, 1:]]
+    return x.reshape(-1, *x.shape[x.dim() - trailing:])
+
+
+# ---------------------------------------------------------------- π0's targets stored instead of π0
+#
+# π0 is frozen, so what the KL needs from it on a replay sequence can be computed once and
+# stored beside the sequence. Its top-K log-probabilities, their ids and the log of the mass
+# left over define a (K+1)-bucket coarsening of π0's distribution; the KL between the two
+# models' coarsenings is at most the full KL (data-processing inequality) and equals it at K = V.
+
+REST_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # ≈ −87.3: log of a mass too small to count
+
+
+@torch.no_grad()
+def topk_targets(ref_hidden: torch.Tensor, ref_head_weight: torch.Tensor, k: int,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """π0's stored KL targets from its final hidden states [B, T, D] and head [V, D].
+
+    Returns (logp [N, k] float32: the k largest log-probabilities per position, in decreasing
+    order; ids [N, k] int32: their token ids; rest [N] float32: log(1 − Σ top-k probabilities),
+    computed as a logsumexp over the other V − k log-probabilities and clamped below at
+    REST_FLOOR, so it is exactly REST_FLOOR when k = V). The N positions are those
+    `head_kl_divergence` averages over: all B·T (row-major, so a [B·T, k] result views as
+    [B, T, k]) without a mask, else the positions t-1 whose next token t has mask[t].
+    Computed a block of HEAD_CHUNK_ROWS rows at a time, in the matmul dtype autocast would use."""
+    V = ref_head_weight.shape[0]
+    if not 1 <= k <= V:
+        raise SelfReplayError(f"top-K targets need 1 <= K <= V = {V}, got K = {k}: pick K in that range")
+    hidden = _kl_positions(ref_hidden, mask)
+    N, dtype = len(hidden), _compute_dtype(hidden)
+    logp = torch.empty(N, k, dtype=torch.float32, device=hidden.device)
+    ids = torch.empty(N, k, dtype=torch.int32, device=hidden.device)
+    rest = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = ref_head_weight.to(dtype)
+        for lo in range(0, N, HEAD_CHUNK_ROWS):
+            hi = min(lo + HEAD_CHUNK_ROWS, N)
+            block_logp = torch.log_softmax((hidden[lo:hi].to(dtype) @ w.T).float(), dim=-1)
+            top, top_ids = block_logp.topk(k, dim=-1)
+            logp[lo:hi], ids[lo:hi] = top, top_ids
+            # the rest mass from the other log-probabilities, not 1 − Σ top-k: no cancellation
+            rest[lo:hi] = block_logp.scatter_(1, top_ids, float("-inf")).logsumexp(-1).clamp_(min=REST_FLOOR)
+    return logp, ids, rest
+
+
+def head_kl_from_topk(logp: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor, hidden: torch.Tensor,
+                      head_weight: torch.Tensor, compile: bool = False,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions of the KL between π0's and πθ's (K+1)-bucket coarsenings (nats):
+    Σ_top-K p0 (log p0 − log pθ) + p0_rest (log p0_rest − log pθ_rest), with pθ_rest πθ's mass
+    off π0's top-K. `logp`, `ids`, `rest` are `topk_targets`' output: either per position
+    ([B, T, K], [B, T, K], [B, T]; the mask then selects from them as from `hidden`) or
+    already selected ([N, K], [N, K], [N], drawn with the same mask). hidden [B, T, D] and
+    head_weight [V, D] are πθ's; gradients reach only them. At K = V this is
+    `head_kl_divergence`; below, a lower bound on it. compile and mask: as for the other losses."""
+    if logp.dim() == hidden.dim():  # per position: select as hidden is selected
+        logp, ids, rest = _kl_positions(logp, mask), _kl_positions(ids, mask), _kl_positions(rest, mask, 0)
+    hidden = _kl_positions(hidden, mask)
+    _check_topk_targets(logp, ids, rest, len(hidden), head_weight.shape[0])
+    if len(hidden) == 0:
+        return hidden.sum().float() * 0.0
+    N, dtype, topk_block = len(hidden), _compute_dtype(hidden), _block_function("topk_kl", compile)
+
+    def block(lo, hi, logits):
+        return topk_block(logits, logp[lo:hi], ids[lo:hi].long(), rest[lo:hi], 1.0 / N, dtype)
+    return _HeadLoss.apply(*_graded(hidden, head_weight), block, dtype)
+
+
+def _check_topk_targets(logp, ids, rest, positions: int, V: int) -> None:
+    """One-line refusal of stored targets that do not fit the batch or the head."""
+    if logp.shape != ids.shape or logp.dim() != 2 or tuple(rest.shape) != (len(logp),):
+        raise SelfReplayError(f"top-K targets have shapes logp {tuple(logp.shape)}, ids {tuple(ids.shape)}, "
+                              f"rest {tuple(rest.shape)}: expected [N, K], [N, K], [N] (as topk_targets returns)")
+    if len(logp) != positions:
+        raise SelfReplayError(f"top-K targets cover {len(logp)} positions but the batch has {positions}: "
+                              "draw them from the same sequences with the same mask")
+    if logp.shape[1] > V:
+        raise SelfReplayError(f"top-K targets have K = {logp.shape[1]} but the head has V = {V} tokens: "
+                              "they were drawn for another vocabulary")
 
 
 def _graded(hidden: torch.Tensor, head_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,40 +209,62 @@ def _kl_block(logits: torch.Tensor, ref_logits: torch.Tensor, scale: float, dtyp
     return loss, logp.exp_().sub_(ref_p).mul_(scale).to(dtype)
 
 
+def _topk_kl_block(logits: torch.Tensor, ref_logp: torch.Tensor, ids: torch.Tensor, ref_rest: torch.Tensor,
+                   scale: float, dtype: torch.dtype):
+    """(sum of the (K+1)-bucket KL, scale · its gradient w.r.t. logits in dtype) for one block.
+
+    With q = softmax(logits), q_rest = Σ_{j off the top-K} q_j and P = Σ p0_top + p0_rest
+    (1 up to the storage's rounding), the gradient at token j is P·q_j − p0_j on the top-K and
+    P·q_j − p0_rest · q_j / q_rest off it: the rest bucket is pulled up as a whole, the shape
+    inside it is left as it is."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ref_logp, ref_rest = ref_logp.float(), ref_rest.float()
+    ref_p = ref_logp.exp()
+    off_top = logp.scatter(1, ids, float("-inf"))  # πθ's log-probabilities off π0's top-K
+    rest = off_top.logsumexp(-1)  # log q_rest: stable however small, −inf when K = V
+    # an empty (K = V) or negligible rest bucket takes no part (and no −inf enters the sums)
+    counted = (ref_rest > REST_FLOOR) & (rest > float("-inf"))
+    rest = torch.where(counted, rest, 0.0)
+    ref_rest_p = torch.where(counted, ref_rest.exp(), 0.0)
+    loss = (ref_p * (ref_logp - logp.gather(1, ids))).sum() + (ref_rest_p * (ref_rest - rest)).sum()
+    mass = ref_p.sum(-1) + ref_rest_p
+    grad = logp.exp_().mul_(mass[:, None])  # in place: the log-probabilities are not needed any more
+    grad.sub_(off_top.sub_(rest[:, None]).exp_().mul_(ref_rest_p[:, None]))
+    grad.scatter_add_(1, ids, -ref_p)
+    return loss, grad.mul_(scale).to(dtype)
+
+
+_BLOCKS = {"ntp": _ntp_block, "kl": _kl_block, "topk_kl": _topk_kl_block}
 _COMPILED_BLOCKS: dict = {}
 
 
-def _block_functions(compile: bool):
+def _block_function(name: str, compile: bool):
+    """The block arithmetic `name`, eager or as one `torch.compile`d kernel (compiled once)."""
     if not compile:
-        return _ntp_block, _kl_block
-    if not _COMPILED_BLOCKS:
-        _COMPILED_BLOCKS.update(ntp=torch.compile(_ntp_block, dynamic=False),
-                                kl=torch.compile(_kl_block, dynamic=False))
-    return _COMPILED_BLOCKS["ntp"], _COMPILED_BLOCKS["kl"]
+        return _BLOCKS[name]
+    if name not in _COMPILED_BLOCKS:
+        _COMPILED_BLOCKS[name] = torch.compile(_BLOCKS[name], dynamic=False)
+    return _COMPILED_BLOCKS[name]
 
 
 class _HeadLoss(torch.autograd.Function):
-    """Mean over rows of the next-token loss (targets given) or of KL(π0 ‖ πθ) (π0's hidden
-    states and head given), computed from hidden states [N, D] and the head [V, D]."""
+    """Mean over rows of a loss of the logits hidden @ weight.T, from hidden states [N, D] and
+    the head [V, D]. `block(lo, hi, logits [hi-lo, V])` returns the loss summed over rows lo:hi
+    and its gradient with respect to those logits, already scaled by 1/N, in `dtype`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ref_hidden, ref_weight, dtype, compile):
+    def forward(ctx, hidden, weight, block, dtype):
         N = hidden.shape[0]
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        ntp_block, kl_block = _block_functions(compile)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
-            w0 = ref_weight.to(dtype) if ref_weight is not None else None
             for lo in range(0, N, HEAD_CHUNK_ROWS):
                 hi = min(lo + HEAD_CHUNK_ROWS, N)
                 h = hidden[lo:hi].to(dtype)
-                if targets is not None:
-                    loss, grad = ntp_block(h @ w.T, targets[lo:hi], 1.0 / N, dtype)
-                else:
-                    loss, grad = kl_block(h @ w.T, ref_hidden[lo:hi].to(dtype) @ w0.T, 1.0 / N, dtype)
+                loss, grad = block(lo, hi, h @ w.T)
                 total += loss
                 if want_hidden:
                     grad_hidden[lo:hi] = grad @ w
@@ -164,4 +279,4 @@ class _HeadLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_output if grad_hidden is not None else None,
                 (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None,
-                None, None, None, None, None)
+                None, None)
