@@ -17,9 +17,10 @@ for a whole run, and by later runs. A pool directory holds
                  width t, each tensor's dtype and trailing shape, and each shard's rows, bytes and sha256.
 
 Shards are written under a temporary name and renamed into place, so a killed drawing leaves
-whole shards and no pool.json: an unfinished pool, refused. A reader memory-maps one shard at a
-time (a pool larger than RAM reads only the rows asked for) and checks a shard's sha256 the first
-time it reads from it, so that opening a large pool costs only a look at each file's size.
+whole shards and no pool.json: an unfinished pool, refused. A reader memory-maps the shards it
+reads (OPEN_SHARDS at most at once) and copies out only the rows asked for, so a pool larger than
+RAM is never loaded whole; it checks a shard's sha256 the first time it reads from it, so that
+opening a large pool costs only a look at each file's size.
 `ReuseOrder` is the seeded, resumable order in which a reused pool is replayed.
 """
 
