@@ -8,7 +8,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.objective.methods import NEW_BATCH_KL
+from selfreplay.objective.methods import NEW_BATCH_KL, NO_REPLAY
 
 
 @dataclass
@@ -85,7 +85,7 @@ def replay_fraction(run) -> float:
 
 def replays(run) -> bool:
     """Whether a run replays at all: a regularising method, or replay rows mixed into its batches."""
-    return run.value("replay.method") not in (None, "none") or replay_fraction(run) > 0
+    return run.value("replay.method") not in (None, NO_REPLAY.name) or replay_fraction(run) > 0
 
 
 def plain(runs: list) -> object | None:
@@ -106,7 +106,7 @@ def method_label(run) -> str:
         return f"LoRA r{rank}"
     if replay_fraction(run) > 0:  # rows mixed into the batch: no term, so no coefficient
         return f"replay rows {Fraction(replay_fraction(run)).limit_denominator(1024)}"
-    if method in (None, "none"):
+    if method in (None, NO_REPLAY.name):
         return "no replay"
     if method == NEW_BATCH_KL.name:
         return f"KL on new data c={float(coeff):g}"

@@ -13,6 +13,7 @@ from selfreplay.experiments.figures.common import (
     pyplot,
     stage_names,
 )
+from selfreplay.objective.methods import NO_REPLAY
 
 CLAIM = ("With self-replay every earlier task keeps >= 90% of the accuracy it had when its training ended; "
          "without replay at least one falls below 50% (paper: ~100% vs ~0-20%)")
@@ -43,12 +44,12 @@ def seed(run) -> int:
 
 def runs_by_seed(done: list) -> list[list]:
     """The runs grouped by seed (in seed order), the run without replay first in each group."""
-    done = sorted(done, key=lambda r: (seed(r), r.summary.get("method") != "none"))
+    done = sorted(done, key=lambda r: (seed(r), r.summary.get("method") != NO_REPLAY.name))
     return [[r for r in done if seed(r) == s] for s in sorted({seed(r) for r in done})]
 
 
 def run_label(run, several_seeds: bool) -> str:
-    label = ("no replay" if run.summary["method"] == "none"
+    label = ("no replay" if run.summary["method"] == NO_REPLAY.name
              else f"self-replay {run.summary['method'].upper()} c={run.summary['coeff']:g}")
     return label + (f" (seed {seed(run)})" if several_seeds else "")
 
@@ -56,8 +57,8 @@ def run_label(run, several_seeds: bool) -> str:
 def continual_reproduced(done: list) -> bool | None:
     """Every replay run keeps >= 90% on each earlier task and every run without replay ends < 50% on one;
     None without both kinds."""
-    none = [r for r in done if r.summary["method"] == "none"]
-    replay = [r for r in done if r.summary["method"] != "none"]
+    none = [r for r in done if r.summary["method"] == NO_REPLAY.name]
+    replay = [r for r in done if r.summary["method"] != NO_REPLAY.name]
     if not none or not replay:
         return None
     kept = all(x is not None and x >= 0.9 for r in replay for x in r.summary["retention"])

@@ -14,7 +14,7 @@ from selfreplay.experiments.figures.common import (
     number,
     reached,
 )
-from selfreplay.objective.methods import REPLAY_KL, replay_method
+from selfreplay.objective.methods import NO_REPLAY, REPLAY_KL, replay_method
 
 CLAIM = ("Self-generated replay removes most forgetting, as well as real replay: every replay variant forgets "
          "<= 20% of plain finetuning's, self-KL within 0.02 nats of real-KL (paper: 95-97% less, self = real)")
@@ -37,9 +37,9 @@ def methods_reproduced(done: list) -> bool | None:
     None without a plain, a self-KL and a real-KL run that reached the target."""
     # forgetting compares at equal new-domain loss: only runs that reached the target count
     at_target = [r for r in done if reached(r) and number(r.summary.get("forgetting")) is not None]
-    method = lambda r: (r.value("replay.method") or "none", r.value("replay.source"))  # noqa: E731
+    method = lambda r: (r.value("replay.method") or NO_REPLAY.name, r.value("replay.source"))  # noqa: E731
     base = next((r.summary["forgetting"] for r in at_target
-                 if method(r)[0] == "none" and not r.value("lora.rank")), None)
+                 if method(r)[0] == NO_REPLAY.name and not r.value("lora.rank")), None)
     replayed = [r for r in at_target if replay_method(method(r)[0]).needs_replay and method(r)[1] in ("self", "real")]
     self_kl = next((r.summary["forgetting"] for r in replayed if method(r) == (REPLAY_KL.name, "self")), None)
     real_kl = next((r.summary["forgetting"] for r in replayed if method(r) == (REPLAY_KL.name, "real")), None)
