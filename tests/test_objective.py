@@ -1,6 +1,7 @@
 """The one objective (selfreplay.objective.methods) on rows of different lengths with masks, as a
 Hugging Face model's batches come: padding changes nothing it computes."""
 
+import pytest
 import torch
 
 from selfreplay.model.transformer import ModelConfig, Transformer
@@ -54,3 +55,33 @@ def test_new_mask_counts_only_the_marked_predictions():
         logp = model(new)[:, :-1].log_softmax(-1)
         picked = -logp.gather(-1, new[:, 1:, None])[..., 0]
     assert torch.allclose(ntp, picked[:, 4:].mean(), atol=1e-5)
+
+
+def test_stored_top_k_answers_of_every_token_give_the_kl_and_gradient_of_running_pi0():
+    """A replay batch that carries π0's top-K with K = V trains exactly as one where π0 runs;
+    K < V gives the coarser (K+1)-bucket KL, never more than the full one."""
+    from selfreplay.objective.losses import topk_targets
+    from selfreplay.replay.samples import TopKTargets
+
+    model, reference = models()
+    g = torch.Generator().manual_seed(4)
+    new = torch.randint(0, CONFIG.V, (2, 6), generator=g)
+    tokens = torch.randint(0, CONFIG.V, (3, 9), generator=g)
+    mask = torch.arange(9)[None] < torch.tensor([9, 5, 7])[:, None]
+    with torch.no_grad():
+        ref_hidden = reference.hidden(tokens)
+
+    def step(k):
+        stored = None
+        if k is not None:
+            logp, ids, rest = topk_targets(ref_hidden, reference.head.weight, k)  # every position, as a pool keeps them
+            stored = TopKTargets(logp.view(3, 9, k), ids.view(3, 9, k), rest.view(3, 9))
+        model.zero_grad()
+        loss, _, reg = training_loss(model, reference, new, ReplaySamples(tokens, mask, topk=stored), "kl", 2.0)
+        loss.backward()
+        return reg.item(), [p.grad.clone() for p in model.parameters()]
+
+    running, full, coarse = step(None), step(CONFIG.V), step(3)
+    assert full[0] == pytest.approx(running[0], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full[1], running[1]))
+    assert 0 < coarse[0] < running[0]

@@ -22,20 +22,25 @@ import torch
 import torch.nn.functional as F
 
 from selfreplay.errors import SelfReplayError, did_you_mean
-from selfreplay.objective.losses import head_kl_divergence, head_next_token_loss
-from selfreplay.replay.samples import ReplaySamples
+from selfreplay.objective.losses import (
+    head_kl_divergence,
+    head_kl_from_topk,
+    head_next_token_loss,
+)
+from selfreplay.replay.samples import ReplaySamples, TopKTargets
 
 
 @dataclass
 class PenalisedRows:
     """The rows a method's term reads: θ's hidden states on them [b, t, D], their tokens [b, t],
-    the mask of the tokens that count [b, t] (None: all), and π0's hidden states on them when a
-    sampler kept them (None: π0 computes them)."""
+    the mask of the tokens that count [b, t] (None: all), and π0's answers on them where they
+    were kept: its hidden states, or its stored top-K (None: π0 computes them)."""
 
     hidden: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor | None
     reference_hidden: torch.Tensor | None = None
+    reference_topk: TopKTargets | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,11 @@ class NextTokenReplay(ReplayMethod):
 @dataclass(frozen=True)
 class KLToReference(ReplayMethod):
     def term(self, rows: PenalisedRows, head: torch.Tensor, reference, compile: bool = False) -> torch.Tensor:
-        """KL(π0 ‖ πθ), π0 without gradients, so the term's gradient reaches θ alone."""
+        """KL(π0 ‖ πθ), π0 without gradients, so the term's gradient reaches θ alone; from π0's
+        stored top-K answers where a pool kept them (the (K+1)-bucket KL: docs/method.md, "Stored targets")."""
+        if rows.reference_topk is not None:
+            t = rows.reference_topk
+            return head_kl_from_topk(t.logp, t.ids, t.rest, rows.hidden, head, compile, mask=rows.mask)
         ref_hidden = rows.reference_hidden
         if ref_hidden is None:
             with torch.no_grad():
@@ -109,7 +118,7 @@ def training_loss(model, reference, new: torch.Tensor, replay: ReplaySamples | N
     if method.needs_replay:
         t = replay.tokens.shape[1]
         mask = replay.mask.to(new.device) if replay.mask is not None else None
-        rows = PenalisedRows(hidden[B:, :t], replay.tokens.to(new.device), mask, replay.hidden)
+        rows = PenalisedRows(hidden[B:, :t], replay.tokens.to(new.device), mask, replay.hidden, replay.topk)
     else:
         rows = PenalisedRows(hidden, new, new_mask)
     reg = method.term(rows, head, reference, compile)
