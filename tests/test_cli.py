@@ -107,10 +107,11 @@ def test_export_then_a_replay_pool_from_the_exported_model(pretrained, tmp_path)
     assert result.returncode == 0, result.stderr
     result = run("sample", f"init=hf:{exported}", "--out", str(pool), "-n", "3", "--length", "8", "--seed", "1")
     assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in (pool / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and json.loads((pool / "pool.json").read_text())["length"] == 8
-    one_line_error(run("sample", str(pretrained), "--out", str(tmp_path / "p2"), "-n", "2", "--length", "8"),
-                   "give init=hf:")
+    header = json.loads((pool / "pool.json").read_text())
+    assert header["rows"] == 3 and header["meta"]["length"] == 8 and header["targets"] == "hidden"
+    one_line_error(run("sample", str(pretrained), "--out", str(tmp_path / "p2"), "-n", "2"), "give --domain")
+    one_line_error(run("sample", str(pretrained), "--out", str(tmp_path / "p3"), "--domain", "en", "--targets",
+                       "top:3"), "choose none, hidden or topk:K")
     one_line_error(run("export", str(pretrained), "--hf", str(exported)), "is not empty")
 
 

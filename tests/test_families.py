@@ -10,6 +10,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 from conftest import conversations, sentences, write_jsonl  # noqa: E402
 from test_rundir import WALL_CLOCK  # noqa: E402
+
 from selfreplay.errors import SelfReplayError  # noqa: E402
 from selfreplay.training.loop import resolve_config, train  # noqa: E402
 
@@ -142,21 +143,21 @@ def test_a_resumed_hf_run_ends_where_an_uninterrupted_one_does(taught_llama_dir,
 
 def test_replay_comes_first_from_a_pool_written_by_selfreplay_sample(taught_llama_dir, texts, tmp_path, monkeypatch):
     from selfreplay.replay.pool import ReplayPool
-    from selfreplay.replay.pool_dir import sample_pool
+    from selfreplay.training.pools import sample_hf_pool
 
-    sample_pool(f"hf:{taught_llama_dir}", tmp_path / "pool", count=6, length=32, seed=3)
+    sample_hf_pool(f"hf:{taught_llama_dir}", tmp_path / "pool", count=6, length=32, seed=3, targets="topk:16")
     seen = []
     real_next = ReplayPool.next_batch
 
     def spy(pool):
-        seen.append((pool.stored_cursor, len(pool.stored), pool.draws))
+        seen.append((pool.order.pass_, pool.order.position, pool.draws))
         return real_next(pool)
 
     monkeypatch.setattr(ReplayPool, "next_batch", spy)
     summary = train(hf_config(taught_llama_dir, texts, tmp_path / "run", f"replay.pool={tmp_path / 'pool'}"),
                     "finetune")
     assert summary["steps"] == 4
-    assert seen == [(0, 6, 0), (3, 6, 0), (6, 6, 0), (6, 6, 1)]  # the pool's 6 samples, then π0's own draws
+    assert seen == [(0, 0, 0), (0, 3, 0), (1, 0, 0), (1, 0, 1)]  # the pool's 6 samples once, then π0's own draws
 
 
 @pytest.mark.parametrize("method", ["ntp", "kl_new"])

@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from conftest import MODEL, finetune_config
+from test_rundir import WALL_CLOCK
 
 from selfreplay.config import load_config
 from selfreplay.errors import SelfReplayError
@@ -12,8 +14,6 @@ from selfreplay.objective.methods import training_loss
 from selfreplay.replay.samples import ReplaySamples
 from selfreplay.training.loop import is_log_step, resolve_config, train
 
-from conftest import MODEL, finetune_config
-from test_rundir import WALL_CLOCK
 
 def test_pretraining_writes_a_complete_run_directory(pretrained):
     names = {p.name for p in pretrained.iterdir()}
@@ -266,3 +266,47 @@ def test_self_replay_can_start_from_several_domains_in_turn(corpus, pretrained, 
         train(finetune_config(corpus, pretrained, tmp_path / "bad", "replay.method=kl", "replay.domains=fr"),
               "finetune")
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_pool_drawn_once_replays_with_pi0s_stored_answers_and_resumes_exactly(corpus, pretrained, tmp_path,
+                                                                              monkeypatch):
+    """selfreplay sample --out: a pool with π0's hidden states and one with its top-V train alike;
+    replayed pass after pass (replay.reuse=0) a run killed mid-pool resumes to the same end; a pool
+    another model drew is refused in one line."""
+    from selfreplay.data.synth import LANGUAGES
+    from selfreplay.evaluation.validation import ValidationSet
+    from selfreplay.training.pools import sample_builtin_pool
+
+    V = Transformer.from_pretrained(pretrained).config.V
+    for targets in ("hidden", f"topk:{V}"):
+        sample_builtin_pool(str(pretrained), tmp_path / targets.split(":")[0], count=12, domain=LANGUAGES[0],
+                            targets=targets, seed=3)
+    overrides = lambda pool: ("replay.method=kl", f"replay.pool={tmp_path / pool}", "replay.reuse=0",  # noqa: E731
+                              "log.checkpoint_every=1", "stop.tokens=3072")
+    by_hidden = train(finetune_config(corpus, pretrained, tmp_path / "hidden_run", *overrides("hidden")), "finetune")
+    by_topk = train(finetune_config(corpus, pretrained, tmp_path / "topk_run", *overrides("topk")), "finetune")
+    # the same samples in the same order: equal but for float32 rounding over 12 steps (the step's exact
+    # equality at K = V is tests/test_objective.py's)
+    assert by_topk["old_kl"] == pytest.approx(by_hidden["old_kl"], rel=1e-3)
+    assert by_topk["new_loss"] == pytest.approx(by_hidden["new_loss"], rel=1e-3)
+
+    calls = {"n": 0}
+    real_evaluate = ValidationSet.evaluate
+
+    def dying_evaluate(*args, **kwargs):  # killed during the 4th log point (2 sets each): steps 8 of 12 in
+        calls["n"] += 1
+        if calls["n"] == 2 * 4 + 1:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(ValidationSet, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train(finetune_config(corpus, pretrained, tmp_path / "resumed", *overrides("topk")), "finetune")
+    monkeypatch.setattr(ValidationSet, "evaluate", real_evaluate)
+    resumed = train(finetune_config(corpus, pretrained, tmp_path / "resumed", *overrides("topk")), "finetune")
+    for key in ("old_loss", "new_loss", "old_kl", "steps"):
+        assert resumed[key] == by_topk[key], key
+
+    sample_builtin_pool(str(tmp_path / "topk_run"), tmp_path / "other", count=4, domain=LANGUAGES[0])
+    with pytest.raises(SelfReplayError, match="was drawn by model .* this run's π0 is"):
+        train(finetune_config(corpus, pretrained, tmp_path / "refused", *overrides("other")), "finetune")

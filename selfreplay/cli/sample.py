@@ -17,8 +17,12 @@ def register(sub) -> None:
                         "or init=hf:NAME_OR_PATH for a Hugging Face model (with --out)")
     p.add_argument("--domain", help="domain name (or reserved id) to start from (selfreplay runs)")
     p.add_argument("-n", type=int, default=4, help="number of samples (default: 4)")
-    p.add_argument("--out", help="write the samples as a replay pool directory (ids + text + what drew "
-                                 "them) that runs reuse with replay.pool=DIR, instead of printing")
+    p.add_argument("--out", help="write the samples as a replay pool directory that runs replay with "
+                                 "replay.pool=DIR, instead of printing them")
+    p.add_argument("--targets", default="hidden",
+                   help="pool: what it keeps of π0 beside each sample, so that the KL runs no π0: hidden (its final "
+                        "hidden states: exact), topk:K (its K most likely tokens: the (K+1)-bucket KL) or none "
+                        "(default: hidden)")
     p.add_argument("--chat", action="store_true",
                    help="pool: sample conversations inside the chat template (the model writes the user turn "
                         "and the answer) instead of from BOS")
@@ -41,7 +45,7 @@ def sample(args: argparse.Namespace) -> None:
         write_pool(source, args)
         return
     if args.domain is None:
-        raise SelfReplayError("give --domain, the domain a sample starts from (or --out POOL for a Hugging Face model)")
+        raise SelfReplayError("give --domain, the domain a sample starts from")
     from selfreplay.replay.sampling import sample_cli
 
     sample_cli(source, domain=args.domain, num_samples=args.n, length=args.length,
@@ -50,15 +54,24 @@ def sample(args: argparse.Namespace) -> None:
 
 
 def write_pool(source: str, args: argparse.Namespace) -> None:
-    """A replay pool file of a Hugging Face model, drawn once and reused by runs (replay.pool=DIR)."""
-    if not source.startswith("hf:"):
-        raise SelfReplayError("--out writes a replay pool of a Hugging Face model: give init=hf:NAME_OR_PATH")
-    if args.length is None:
-        raise SelfReplayError("a replay pool needs --length, the tokens per sample")
-    from selfreplay.replay.pool_dir import sample_pool
+    """A replay pool of π0's samples and its targets, drawn once and replayed by runs (replay.pool=DIR)."""
+    from selfreplay.training.pools import (
+        parse_targets,
+        sample_builtin_pool,
+        sample_hf_pool,
+    )
 
-    header = sample_pool(source, args.out, count=args.n, length=args.length, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, chat=args.chat, system=args.system,
-                         prompts=args.prompts, stop_at_eos=not args.no_stop_at_eos, device=args.device,
-                         trust_remote_code=args.trust_remote_code)
-    print(f"{args.n} samples of {header['model']} ({header['format']}) -> {args.out}")
+    parse_targets(args.targets)  # a misspelt kind is refused before a model is loaded
+    if source.startswith("hf:"):
+        if args.length is None:
+            raise SelfReplayError("a Hugging Face model's replay pool needs --length, the tokens per sample")
+        header = sample_hf_pool(source, args.out, count=args.n, length=args.length, temperature=args.temperature,
+                                top_p=args.top_p, seed=args.seed, chat=args.chat, system=args.system,
+                                prompts=args.prompts, stop_at_eos=not args.no_stop_at_eos, device=args.device,
+                                trust_remote_code=args.trust_remote_code, targets=args.targets)
+    else:
+        if args.domain is None:
+            raise SelfReplayError("give --domain, the domain the pool's samples start from")
+        header = sample_builtin_pool(source, args.out, count=args.n, domain=args.domain, targets=args.targets,
+                                     temperature=args.temperature, seed=args.seed, device=args.device)
+    print(f"{header['rows']} samples of {header['meta']['model']} with targets {header['targets']} -> {args.out}")

@@ -12,6 +12,7 @@ from selfreplay.config import RunConfig
 from selfreplay.data.sequences import Data, TokenSequences
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.validation import ValidationSet
+from selfreplay.model.fingerprint import model_fingerprint
 from selfreplay.objective.methods import replay_method
 from selfreplay.rundir import notice
 
@@ -46,6 +47,7 @@ class HuggingFaceFamily:
 
         # float32 weights, as the built-in model's: precision=bf16 runs the matmuls under autocast
         model = load_model(model_name(config), torch.float32, device, config.model.trust_remote_code)
+        self.pi0_fingerprint = model_fingerprint(model)  # π0 as loaded: what a stored pool must have been drawn by
         if config.lora.rank > 0:
             from peft import LoraConfig
 
@@ -68,7 +70,8 @@ class HuggingFaceFamily:
         method = replay_method(config.replay.method)
         if not method.needs_replay:
             return None
-        return hf_replay_pool(reference, data.replay_format, config.replay, method.keeps_hidden, seed=config.seed)
+        return hf_replay_pool(reference, data.replay_format, config.replay, method.keeps_hidden, seed=config.seed,
+                              fingerprint=self.pi0_fingerprint)
 
     def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
         sets = {"old": ValidationSet(torch.from_numpy(data.old.sequences), reference, batch_size=8)}

@@ -26,6 +26,7 @@ from selfreplay.data.text import label_mask, pad_batch, pad_id, rows_from_datase
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
 from selfreplay.evaluation.validation import ValidationSet
+from selfreplay.model.fingerprint import model_fingerprint
 from selfreplay.model.hf import (
     CausalLM,
     frozen_reference,
@@ -124,7 +125,8 @@ class SelfReplayTrainer(Trainer):
         chat = replay.chat or replay.system is not None or replay.prompts is not None
         form = replay_format(tokenizer, chat, replay.system, replay.prompts, replay.stop_at_eos)
         return hf_replay_pool(self.reference, form, replay, self.method.keeps_hidden, seed=self.args.seed,
-                              rank=self.args.process_index, world_size=self.args.world_size)
+                              rank=self.args.process_index, world_size=self.args.world_size,
+                              fingerprint=model_fingerprint(self.model) if replay.pool is not None else None)
 
     def train(self, *args, **kwargs):
         """Trainer.train, with the lm-eval tasks of `args.lm_eval_tasks` scored before and after

@@ -20,8 +20,10 @@ import torch
 
 from selfreplay.config import ReplayConfig
 from selfreplay.data.sequences import SequenceStream
+from selfreplay.errors import SelfReplayError
 from selfreplay.replay.samples import ReplaySamples
 from selfreplay.replay.sampling import sample
+from selfreplay.replay.store import ReuseOrder, StoredPool
 
 # draw(count, generator, offset) -> count fresh samples of π0; offset: samples drawn before
 # (a chat pool takes its prompts in turn from there)
@@ -35,22 +37,31 @@ def pool_size(batch_size: int, buffer: int, decode_batch: int) -> int:
 
 
 class ReplayPool:
-    """Replay batches [batch_size, t] of π0's samples: first `stored` (replayed in order, again
-    from the start when `repeat`), then fresh draws of `size` samples. `score(tokens)` gives
-    π0's hidden states [b, t, D] for stored samples that lack them (the KL), or is None."""
+    """Replay batches [batch_size, t] of π0's samples: first those of `stored`, a pool drawn once
+    (selfreplay.replay.store), replayed for `reuse` passes, each pass in its own seeded order (0:
+    pass after pass, never drawing), then fresh draws of `size` samples. Of a stored pool, a rank
+    of `world_size` takes every world_size-th sample from `rank`. `score(tokens)` gives π0's
+    hidden states [b, t, D] for stored samples that carry no targets (the KL), or is None."""
 
-    def __init__(self, draw: Draw, batch_size: int, size: int, device, seed: int = 0,
-                 stored: ReplaySamples | None = None, repeat: bool = False, score=None):
+    def __init__(self, draw: Draw | None, batch_size: int, size: int, device, seed: int = 0,
+                 stored: StoredPool | None = None, reuse: int = 1, score=None, rank: int = 0, world_size: int = 1):
         self.draw, self.batch_size, self.size, self.device = draw, batch_size, size, device
-        self.stored, self.repeat, self.score = stored, repeat, score
+        self.stored, self.reuse, self.score = stored, reuse, score
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.pool: ReplaySamples | None = None
         self.cursor = 0
-        self.stored_cursor = 0
         self.draws = 0  # pools drawn from π0 so far
+        self.stored_rows = torch.arange(rank, len(stored), world_size) if stored is not None else None
+        if stored is not None and not len(self.stored_rows):
+            raise SelfReplayError(f"{stored.dir} holds too few samples to give rank {rank} of {world_size} any")
+        self.order = ReuseOrder(len(self.stored_rows), batch_size, seed) if stored is not None else None
+
+    @property
+    def replaying_stored(self) -> bool:
+        return self.order is not None and (self.reuse == 0 or self.order.pass_ < self.reuse)
 
     def next_batch(self) -> ReplaySamples:
-        if self.stored is not None and self.stored_cursor < len(self.stored):
+        if self.replaying_stored:
             return self._from_stored()
         if self.pool is None or self.cursor >= len(self.pool):
             self.refill()
@@ -60,16 +71,15 @@ class ReplayPool:
 
     def refill(self) -> None:
         """Draw `size` fresh samples from π0."""
+        if self.draw is None:
+            raise SelfReplayError("the stored replay pool is used up and this run cannot draw from π0: "
+                                  "set replay.reuse=0 to replay it pass after pass")
         self.pool = self.draw(self.size, self.generator, self.draws * self.size)
         self.cursor, self.draws = 0, self.draws + 1
 
     def _from_stored(self) -> ReplaySamples:
-        batch = self.stored.rows(slice(self.stored_cursor, self.stored_cursor + self.batch_size))
-        self.stored_cursor += len(batch)
-        if self.repeat and self.stored_cursor >= len(self.stored):
-            self.stored_cursor = 0
-        batch = batch.to(self.device).trimmed()
-        if batch.hidden is None and self.score is not None:
+        batch = self.stored.take(self.stored_rows[self.order.next_indices()])[0].to(self.device).trimmed()
+        if batch.hidden is None and batch.topk is None and self.score is not None:
             with torch.no_grad():
                 batch.hidden = self.score(batch.tokens)
         return batch
@@ -78,26 +88,24 @@ class ReplayPool:
         """Positions and counts, and as tensors (None where absent) the generator's state and the
         current draw: pool (tokens), mask and hidden."""
         pool = self.pool or ReplaySamples(None)
-        return {"cursor": self.cursor, "stored_cursor": self.stored_cursor, "draws": self.draws,
+        return {"cursor": self.cursor, "draws": self.draws, "order": self.order.state_dict() if self.order else None,
                 "generator": self.generator.get_state(), "pool": pool.tokens, "mask": pool.mask, "hidden": pool.hidden}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor, self.draws = int(state["cursor"]), int(state["draws"])
-        self.stored_cursor = int(state.get("stored_cursor", state.get("file_cursor", 0)))
+        if self.order is not None and state.get("order") is not None:
+            self.order.load_state_dict(state["order"])
         self.generator.set_state(state["generator"])
         tokens = state.get("pool")
         self.pool = ReplaySamples(tokens, state.get("mask"), state.get("hidden")).to(self.device) \
             if tokens is not None else None
 
 
-def self_replay_pool(reference, domain_id: int | list[int], replay: ReplayConfig, keep_hidden: bool, seed: int = 0,
-                     batch_size: int | None = None) -> ReplayPool:
-    """The pool of the built-in Transformer `reference`'s samples [size, T] that `replay`
-    describes, each started at `domain_id`, or, given several ids, at each in turn (replay of
-    every earlier task in continual learning, say); with π0's hidden states when keep_hidden
-    (what the KL needs; NTP replay needs only tokens). batch_size: rows a batch, when not
-    replay.batch_size (rows mixed into the new batch: replay.fraction)."""
-    batch_size = batch_size or replay.batch_size
+def builtin_draw(reference, domain_id: int | list[int], replay: ReplayConfig, keep_hidden: bool) -> Draw:
+    """How the built-in Transformer `reference` draws: samples [count, T], each started at
+    `domain_id`, or, given several ids, at each in turn (replay of every earlier task in
+    continual learning, say); with π0's hidden states when keep_hidden (what the KL needs; NTP
+    replay needs only tokens). replay.compile: decode through a torch.compile'd step."""
     device = next(reference.parameters()).device
     ids = torch.as_tensor(domain_id, dtype=torch.long).reshape(-1)
 
@@ -107,7 +115,18 @@ def self_replay_pool(reference, domain_id: int | list[int], replay: ReplayConfig
                        batch_size=replay.decode_batch, return_hidden=keep_hidden, compile=replay.compile)
         return ReplaySamples(drawn[0], hidden=drawn[1]) if keep_hidden else ReplaySamples(drawn)
 
-    return ReplayPool(draw, batch_size, pool_size(batch_size, replay.buffer, replay.decode_batch), device, seed)
+    return draw
+
+
+def self_replay_pool(reference, domain_id: int | list[int], replay: ReplayConfig, keep_hidden: bool, seed: int = 0,
+                     batch_size: int | None = None, stored: StoredPool | None = None) -> ReplayPool:
+    """The pool of the built-in Transformer `reference`'s samples that `replay` describes
+    (`builtin_draw`), after the samples of `stored` when given. batch_size: rows a batch, when
+    not replay.batch_size (rows mixed into the new batch: replay.fraction)."""
+    batch_size = batch_size or replay.batch_size
+    return ReplayPool(builtin_draw(reference, domain_id, replay, keep_hidden), batch_size,
+                      pool_size(batch_size, replay.buffer, replay.decode_batch), next(reference.parameters()).device,
+                      seed, stored, replay.reuse, reference.hidden if keep_hidden else None)
 
 
 class RealReplay:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from selfreplay.errors import SelfReplayError
-from selfreplay.replay.samples import ReplaySamples
+from selfreplay.replay.samples import ReplaySamples, TopKTargets
 from selfreplay.rundir import write_atomic
 
 HEADER_NAME, FORMAT = "pool.json", "selfreplay-pool/1"
@@ -248,7 +248,8 @@ class StoredPool:
         """Stored tensors as the objective takes them: int64 indices, on the device, mask None when unmasked."""
         parts = {name: (part.long() if name in INDEX_NAMES else part).to(self.device) for name, part in parts.items()}
         targets = {name: part for name, part in parts.items() if name not in ("tokens", "mask")}
-        return ReplaySamples(parts["tokens"], parts.get("mask"), targets.get("hidden")), targets
+        topk = TopKTargets(*(targets[name] for name in TOPK_NAMES)) if self.kind.startswith("topk:") else None
+        return ReplaySamples(parts["tokens"], parts.get("mask"), targets.get("hidden"), topk), targets
 
     def _mapped(self, index: int) -> dict[str, torch.Tensor]:
         """Shard `index`'s tensors as views of its memory map (verified the first time)."""

@@ -134,7 +134,9 @@ class BuiltinFamily:
 
     def make_replay(self, config: RunConfig, reference, data: Data, device):
         """The replay source of a finetuning run, or None when its method replays nothing."""
+        from selfreplay.model.fingerprint import model_fingerprint
         from selfreplay.replay.pool import RealReplay, self_replay_pool
+        from selfreplay.replay.store import StoredPool
 
         r, method = config.replay, replay_method(config.replay.method)
         if not method.needs_replay and r.fraction == 0:
@@ -142,7 +144,9 @@ class BuiltinFamily:
         rows = r.batch_size if method.needs_replay else math.floor(r.fraction * config.optim.batch_size)
         if r.source == "self":
             sampler = decoding_model(reference, config.precision, device)
-            return self_replay_pool(sampler, replay_domains(config, data), r, method.keeps_hidden, config.seed, rows)
+            stored = StoredPool(r.pool, model_fingerprint(reference), device) if r.pool is not None else None
+            return self_replay_pool(sampler, replay_domains(config, data), r, method.keeps_hidden, config.seed, rows,
+                                    stored)
         return RealReplay(SequenceStream(data.old, config.data.seed + 2), rows, device)
 
     def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:

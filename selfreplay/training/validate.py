@@ -43,6 +43,7 @@ def validate(config: RunConfig, mode: str) -> None:
         (mode == "pretrain" and (method is not NO_REPLAY or r.fraction > 0),
          "replay is for finetuning: pretraining takes replay.method=none and replay.fraction=0"),
         (mode == "pretrain" and config.lora.rank > 0, "LoRA is a finetuning baseline: pretraining takes lora.rank=0"),
+        (r.pool is not None and r.source != "self", "replay.pool holds π0's own samples: set replay.source=self"),
         (r.fraction > 0 and method.needs_replay,
          f"replay.fraction mixes replay rows into the new batch; replay.method={method.name} draws a batch of its own: "
          "set one of the two"),
