@@ -67,6 +67,8 @@ class SelfReplayConfig(TrainingArguments):
     replay_prompts: str | None = field(default=None, metadata={"help": ".txt/.jsonl of user prompts to answer"})
     replay_stop_at_eos: bool = True
     replay_pool: str | None = field(default=None, metadata={"help": "a pool directory from `selfreplay sample`"})
+    replay_reuse: int = field(default=1, metadata={"help": "passes over replay_pool, each in its own seeded order, "
+                                                           "before fresh draws (0: never draw)"})
     max_length: int = field(default=1024, metadata={"help": "sequence length of packed text and conversations"})
     reference_dtype: str | None = field(default=None, metadata={"help": "dtype of π0's copy (full finetuning)"})
     lm_eval_tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval tasks scored before and after"})
