@@ -87,6 +87,25 @@ def finetune_overrides(corpus, pretrained, out, *overrides) -> list[str]:
             "stop.tokens=2048", "log.every_tokens=512", "log.progress=false", *overrides]
 
 
+def killed_at_log_point(monkeypatch, run, log_point: int, sets: int = 2):
+    """Call run() with the process "killed" (KeyboardInterrupt) during its `log_point`-th
+    measurement (`sets` validation sets each), as a crash would stop it."""
+    from selfreplay.evaluation.validation import ValidationSet
+
+    calls, real_evaluate = {"n": 0}, ValidationSet.evaluate
+
+    def dying_evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == sets * log_point + 1:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ValidationSet, "evaluate", dying_evaluate)
+        with pytest.raises(KeyboardInterrupt):
+            run()
+
+
 def finetune_config(corpus, pretrained, out, *overrides):
     from selfreplay.training.loop import resolve_config
 

@@ -273,8 +273,8 @@ def test_a_pool_drawn_once_replays_with_pi0s_stored_answers_and_resumes_exactly(
     """selfreplay sample --out: a pool with π0's hidden states and one with its top-V train alike;
     replayed pass after pass (replay.reuse=0) a run killed mid-pool resumes to the same end; a pool
     another model drew is refused in one line."""
+    from conftest import killed_at_log_point
     from selfreplay.data.synth import LANGUAGES
-    from selfreplay.evaluation.validation import ValidationSet
     from selfreplay.training.pools import sample_builtin_pool
 
     V = Transformer.from_pretrained(pretrained).config.V
@@ -290,19 +290,9 @@ def test_a_pool_drawn_once_replays_with_pi0s_stored_answers_and_resumes_exactly(
     assert by_topk["old_kl"] == pytest.approx(by_hidden["old_kl"], rel=1e-3)
     assert by_topk["new_loss"] == pytest.approx(by_hidden["new_loss"], rel=1e-3)
 
-    calls = {"n": 0}
-    real_evaluate = ValidationSet.evaluate
-
-    def dying_evaluate(*args, **kwargs):  # killed during the 4th log point (2 sets each): steps 8 of 12 in
-        calls["n"] += 1
-        if calls["n"] == 2 * 4 + 1:
-            raise KeyboardInterrupt
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(ValidationSet, "evaluate", dying_evaluate)
-    with pytest.raises(KeyboardInterrupt):
-        train(finetune_config(corpus, pretrained, tmp_path / "resumed", *overrides("topk")), "finetune")
-    monkeypatch.setattr(ValidationSet, "evaluate", real_evaluate)
+    killed_at_log_point(monkeypatch, lambda: train(finetune_config(corpus, pretrained, tmp_path / "resumed",
+                                                                   *overrides("topk")), "finetune"), 4)  # step 8 of 12
+    assert (tmp_path / "resumed" / "checkpoint.json").exists()  # it resumes, not restarts
     resumed = train(finetune_config(corpus, pretrained, tmp_path / "resumed", *overrides("topk")), "finetune")
     for key in ("old_loss", "new_loss", "old_kl", "steps"):
         assert resumed[key] == by_topk[key], key
