@@ -47,7 +47,8 @@ class HuggingFaceFamily:
 
         # float32 weights, as the built-in model's: precision=bf16 runs the matmuls under autocast
         model = load_model(model_name(config), torch.float32, device, config.model.trust_remote_code)
-        self.pi0_fingerprint = model_fingerprint(model)  # π0 as loaded: what a stored pool must have been drawn by
+        # π0 as loaded, what a stored pool must have been drawn by (hashed only when a pool is replayed)
+        self.pi0_fingerprint = model_fingerprint(model) if config.replay.pool is not None else None
         if config.lora.rank > 0:
             from peft import LoraConfig
 
