@@ -7,14 +7,14 @@ import torch
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-import selfreplay.replay.pool_dir as pool_module  # noqa: E402
+import selfreplay.replay.hf_pool as pool_module  # noqa: E402
 from selfreplay.config import ReplayConfig  # noqa: E402
 from selfreplay.errors import SelfReplayError  # noqa: E402
 from selfreplay.model.fingerprint import model_fingerprint  # noqa: E402
 from selfreplay.model.hf import CausalLM, load_causal_lm  # noqa: E402
 from selfreplay.objective.methods import training_loss  # noqa: E402
 from selfreplay.replay.hf_sampling import base_format  # noqa: E402
-from selfreplay.replay.pool_dir import hf_replay_pool  # noqa: E402
+from selfreplay.replay.hf_pool import hf_replay_pool  # noqa: E402
 from selfreplay.replay.store import StoredPool  # noqa: E402
 from selfreplay.training.pools import sample_hf_pool  # noqa: E402
 

@@ -27,7 +27,7 @@ class HuggingFaceFamily:
         and the replay format (its chat template and prompts checked before anything is written)."""
         from selfreplay.data.text import holds_conversations, load_rows, pack_text
         from selfreplay.model.hf import load_tokenizer
-        from selfreplay.replay.pool_dir import replay_format
+        from selfreplay.replay.hf_pool import replay_format
 
         tokenizer = load_tokenizer(model_name(config), config.model.trust_remote_code)
         T, d, r = config.model.T, config.data, config.replay
@@ -66,7 +66,7 @@ class HuggingFaceFamily:
 
     def make_replay(self, config: RunConfig, reference, data: Data, device):
         """π0's samples, from BOS or inside the chat template (replay.chat), as `load_data` set them up."""
-        from selfreplay.replay.pool_dir import hf_replay_pool
+        from selfreplay.replay.hf_pool import hf_replay_pool
 
         method = replay_method(config.replay.method)
         if not method.needs_replay:

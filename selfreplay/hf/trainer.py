@@ -5,7 +5,7 @@
     trainer.train()
 
 R is the forward KL(π0 ‖ πθ) (or πθ's next-token loss) on sequences that π0, the model as
-it was before finetuning, samples from itself (selfreplay.replay.pool_dir). Both terms go through
+it was before finetuning, samples from itself (selfreplay.replay.hf_pool). Both terms go through
 the blockwise losses of selfreplay.objective.losses, so the [tokens, vocabulary] logits never exist
 whole. With a peft model π0 is the same network with its adapters disabled. Under torchrun
 or accelerate every rank draws its own replay with its own seed (seed + rank).
@@ -40,8 +40,8 @@ from selfreplay.objective.methods import (
     replay_method,
     training_loss,
 )
+from selfreplay.replay.hf_pool import hf_replay_pool, replay_format
 from selfreplay.replay.pool import ReplayPool
-from selfreplay.replay.pool_dir import hf_replay_pool, replay_format
 
 # ReplayConfig's settings that only the built-in model's loop takes (the rest are replay_X here)
 BUILTIN_ONLY = ("source", "fraction", "domains", "compile")

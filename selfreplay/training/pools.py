@@ -83,7 +83,7 @@ def sample_hf_pool(init: str, out: str | Path, count: int, length: int, temperat
     """`selfreplay sample init=hf:MODEL --out POOL`: a pool of a Hugging Face model, from BOS or
     inside its chat template (answering the user turns of `prompts`, a .txt or .jsonl file)."""
     from selfreplay.model.hf import CausalLM, load_causal_lm
-    from selfreplay.replay.pool_dir import hf_draw, replay_format
+    from selfreplay.replay.hf_pool import hf_draw, replay_format
 
     if length < 2:
         raise SelfReplayError(f"a pool needs --length >= 2, got {length}")
