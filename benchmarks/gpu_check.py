@@ -39,7 +39,7 @@ from selfreplay.model.transformer import Transformer
 from selfreplay.objective.methods import training_loss
 from selfreplay.replay.hf_sampling import ReplayFormat, sample_replay
 from selfreplay.replay.pool import ReplayPool, builtin_draw, self_replay_pool
-from selfreplay.replay.pool_dir import hf_draw, hf_replay_pool
+from selfreplay.replay.hf_pool import hf_draw, hf_replay_pool
 from selfreplay.replay.sampling import sample
 from selfreplay.replay.store import StoredPool
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
