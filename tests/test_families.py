@@ -338,3 +338,52 @@ def test_defaults_follow_the_model_a_new_user_sets_neither_model_t_nor_replay_le
     assert resolve_config("finetune", None, [*required, "model.T=64"]).replay.length == 64
     with pytest.raises(SelfReplayError, match="model.T=256 exceeds the model's context of 128 tokens"):
         resolve_config("finetune", None, [*required, "model.T=256"])
+
+
+def test_full_finetuning_from_a_stored_pool_holds_one_model(taught_llama_dir, texts, tmp_path):
+    """replay.pool with π0's answers and replay.reuse=0: π0 is not loaded (one transformers model
+    alive; with hidden targets, π0's head [V, D] beside it), and the run ends where one holding π0
+    whole ends (replay.reuse=1000: the same samples in the same order)."""
+    import gc
+    import warnings
+
+    from transformers import PreTrainedModel
+
+    from selfreplay.model.hf import num_parameters
+    from selfreplay.rundir import RunDirectory
+    from selfreplay.training.loop import load_data, setup
+    from selfreplay.training.pools import sample_hf_pool
+
+    for targets in ("hidden", "topk:8"):
+        sample_hf_pool(f"hf:{taught_llama_dir}", tmp_path / targets.split(":")[0], count=6, length=32, seed=3, targets=targets)
+
+    def alive() -> set[int]:
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on every object touches deprecated module attributes
+            warnings.simplefilter("ignore")
+            return {id(m) for m in gc.get_objects()  # whole causal LMs, not their bodies
+                    if isinstance(m, PreTrainedModel) and m.get_output_embeddings() is not None}
+
+    def held(*overrides):
+        """(transformers models that setup left alive, θ's parameters, π0's parameters held, the run)."""
+        config = hf_config(taught_llama_dir, texts, tmp_path / "setup", *overrides)
+        before = alive()
+        run = setup(config, "finetune", load_data(config, "finetune"), RunDirectory(config.out))
+        models = alive() - before
+        reference = num_parameters(run.reference) if run.reference is not None else 0
+        return len(models), num_parameters(run.model), reference, run
+
+    stored = lambda kind: (f"replay.pool={tmp_path / kind}", "replay.reuse=0")  # noqa: E731
+    models, theta, reference, run = held(*stored("hidden"))
+    V, D = run.model.head.weight.shape
+    assert (models, reference) == (1, V * D) and theta > V * D
+    models, _, reference, run = held(*stored("topk"))
+    assert (models, run.reference) == (1, None)
+    models, _, reference, _ = held(f"replay.pool={tmp_path / 'hidden'}", "replay.reuse=1")  # may draw: π0 whole
+    assert (models, reference) == (2, theta)
+
+    without = train(hf_config(taught_llama_dir, texts, tmp_path / "without", *stored("hidden")), "finetune")
+    whole = train(hf_config(taught_llama_dir, texts, tmp_path / "whole", f"replay.pool={tmp_path / 'hidden'}",
+                            "replay.reuse=1000"), "finetune")
+    for key in ("old_loss_0", "old_loss", "new_loss", "old_kl", "new_kl", "forgetting"):
+        assert without[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key

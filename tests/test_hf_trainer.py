@@ -202,3 +202,27 @@ def test_kl_on_the_new_batch_trains_through_the_trainer_and_an_unknown_method_is
     with pytest.raises(SelfReplayError, match="unknown replay_method 'replace': choose one of none, ntp, kl, kl_new"):
         SelfReplayTrainer(model, _args(tmp_path, replay_method="replace"), train_dataset=_spanish(),
                           processing_class=tokenizer)
+
+
+def test_a_trainer_replaying_a_stored_pool_holds_no_copy_of_pi0(taught_llama_dir, tmp_path):
+    """replay_pool with π0's hidden states and replay_reuse=0: the Trainer keeps π0's head alone
+    and ends where a Trainer holding π0's copy ends (replay_reuse=1000: the same samples, in order)."""
+    from selfreplay.objective.reference import ReferenceHead
+    from selfreplay.training.pools import sample_hf_pool
+
+    sample_hf_pool(f"hf:{taught_llama_dir}", tmp_path / "pool", count=6, length=32, seed=3, targets="hidden")
+    old = [{"text": s} for s in sentences("en", 12, seed=2)]
+    ends = {}
+    for reuse in (0, 1000):
+        model, tokenizer = load_causal_lm(taught_llama_dir)
+        trainer = SelfReplayTrainer(model, _args(tmp_path / str(reuse), replay_pool=str(tmp_path / "pool"),
+                                                 replay_reuse=reuse),
+                                    train_dataset=_spanish(), processing_class=tokenizer, old_eval_dataset=old)
+        if reuse == 0:
+            assert isinstance(trainer.reference, ReferenceHead)
+            assert num_parameters(trainer.reference) == trainer.lm.head.weight.numel()
+        trainer.train()
+        ends[reuse] = trainer.measure_old()
+    assert ends[0]["old_kl"] > 0
+    for key in ("old_loss", "old_kl", "forgetting"):
+        assert ends[0][key] == pytest.approx(ends[1000][key], rel=1e-6), key

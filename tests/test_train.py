@@ -287,8 +287,15 @@ def test_a_pool_drawn_once_replays_with_pi0s_stored_answers_and_resumes_exactly(
     by_topk = train(finetune_config(corpus, pretrained, tmp_path / "topk_run", *overrides("topk")), "finetune")
     # the same samples in the same order: equal but for float32 rounding over 12 steps (the step's exact
     # equality at K = V is tests/test_objective.py's)
-    assert by_topk["old_kl"] == pytest.approx(by_hidden["old_kl"], rel=1e-3)
+    assert by_topk["old_loss"] == pytest.approx(by_hidden["old_loss"], rel=1e-3)
     assert by_topk["new_loss"] == pytest.approx(by_hidden["new_loss"], rel=1e-3)
+    # neither run loaded π0 (reuse=0 never draws); with top-K targets not even its head, so no KL is measured
+    assert by_hidden["old_kl"] > 0 and by_topk["old_kl"] is None
+    # ... and each ends where a run holding π0 whole does (replay.reuse=1000: the same order, π0 loaded)
+    with_pi0 = train(finetune_config(corpus, pretrained, tmp_path / "with_pi0", *overrides("hidden"),
+                                     "replay.reuse=1000"), "finetune")
+    for key in ("old_loss", "new_loss", "old_kl", "old_loss_0"):
+        assert with_pi0[key] == by_hidden[key], key
 
     killed_at_log_point(monkeypatch, lambda: train(finetune_config(corpus, pretrained, tmp_path / "resumed",
                                                                    *overrides("topk")), "finetune"), 4)  # step 8 of 12

@@ -41,7 +41,22 @@ class ValidationSet:
         return model.hidden(batch)
 
     def _reference_hidden_of(self, i: int, batch: torch.Tensor) -> torch.Tensor:
-        return self.reference_hidden[i] if self.reference_hidden is not None else self._hidden(self.reference, batch)
+        if self.reference_hidden is None:
+            return self._hidden(self.reference, batch)
+        return self.reference_hidden[i].to(batch.device)
+
+    def keep_without_reference(self, head=None) -> None:
+        """Keep what the measurements need of π0 now, while `self.reference` is still π0 (θ before
+        its first step, say), and never run it again: its hidden states on the rows (on the CPU
+        where they exceed the cache) and its own loss. The KL is then measured against `head`
+        (anything with `head.weight` [V, D]: π0's output head), or not at all when head is None."""
+        if self.reference is None:
+            return
+        if self.reference_hidden is None:
+            self.reference_hidden = [self._hidden(self.reference, batch).cpu()
+                                     for _, batch, _ in self._batches(self.reference)]
+        self.reference_loss()
+        self.reference = head
 
     @torch.no_grad()
     def evaluate(self, model) -> dict[str, float]:
@@ -75,6 +90,8 @@ class ValidationSet:
     def reference_loss(self) -> float:
         """π0's own loss on the rows (nats): forgetting is the rise of the finetuned model's over it."""
         if self._reference_loss is None:
+            if self.reference is None:
+                raise RuntimeError("π0's loss is measured where π0 is given (ValidationSet(tokens, reference))")
             total = count = 0.0
             for i, batch, mask in self._batches(self.reference):
                 counted = mask if mask is not None else torch.ones_like(batch, dtype=torch.bool)

@@ -42,7 +42,7 @@ class HuggingFaceFamily:
                     measured_rows(row_sequences(old, tokenizer, T, 0, d.seed, d.old_text), d.val_sequences, d.seed),
                     None, form)
 
-    def load_models(self, config: RunConfig, mode: str, device):
+    def load_models(self, config: RunConfig, mode: str, device, load_reference: bool = True):
         from selfreplay.model.hf import CausalLM, frozen_reference, load_model
 
         # float32 weights, as the built-in model's: precision=bf16 runs the matmuls under autocast
@@ -61,16 +61,21 @@ class HuggingFaceFamily:
                                                         target_modules="all-linear"))
         model.train()
         lm = CausalLM(model)
-        reference = frozen_reference(lm, getattr(torch, config.model.reference_dtype))
+        reference = frozen_reference(lm, getattr(torch, config.model.reference_dtype)) if load_reference else None
         return lm, reference, [p for p in model.parameters() if p.requires_grad]
 
     def make_replay(self, config: RunConfig, reference, data: Data, device):
         """π0's samples, from BOS or inside the chat template (replay.chat), as `load_data` set them up."""
         from selfreplay.replay.hf_pool import hf_replay_pool
+        from selfreplay.replay.pool import stored_replay
+        from selfreplay.replay.store import StoredPool
 
         method = replay_method(config.replay.method)
         if not method.needs_replay:
             return None
+        if reference is None:  # the run holds no π0: its stored pool, pass after pass
+            return stored_replay(StoredPool(config.replay.pool, self.pi0_fingerprint, device),
+                                 config.replay.batch_size, device, config.seed)
         return hf_replay_pool(reference, data.replay_format, config.replay, method.keeps_hidden, seed=config.seed,
                               fingerprint=self.pi0_fingerprint)
 

@@ -40,8 +40,10 @@ from selfreplay.objective.methods import (
     replay_method,
     training_loss,
 )
+from selfreplay.objective.reference import ReferenceHead, ReferenceUse, reference_use
 from selfreplay.replay.hf_pool import hf_replay_pool, replay_format
-from selfreplay.replay.pool import ReplayPool
+from selfreplay.replay.pool import ReplayPool, stored_replay
+from selfreplay.replay.store import StoredPool
 
 # ReplayConfig's settings that only the built-in model's loop takes (the rest are replay_X here)
 BUILTIN_ONLY = ("source", "fraction", "domains", "compile")
@@ -116,19 +118,44 @@ class SelfReplayTrainer(Trainer):
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a mean: Trainer scales it for accumulation
         self.lm = CausalLM(self.model)
-        dtype = getattr(torch, args.reference_dtype) if args.reference_dtype else None
-        self.reference = CausalLM(ref_model.eval().requires_grad_(False)) if ref_model is not None \
-            else frozen_reference(self.lm, dtype)
-        self.replay = self._replay_source(tokenizer, replay) if self.method.needs_replay else None
         self.old_set: ValidationSet | None = None  # built at the first measurement, on the model's device
+        self.fingerprint = model_fingerprint(self.model) if replay.pool is not None else None  # π0's, as loaded
+        self.reference_use = use = reference_use(self.method, replay) if ref_model is None else ReferenceUse.MODEL
+        if use is ReferenceUse.MODEL:
+            dtype = getattr(torch, args.reference_dtype) if args.reference_dtype else None
+            self.reference = CausalLM(ref_model.eval().requires_grad_(False)) if ref_model is not None \
+                else frozen_reference(self.lm, dtype)
+        else:  # a stored pool carries π0's answers: π0 is not loaded (selfreplay.objective.reference)
+            self.reference = self._without_reference(use)
+        self.replay = self._replay_source(tokenizer, replay) if self.method.needs_replay else None
         self._logged: dict[str, list[float]] = {"ntp_loss": [], "replay_loss": [], "replay_seconds": []}
 
+    def _without_reference(self, use: ReferenceUse) -> ReferenceHead | None:
+        """What the run keeps of π0 when it holds none (π0's head, or nothing), with the old-domain
+        measurement's share of π0 taken now, from the model before its first step."""
+        head = ReferenceHead(self.lm.head.weight) if use is ReferenceUse.HEAD else None
+        if self.old_rows is not None:
+            was_training = self.model.training
+            self.model.eval()
+            self.old_set = self._old_set(self.lm)
+            self.old_set.keep_without_reference(head)
+            self.model.train(was_training)
+        return head
+
+    def _old_set(self, reference) -> ValidationSet:
+        batch = pad_batch(self.old_rows, pad_id=0)
+        return ValidationSet(batch["input_ids"], reference, label_mask(batch["labels"]), batch_size=8)
+
     def _replay_source(self, tokenizer, replay: ReplayConfig) -> ReplayPool:
+        a = self.args
+        if self.reference_use is not ReferenceUse.MODEL:  # π0 is not loaded: its stored pool, pass after pass
+            stored = StoredPool(replay.pool, self.fingerprint, self.lm.head.weight.device)
+            return stored_replay(stored, replay.batch_size, self.lm.head.weight.device, a.seed + a.process_index,
+                                 a.process_index, a.world_size)
         chat = replay.chat or replay.system is not None or replay.prompts is not None
         form = replay_format(tokenizer, chat, replay.system, replay.prompts, replay.stop_at_eos)
-        return hf_replay_pool(self.reference, form, replay, self.method.keeps_hidden, seed=self.args.seed,
-                              rank=self.args.process_index, world_size=self.args.world_size,
-                              fingerprint=model_fingerprint(self.model) if replay.pool is not None else None)
+        return hf_replay_pool(self.reference, form, replay, self.method.keeps_hidden, seed=a.seed,
+                              rank=a.process_index, world_size=a.world_size, fingerprint=self.fingerprint)
 
     def train(self, *args, **kwargs):
         """Trainer.train, with the lm-eval tasks of `args.lm_eval_tasks` scored before and after
@@ -195,7 +222,7 @@ class SelfReplayTrainer(Trainer):
     def measure_old(self) -> dict[str, float]:
         """old_loss, old_kl and forgetting on the old-domain rows (selfreplay.evaluation.validation)."""
         if self.old_set is None:
-            batch = pad_batch(self.old_rows, pad_id=0)
-            self.old_set = ValidationSet(batch["input_ids"], self.reference, label_mask(batch["labels"]), batch_size=8)
+            self.old_set = self._old_set(self.reference)
         old = self.old_set.evaluate(self.lm)
-        return {"old_loss": old["loss"], "old_kl": old["kl"], "forgetting": old["loss"] - self.old_set.reference_loss()}
+        kl = {"old_kl": old["kl"]} if "kl" in old else {}  # no KL where the run keeps nothing of π0
+        return {"old_loss": old["loss"], **kl, "forgetting": old["loss"] - self.old_set.reference_loss()}

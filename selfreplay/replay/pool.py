@@ -129,6 +129,13 @@ def self_replay_pool(reference, domain_id: int | list[int], replay: ReplayConfig
                       seed, stored, replay.reuse, reference.hidden if keep_hidden else None)
 
 
+def stored_replay(stored: StoredPool, batch_size: int, device, seed: int = 0, rank: int = 0,
+                  world_size: int = 1) -> ReplayPool:
+    """The samples of `stored` pass after pass, each pass in its own seeded order, never drawing
+    (replay.reuse=0): the pool of a run that holds no π0 (selfreplay.objective.reference)."""
+    return ReplayPool(None, batch_size, batch_size, device, seed, stored, reuse=0, rank=rank, world_size=world_size)
+
+
 class RealReplay:
     """Replay batches read from the old domain's training sequences."""
 

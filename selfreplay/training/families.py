@@ -40,10 +40,13 @@ class Family(Protocol):
     def load_data(self, config: RunConfig, mode: str) -> Data:
         """The tokenizer and the rows of each domain, checked before anything is written."""
 
-    def load_models(self, config: RunConfig, mode: str, device) -> tuple[object, object | None, list]:
-        """(θ, π0 when finetuning or None, θ's trainable parameters)."""
+    def load_models(self, config: RunConfig, mode: str, device,
+                    load_reference: bool = True) -> tuple[object, object | None, list]:
+        """(θ, π0 when finetuning and load_reference or None, θ's trainable parameters); keeps
+        `pi0_fingerprint`, π0's model_fingerprint, when replay.pool is set."""
 
-    def make_replay(self, config: RunConfig, reference, data: Data, device) -> ReplaySource | None: ...
+    def make_replay(self, config: RunConfig, reference, data: Data, device) -> ReplaySource | None:
+        """The replay source; with reference None (a run that holds no π0), the stored pool alone."""
 
     def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict[str, ValidationSet]: ...
 
@@ -113,9 +116,11 @@ class BuiltinFamily:
             replay_domains(config, data)  # names the tokenizer does not know are refused here, before any write
         return data
 
-    def load_models(self, config: RunConfig, mode: str, device):
+    def load_models(self, config: RunConfig, mode: str, device, load_reference: bool = True):
         """θ (fresh, or the init run's weights, with LoRA adapters when lora.rank > 0), the frozen
-        π0 when finetuning, and the trainable parameters; keeps θ0 and θinit for `drift`."""
+        π0 when finetuning (and load_reference), and the trainable parameters; keeps θ0 and θinit
+        for `drift`."""
+        from selfreplay.model.fingerprint import model_fingerprint
         from selfreplay.model.lora import add_lora
         from selfreplay.model.transformer import Transformer
 
@@ -124,7 +129,9 @@ class BuiltinFamily:
             model.reset_parameters(torch.Generator().manual_seed(config.seed))
             return model.to(device).train(), None, list(model.parameters())
         model = Transformer.from_pretrained(config.init, device=device).train()
-        reference = Transformer.from_pretrained(config.init, device=device).eval().requires_grad_(False)
+        self.pi0_fingerprint = model_fingerprint(model) if config.replay.pool is not None else None
+        reference = Transformer.from_pretrained(config.init, device=device).eval().requires_grad_(False) \
+            if load_reference else None
         self.start_state = {k: v.clone() for k, v in model.state_dict().items()}
         init_model = Transformer(config.model)  # the same draw as the init run's, from its seed
         init_model.reset_parameters(torch.Generator().manual_seed(read_init_run(config.init).seed))
@@ -134,8 +141,7 @@ class BuiltinFamily:
 
     def make_replay(self, config: RunConfig, reference, data: Data, device):
         """The replay source of a finetuning run, or None when its method replays nothing."""
-        from selfreplay.model.fingerprint import model_fingerprint
-        from selfreplay.replay.pool import RealReplay, self_replay_pool
+        from selfreplay.replay.pool import RealReplay, self_replay_pool, stored_replay
         from selfreplay.replay.store import StoredPool
 
         r, method = config.replay, replay_method(config.replay.method)
@@ -143,8 +149,10 @@ class BuiltinFamily:
             return None
         rows = r.batch_size if method.needs_replay else math.floor(r.fraction * config.optim.batch_size)
         if r.source == "self":
+            stored = StoredPool(r.pool, self.pi0_fingerprint, device) if r.pool is not None else None
+            if reference is None:
+                return stored_replay(stored, rows, device, config.seed)
             sampler = decoding_model(reference, config.precision, device)
-            stored = StoredPool(r.pool, model_fingerprint(reference), device) if r.pool is not None else None
             return self_replay_pool(sampler, replay_domains(config, data), r, method.keeps_hidden, config.seed, rows,
                                     stored)
         return RealReplay(SequenceStream(data.old, config.data.seed + 2), rows, device)

@@ -45,6 +45,7 @@ from selfreplay.objective.methods import (
     replay_method,
     training_loss,
 )
+from selfreplay.objective.reference import ReferenceHead, ReferenceUse, reference_use
 from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
 from selfreplay.training.families import Family, ReplaySource, family_of, read_init_run
@@ -158,7 +159,7 @@ class Run:
     device: torch.device
     tokenizer: object
     model: object  # θ: the Transformer, or a Hugging Face model as selfreplay.model.hf.CausalLM
-    reference: object | None  # π0, frozen (finetuning)
+    reference: object | None  # π0, frozen (finetuning); its head alone, or None, where a stored pool stands for it
     params: list[torch.nn.Parameter]
     trunk: object  # model.hidden, compiled or not
     optimizer: torch.optim.Optimizer
@@ -191,7 +192,8 @@ def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> 
     finetune = mode == "finetune"
     device = resolve_device(config.device)
     family = family_of(config)
-    model, reference, params = family.load_models(config, mode, device)
+    use = reference_use(replay_method(config.replay.method), config.replay) if finetune else None
+    model, reference, params = family.load_models(config, mode, device, load_reference=use is ReferenceUse.MODEL)
     # the training forward may be compiled; evaluation and sampling run the same weights eagerly
     trunk = torch.compile(model.hidden, dynamic=False) if config.compile else model.hidden
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
@@ -203,10 +205,26 @@ def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> 
     if config.replay.fraction > 0:
         loader.batch_size -= replay.batch_size  # replay rows take the place of new rows
     tokens_per_step = loader.batch_size * config.model.T
-    validation = family.validation_sets(config, mode, data, reference)
+    if finetune and reference is None:  # π0 is left out (replay.pool): θ stands for it until its first step
+        validation, reference = validation_without_reference(family, config, data, model, use)
+    else:
+        validation = family.validation_sets(config, mode, data, reference)
     return Run(config, mode, family, directory, device, data.tokenizer, model, reference, params, trunk, optimizer, loader,
                replay_method(config.replay.method), replay, validation, _step_budget(config, tokens_per_step, data.train.train_tokens), tokens_per_step,
                max(1, round(config.log.every_tokens / tokens_per_step)))
+
+
+def validation_without_reference(family: Family, config: RunConfig, data: Data, model,
+                                 use: ReferenceUse) -> tuple[dict[str, ValidationSet], ReferenceHead | None]:
+    """The validation sets of a run that holds no π0 (objective.reference), with what they need of π0
+    taken from θ before its first step, when θ is π0; and the part of π0 the run keeps: its head, or None."""
+    model.eval()  # π0's measurements are taken without dropout
+    validation = family.validation_sets(config, "finetune", data, model)
+    head = ReferenceHead(model.head.weight) if use is ReferenceUse.HEAD else None
+    for validation_set in validation.values():
+        validation_set.keep_without_reference(head)
+    model.train()
+    return validation, head
 
 
 def is_log_step(step: int, every: int, growth: float) -> bool:
