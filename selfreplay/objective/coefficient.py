@@ -1,0 +1,167 @@
+"""The replay coefficient held to a budget (docs/method.md, "The replay coefficient held to a budget").
+
+With `replay.coeff=auto` the user states how much the model may forget, B nats per token of
+KL(π0 ‖ πθ) on replay sequences, instead of a coefficient c. `CoefficientController` moves c
+after every step (or every log point) so the replay KL settles at B: in the spirit of PPO's
+adaptive KL controller, the relative error e = clip(KL/B − 1, ±MAX_ERROR) moves c by a bounded
+factor per `horizon` steps. Two changes, each chosen on hand-made KL sequences:
+
+- the update is multiplicative in log space, c ← c · exp(e · steps/horizon), not c · (1 + e ·
+  steps/horizon): c stays positive whatever steps/horizon is (the linear form turns negative at
+  steps/horizon > 5), and an error up then the same error down return c to where it was;
+- the error is taken on an exponential moving average of the KL over ~horizon/4 steps: one
+  replay batch's KL is noisy, and the clip turns an unsmoothed controller into one that holds
+  the median KL, not the mean, at B (15 % over budget at a 50 % per-batch spread on the toy
+  model KL = a/c; 1 % with the average, and no overshoot added on a model that responds slowly).
+
+`CapacityBound` watches the log points for the run this cannot save: c at its ceiling, the
+replay KL still over budget, and the new-domain loss still falling, so the model is forgetting
+to learn the new data (the model's capacity, not the coefficient, is the limit).
+"""
+
+from __future__ import annotations
+
+import math
+
+from selfreplay.errors import SelfReplayError
+
+MAX_ERROR = 0.2  # PPO's clip on the relative KL error: one update moves log c by at most 0.2 · steps/horizon
+SMOOTHING = 0.25  # the KL average's time constant, as a fraction of the horizon: well inside the controller's own
+CEILING_TOLERANCE = 1e-9  # relative: c this close to coeff_max counts as at the ceiling (floating-point rounding)
+
+
+def _finite(x) -> bool:
+    """x is a finite number (a Python or NumPy float, or a one-element tensor)."""
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+class CoefficientController:
+    """The replay coefficient c (dimensionless) that holds the replay KL at `budget` (nats per
+    token of KL(π0 ‖ πθ) on replay sequences), kept in [coeff_min, coeff_max].
+
+    horizon (steps): at the largest error, c changes by a factor e^MAX_ERROR ≈ 1.22 per horizon
+    steps, so it doubles in ~3.5 horizons. Deterministic: the same KL sequence gives the same c."""
+
+    def __init__(self, budget: float, coeff: float = 1.0, coeff_min: float = 1e-2, coeff_max: float = 1e2,
+                 horizon: float = 100.0):
+        if not _finite(budget) or budget <= 0:
+            raise SelfReplayError(f"replay.budget must be a positive number of nats per token, got {budget}")
+        if not _finite(coeff_min) or not _finite(coeff_max) or not 0 < coeff_min <= coeff_max:
+            raise SelfReplayError(f"replay coefficient bounds must satisfy 0 < coeff_min <= coeff_max, "
+                                  f"got coeff_min={coeff_min}, coeff_max={coeff_max}")
+        if not _finite(coeff) or not coeff_min <= coeff <= coeff_max:
+            raise SelfReplayError(f"the starting replay coefficient {coeff} is outside [coeff_min, coeff_max] = "
+                                  f"[{coeff_min}, {coeff_max}]: start inside the bounds")
+        if not _finite(horizon) or horizon <= 0:
+            raise SelfReplayError(f"the replay coefficient's horizon must be a positive number of steps, got {horizon}")
+        self.budget, self.horizon = float(budget), float(horizon)
+        self.coeff_min, self.coeff_max, self.coeff = float(coeff_min), float(coeff_max), float(coeff)
+        self.kl: float | None = None  # the moving average of the replay KL (nats per token); None before the first
+        self.updates = 0  # updates applied
+        self.skipped = 0  # non-finite KLs left out
+
+    def update(self, replay_kl: float, steps: int = 1) -> float:
+        """Take the replay KL (nats per token) measured over the last `steps` training steps (one
+        step's, or the mean over a log interval) and return the new c. A non-finite KL (a step that
+        overflowed) leaves c and the average as they were."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise SelfReplayError(f"a replay coefficient update covers a positive whole number of steps, got {steps}")
+        replay_kl = float(replay_kl)
+        if not math.isfinite(replay_kl):
+            self.skipped += 1
+            return self.coeff
+        # average over ~SMOOTHING·horizon steps, however many steps one update covers
+        keep = math.exp(-steps / (SMOOTHING * self.horizon))
+        self.kl = replay_kl if self.kl is None else keep * self.kl + (1 - keep) * replay_kl
+        error = min(MAX_ERROR, max(-MAX_ERROR, self.kl / self.budget - 1))
+        log_coeff = math.log(self.coeff) + error * steps / self.horizon  # in logs: no overflow at any steps
+        if log_coeff >= math.log(self.coeff_max):
+            self.coeff = self.coeff_max
+        elif log_coeff <= math.log(self.coeff_min):
+            self.coeff = self.coeff_min
+        else:
+            self.coeff = math.exp(log_coeff)
+        self.updates += 1
+        return self.coeff
+
+    @property
+    def at_ceiling(self) -> bool:
+        return self.coeff >= self.coeff_max * (1 - CEILING_TOLERANCE)
+
+    def state_dict(self) -> dict:
+        """Plain floats and ints (JSON round-trips them exactly): resuming gives the same c after."""
+        return {"coeff": self.coeff, "kl": self.kl, "updates": self.updates, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s output. A coefficient outside this run's bounds (the ceiling was
+        raised or lowered for the resumed run) is clipped into them."""
+        try:
+            coeff, kl, updates, skipped = state["coeff"], state["kl"], state["updates"], state["skipped"]
+        except (KeyError, TypeError):
+            raise SelfReplayError("the checkpoint's replay coefficient state is not one CoefficientController "
+                                  "wrote: resume from a checkpoint of a run with replay.coeff=auto") from None
+        if not _finite(coeff) or coeff <= 0 or (kl is not None and not _finite(kl)):
+            raise SelfReplayError(f"the checkpoint's replay coefficient state is damaged (coeff={coeff}, kl={kl}): "
+                                  "resume from an earlier checkpoint")
+        self.coeff = min(self.coeff_max, max(self.coeff_min, float(coeff)))
+        self.kl = None if kl is None else float(kl)
+        self.updates, self.skipped = int(updates), int(skipped)
+
+
+class CapacityBound:
+    """Detects, one log point at a time, that the budget costs new-domain learning: c has sat at
+    `coeff_max` with the replay KL over `budget` (nats per token) for at least `window`
+    consecutive log points, and over the last `window` of them the new-domain loss fell by more
+    than `min_fall` nats. `since` is then the step where that stretch began, and stays set (the
+    run was capacity bound from there, whatever follows)."""
+
+    def __init__(self, budget: float, coeff_max: float, window: int = 3, min_fall: float = 0.0):
+        if not _finite(budget) or budget <= 0:
+            raise SelfReplayError(f"replay.budget must be a positive number of nats per token, got {budget}")
+        if not _finite(coeff_max) or coeff_max <= 0:
+            raise SelfReplayError(f"replay.coeff_max must be positive, got {coeff_max}")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+            raise SelfReplayError(f"the capacity-bound window must be at least 2 log points (a loss must fall "
+                                  f"between them), got {window}")
+        if not _finite(min_fall) or min_fall < 0:
+            raise SelfReplayError(f"the capacity-bound min_fall must be a non-negative number of nats, got {min_fall}")
+        self.budget, self.coeff_max = float(budget), float(coeff_max)
+        self.window, self.min_fall = window, float(min_fall)
+        self.since: int | None = None  # the step where the capacity-bound stretch began; None: not (yet) bound
+        self.start: int | None = None  # the step where the current stretch at the ceiling and over budget began
+        self.losses: list[float] = []  # the new-domain losses of the current stretch's last `window` log points
+
+    @property
+    def bound(self) -> bool:
+        return self.since is not None
+
+    def observe(self, step: int, coeff: float, replay_kl: float, new_loss: float) -> bool:
+        """Take one log point: the step, c at it, the replay KL (nats per token; the controller's
+        average is steadier than one batch's) and the new-domain loss (nats). Returns `bound`."""
+        pinned = (_finite(coeff) and coeff >= self.coeff_max * (1 - CEILING_TOLERANCE)
+                  and _finite(replay_kl) and replay_kl > self.budget and _finite(new_loss))
+        if not pinned:  # the stretch is broken: c came off the ceiling, the KL fell under budget, or a NaN
+            self.start, self.losses = None, []
+            return self.bound
+        if self.start is None:
+            self.start = int(step)
+        self.losses = (self.losses + [float(new_loss)])[-self.window:]  # float(): a tensor's value, not the tensor
+        if self.since is None and len(self.losses) == self.window and self.losses[0] - self.losses[-1] > self.min_fall:
+            self.since = self.start
+        return self.bound
+
+    def state_dict(self) -> dict:
+        return {"since": self.since, "start": self.start, "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            since, start, losses = state["since"], state["start"], [float(x) for x in state["losses"]]
+        except (KeyError, TypeError, ValueError):
+            raise SelfReplayError("the checkpoint's capacity-bound state is not one CapacityBound wrote: "
+                                  "resume from a checkpoint of a run with replay.coeff=auto") from None
+        self.since = None if since is None else int(since)
+        self.start = None if start is None else int(start)
+        self.losses = losses[-self.window:]
