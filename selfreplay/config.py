@@ -22,6 +22,7 @@ from selfreplay.errors import SelfReplayError, did_you_mean
 from selfreplay.rundir import notice, write_atomic
 
 REPLAY_SOURCES = ("self", "real")
+AUTO = "auto"  # replay.coeff=auto: c is held to replay.budget (docs/method.md, "The replay coefficient held to a budget")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 
@@ -91,7 +92,12 @@ class OptimConfig:
 class ReplayConfig:
     method: str = "none"  # the replay term R: a name in selfreplay.objective.methods.REPLAY_METHODS
     source: str = "self"  # self: sampled from the frozen pretrained model; real: the old domain's data
-    coeff: float = 10.0  # c in loss = NTP(new) + c·R
+    coeff: float | str = 10.0  # c in loss = NTP(new) + c·R; auto: c moves to hold the replay KL at `budget`
+    budget: float | None = None  # coeff=auto: the replay KL held, nats per token (required with auto)
+    coeff_start: float = 10.0  # coeff=auto: c at the first step
+    coeff_min: float = 0.01  # coeff=auto: c's floor
+    coeff_max: float = 100.0  # coeff=auto: c's ceiling; held there over budget, the run is capacity bound
+    horizon: int = 100  # coeff=auto: steps over which c moves by at most a factor e^0.2
     fraction: float = 0.0  # fraction of each batch's rows taken from the replay source in place of new rows
     batch_size: int = 16  # replay sequences per step
     buffer: int = 8  # self replay: the pool holds buffer × batch_size sequences (or decode_batch), redrawn when used up
@@ -123,6 +129,7 @@ class StopConfig:
     target_loss: float | None = None  # stop at the first log point with validation loss <= this
     wall_seconds: float | None = None  # training wall time
     patience: int | None = None  # early stopping: log points without a new best validation loss
+    on_capacity_bound: bool = False  # replay.coeff=auto: stop when the run turns capacity bound
 
 
 @dataclass
@@ -182,9 +189,17 @@ def _coerce(value, tp, key: str):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if type(None) in typing.get_args(tp) and \
+                (value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~"))):
             return None
-        return _coerce(value, options[0], key)
+        for option in options:  # the first type the value converts to (float | str: "10" a number, "auto" a word)
+            try:
+                return _coerce(value, option, key)
+            except SelfReplayError:
+                if len(options) == 1:
+                    raise
+        names = " or ".join(getattr(option, "__name__", str(option)) for option in options)
+        raise SelfReplayError(f"config key '{key}' must be {names}, got {value!r}")
     try:
         if tp is bool:
             if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
@@ -204,7 +219,7 @@ def _coerce(value, tp, key: str):
                 raise ValueError
             return float(value)
         if tp is str:
-            if isinstance(value, (dict, list)):
+            if value is None or isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
     except (TypeError, ValueError, OverflowError):
@@ -334,7 +349,8 @@ RANGES = {
     "data.mix_fraction": Range(0, 1), "data.val_sequences": AT_LEAST_0, "data.seed": AT_LEAST_0,
     "optim.lr": ABOVE_0, "optim.batch_size": AT_LEAST_1, "optim.weight_decay": AT_LEAST_0,
     "optim.beta1": BETA, "optim.beta2": BETA, "optim.warmup_steps": AT_LEAST_0, "optim.grad_clip": ABOVE_0,
-    "replay.coeff": AT_LEAST_0, "replay.reuse": AT_LEAST_0, "replay.fraction": Range(0, 1, high_open=True), "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1, "replay.decode_batch": AT_LEAST_1,
+    "replay.coeff": AT_LEAST_0, "replay.budget": ABOVE_0, "replay.coeff_start": ABOVE_0, "replay.coeff_min": ABOVE_0,
+    "replay.coeff_max": ABOVE_0, "replay.horizon": AT_LEAST_1, "replay.reuse": AT_LEAST_0, "replay.fraction": Range(0, 1, high_open=True), "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1, "replay.decode_batch": AT_LEAST_1,
     "replay.temperature": ABOVE_0, "replay.length": Range(2), "replay.top_p": Range(0, 1, low_open=True),
     "lora.rank": AT_LEAST_0, "lora.alpha": ABOVE_0,
     "stop.tokens": AT_LEAST_1, "stop.tokens_per_param": ABOVE_0, "stop.epochs": ABOVE_0,
@@ -353,16 +369,50 @@ def get_key(config, key: str):
     return config
 
 
+AUTO_KEYS = ("replay.coeff",)  # the numeric keys that also take `auto`
+# replay.coeff=auto's settings: refused with a fixed coefficient, which would leave them unused
+BUDGET_KEYS = ("budget", "coeff_start", "coeff_min", "coeff_max", "horizon")
+
+
 def check_ranges(config: RunConfig) -> None:
-    """Refuse any numeric value outside its range, and any unknown choice, with one line."""
+    """Refuse any numeric value outside its range, any unknown choice, and replay.coeff=auto
+    without its budget (or a budget without auto), with one line."""
     for key, allowed in RANGES.items():
         value = get_key(config, key)
+        if isinstance(value, str):  # a key typed float | str: a number, or auto
+            if key in AUTO_KEYS and value == AUTO:
+                continue
+            raise SelfReplayError(f"{key} must be {allowed} or {AUTO}, got {value!r}")
         if value is not None and value not in allowed:
             raise SelfReplayError(f"{key} must be {allowed}, got {value}")
     for key, options in CHOICES.items():
         value = get_key(config, key)
         if value not in options:
             raise SelfReplayError(f"unknown {key} {value!r}: choose one of {', '.join(options)}")
+    check_budget(config)
+
+
+def check_budget(config: RunConfig) -> None:
+    """replay.coeff=auto's settings, each refused with one line: a budget is required with auto and
+    refused without it, as are c's bounds and horizon; c starts within its bounds."""
+    r = config.replay
+    if r.coeff == AUTO:
+        if r.budget is None:
+            raise SelfReplayError("replay.coeff=auto holds the replay KL at a budget: set replay.budget (nats per "
+                                  "token of KL(π0 ‖ πθ); 0.01 to start)")
+        if not r.coeff_min <= r.coeff_start <= r.coeff_max:
+            raise SelfReplayError(f"replay.coeff_start={r.coeff_start:g} is outside [replay.coeff_min, replay.coeff_max]"
+                                  f" = [{r.coeff_min:g}, {r.coeff_max:g}]: start c within its bounds")
+        return
+    defaults = ReplayConfig()
+    given = [f"replay.{k}" for k in BUDGET_KEYS if getattr(r, k) != getattr(defaults, k)]
+    if given:
+        raise SelfReplayError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to replay.coeff=auto (c held "
+                              f"to a budget), and replay.coeff={r.coeff:g} is fixed: set replay.coeff=auto, or drop "
+                              f"{'it' if len(given) == 1 else 'them'}")
+    if config.stop.on_capacity_bound:
+        raise SelfReplayError("stop.on_capacity_bound stops a run whose replay.coeff=auto can no longer hold its "
+                              "budget: set replay.coeff=auto and replay.budget, or drop stop.on_capacity_bound")
 
 
 HF_PREFIX = "hf:"  # init=hf:NAME_OR_PATH finetunes a Hugging Face model

@@ -135,6 +135,14 @@ VALID = ["out=runs/x", "data.train=x.bin", "data.tokenizer=tok", "stop.tokens=10
     ("replay.length=1", "replay.length must be >= 2"),
     ("replay.top_p=0", "replay.top_p must be in (0, 1]"),
     ("replay.top_p=1.5", "replay.top_p must be in (0, 1]"),
+    ("replay.coeff=autos", "replay.coeff must be >= 0 or auto, got 'autos'"),
+    ("replay.coeff=auto", "replay.coeff=auto holds the replay KL at a budget: set replay.budget"),
+    ("replay.budget=0.01", "replay.budget belongs to replay.coeff=auto"),
+    ("replay.coeff_max=30", "replay.coeff_max belongs to replay.coeff=auto"),
+    ("replay.budget=0", "replay.budget must be > 0"),
+    ("replay.coeff_max=-1", "replay.coeff_max must be > 0"),
+    ("replay.horizon=0", "replay.horizon must be >= 1"),
+    ("stop.on_capacity_bound=true", "stop.on_capacity_bound stops a run whose replay.coeff=auto"),
 ])
 def test_every_invalid_setting_is_refused_with_one_line_before_anything_is_written(tmp_path, override, message):
     from selfreplay.training.validate import validate
@@ -192,3 +200,17 @@ def test_hf_settings_load_and_validate(tmp_path):
     validate(config, "finetune")
     assert is_hf(config) and config.replay.top_p == 0.9 and config.replay.length == 64
     assert not config.replay.stop_at_eos and config.model.trust_remote_code and config.data.text_field == "body"
+
+
+def test_coeff_auto_and_its_budget_load_and_save_back_as_written(tmp_path):
+    config = load_config(None, ["replay.method=kl", "replay.coeff=auto", "replay.budget=0.01", "replay.coeff_max=30",
+                                "replay.horizon=50", "stop.on_capacity_bound=true"])
+    assert (config.replay.coeff, config.replay.budget, config.replay.coeff_max, config.replay.horizon) == \
+        ("auto", 0.01, 30.0, 50)
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+    assert load_config(None, ["replay.coeff=3"]).replay.coeff == 3.0  # a number stays a number
+    path = tmp_path / "none.yaml"
+    path.write_text("replay:\n  coeff: null\n")
+    with pytest.raises(SelfReplayError, match="'replay.coeff' must be float or str, got None"):
+        load_config(path)

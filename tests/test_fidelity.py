@@ -121,3 +121,12 @@ def test_sample_nll_agrees_with_a_direct_cross_entropy():
     expected = losses[counted].mean().item()
     assert sample_nll(model, tokens, mask, batch_size=2) == pytest.approx(expected, rel=1e-5)
     assert sample_nll(model, tokens, None, batch_size=3) == pytest.approx(losses.mean().item(), rel=1e-5)
+
+
+def test_an_eos_that_ends_no_sample_is_counted_but_stops_nothing():
+    # the built-in model's samples are windows of a stream whose documents EOS joins
+    tokens, _ = healthy_pool(stop_at_eos=False)
+    tokens[:, 2] = EOS
+    fidelity = replay_fidelity(tokens, None, EOS, eos_stops=False)
+    assert fidelity.eos_rate == 1.0 and fidelity.short_rate == 0.0 and fidelity.warnings() == []
+    assert replay_fidelity(tokens, None, EOS).short_rate == 1.0  # where EOS stops a sample, they all stopped at once

@@ -89,13 +89,14 @@ class ReplayFidelity:
 
 def replay_fidelity(tokens: torch.Tensor, mask: torch.Tensor | None = None, eos_id: int | None = None,
                     nll_samples: float | None = None, nll_old: float | None = None,
-                    prompt_length: int = 1) -> ReplayFidelity:
+                    prompt_length: int = 1, eos_stops: bool = True) -> ReplayFidelity:
     """Fidelity of π0's samples tokens [n, t] (mask [n, t] bool: True on real tokens, None: all).
 
     prompt_length: the tokens at the start of every sample that the sampler put in rather than
     drew (BOS or a domain id: 1); they are left out of every count, so a GPT-2 sample that starts
-    at EOS is not counted as stopped. nll_samples, nll_old (nats per token): see `sample_nll` and
-    ValidationSet.reference_loss."""
+    at EOS is not counted as stopped. eos_stops=False: an EOS is counted (eos_rate) but ends no
+    sample, as in the built-in model's samples, windows of a stream of documents joined by EOS.
+    nll_samples, nll_old (nats per token): see `sample_nll` and ValidationSet.reference_loss."""
     if tokens.dim() != 2 or len(tokens) == 0 or tokens.is_floating_point():
         raise SelfReplayError(f"replay fidelity needs integer sample tokens [n, t] with n >= 1, got shape "
                               f"{tuple(tokens.shape)} of {tokens.dtype}")
@@ -115,7 +116,8 @@ def replay_fidelity(tokens: torch.Tensor, mask: torch.Tensor | None = None, eos_
     if eos_id is not None:
         is_eos = (tokens == eos_id) & real
         has_eos = is_eos.any(1)
-        stops = torch.where(has_eos, is_eos.int().argmax(1) + 1, lengths)  # the first EOS, counted
+        if eos_stops:
+            stops = torch.where(has_eos, is_eos.int().argmax(1) + 1, lengths)  # the first EOS, counted
         eos_rate = has_eos.float().mean().item()
     return ReplayFidelity(
         samples=len(tokens), width=tokens.shape[1],

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from selfreplay.config import AUTO, ReplayConfig
 from selfreplay.errors import SelfReplayError, did_you_mean
 from selfreplay.objective.losses import (
     head_kl_divergence,
@@ -132,3 +133,36 @@ def stacked(new: torch.Tensor, replay: torch.Tensor) -> torch.Tensor:
     replay = replay.to(new.device)
     width = max(new.shape[1], replay.shape[1])
     return torch.cat([F.pad(rows, (0, width - rows.shape[1])) for rows in (new, replay)])
+
+
+# ---------------------------------------------------------------- the replay KL a budget holds
+
+def check_budgeted(method: ReplayMethod, replay: ReplayConfig) -> None:
+    """Refuse, in one line, replay.coeff=auto where the run has no term to weigh or cannot measure
+    what the budget holds (docs/method.md, "The replay coefficient held to a budget")."""
+    if replay.coeff != AUTO:
+        return
+    if method is NO_REPLAY:
+        raise SelfReplayError("replay.coeff=auto moves the weight of a replay term, and replay.method=none has "
+                              "none: set replay.method=kl (or ntp, kl_new)")
+    if method is REPLAY_NTP and replay.pool is not None and replay.reuse == 0:
+        raise SelfReplayError("replay.coeff=auto with replay.method=ntp holds the rise of θ's next-token loss over "
+                              "π0's on the replay rows, and a run replaying replay.pool with replay.reuse=0 holds no "
+                              "π0 to measure it: set replay.method=kl, or replay.reuse >= 1")
+
+
+def budgeted_divergence(method: ReplayMethod, term: torch.Tensor, reference,
+                        replay: ReplaySamples | None) -> torch.Tensor:
+    """What replay.budget holds, nats per token, from one step's term R (no gradient): R itself for
+    a KL term (kl: KL(π0 ‖ πθ) on the replay rows; kl_new: on the new batch); for ntp, R less π0's
+    next-token loss on the same replay rows, an estimate of KL(π0 ‖ πθ) there on π0's own samples
+    (its expectation over them is the KL) and, on real replay, the rise of the old data's loss.
+    ntp runs π0 over the replay rows for it: one forward pass a step, without gradients."""
+    if method is not REPLAY_NTP:
+        return term.detach()
+    head = reference.head.weight
+    tokens = replay.tokens.to(head.device)
+    mask = replay.mask.to(head.device) if replay.mask is not None else None
+    with torch.no_grad():
+        pi0 = head_next_token_loss(reference.hidden(tokens), head, tokens, mask=mask)
+    return term.detach() - pi0

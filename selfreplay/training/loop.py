@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from selfreplay.config import (
+    AUTO,
     RunConfig,
     follow_defaults,
     is_hf,
@@ -37,19 +38,26 @@ from selfreplay.config import (
 from selfreplay.data.sequences import BatchLoader, Data, SequenceStream
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
+from selfreplay.evaluation.fidelity import replay_fidelity, sample_nll
 from selfreplay.evaluation.validation import ValidationSet, compute_multiplier
 from selfreplay.model.transformer import CONFIG_NAME, ModelConfig
+from selfreplay.objective.coefficient import CapacityBound, CoefficientController
 from selfreplay.objective.methods import (
     NO_REPLAY,
     ReplayMethod,
+    budgeted_divergence,
     replay_method,
     training_loss,
 )
 from selfreplay.objective.reference import ReferenceHead, ReferenceUse, reference_use
+from selfreplay.replay.pool import ReplayPool
+from selfreplay.replay.samples import ReplaySamples
 from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
 from selfreplay.training.families import Family, ReplaySource, family_of, read_init_run
 from selfreplay.training.validate import validate
+
+FIDELITY_SAMPLES = 256  # π0's samples the fidelity stats read: the first draw's, up to this many
 
 
 class TrainingDiverged(SelfReplayError):
@@ -118,6 +126,7 @@ class Interval:
     tokens: int = 0
     loss: float = 0.0
     replay_loss: float = 0.0
+    replay_kl: float = 0.0  # replay.coeff=auto: what the budget holds (objective.methods.budgeted_divergence)
     grad_norm: float = 0.0
 
 
@@ -141,6 +150,9 @@ class Progress:
     benchmark_before: dict | None = None  # lm-eval scores of π0 {task: {metric: value}} (eval.lm_eval_tasks)
     loader: dict | None = None
     replay: dict | None = None
+    coefficient: dict | None = None  # replay.coeff=auto: the CoefficientController's state
+    capacity: dict | None = None  # replay.coeff=auto: the CapacityBound's state
+    fidelity: dict | None = None  # the self-replay samples' fidelity, measured at the first step
     interval: Interval = field(default_factory=Interval)
 
     @classmethod
@@ -170,6 +182,9 @@ class Run:
     total_steps: int | None
     tokens_per_step: int
     log_every: int
+    controller: CoefficientController | None = None  # replay.coeff=auto: c, held to replay.budget
+    capacity: CapacityBound | None = None  # replay.coeff=auto: whether c's ceiling cannot hold the budget
+    sample_format: tuple[int | None, int, bool] | None = None  # self replay: (EOS id, prompt length, EOS stops)
 
     @property
     def finetune(self) -> bool:
@@ -209,9 +224,36 @@ def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> 
         validation, reference = validation_without_reference(family, config, data, model, use)
     else:
         validation = family.validation_sets(config, mode, data, reference)
+    controller, capacity = coefficient_of(config) if finetune else (None, None)
     return Run(config, mode, family, directory, device, data.tokenizer, model, reference, params, trunk, optimizer, loader,
                replay_method(config.replay.method), replay, validation, _step_budget(config, tokens_per_step, data.train.train_tokens), tokens_per_step,
-               max(1, round(config.log.every_tokens / tokens_per_step)))
+               max(1, round(config.log.every_tokens / tokens_per_step)), controller, capacity,
+               sample_format(config, data) if finetune else None)
+
+
+def coefficient_of(config: RunConfig) -> tuple[CoefficientController | None, CapacityBound | None]:
+    """replay.coeff=auto's controller of c and its capacity-bound detector; (None, None) for a fixed c."""
+    r = config.replay
+    if r.coeff != AUTO:
+        return None, None
+    return (CoefficientController(r.budget, r.coeff_start, r.coeff_min, r.coeff_max, r.horizon),
+            CapacityBound(r.budget, r.coeff_max))
+
+
+def sample_format(config: RunConfig, data: Data) -> tuple[int | None, int, bool] | None:
+    """(EOS id or None, tokens put in before sampling, whether EOS ends a sample) of the run's
+    self-replay samples (evaluation.fidelity); None without self replay. The built-in model starts
+    at a domain id and samples model.T tokens of a stream whose documents EOS joins; a Hugging
+    Face model starts at BOS or inside its chat template (its shortest prompt) and, with
+    replay.stop_at_eos, stops at EOS (chat samples: at their turn's end, seen in their length)."""
+    r = config.replay
+    if r.source != "self" or not (replay_method(r.method).needs_replay or r.fraction > 0):
+        return None
+    form = data.replay_format
+    if form is None:
+        return data.tokenizer.eos_id, 1, False
+    eos = data.tokenizer.eos_token_id
+    return (eos if form.turns is None else None), min(len(p) for p in form.prompts), eos in form.stop
 
 
 def validation_without_reference(family: Family, config: RunConfig, data: Data, model,
@@ -265,25 +307,34 @@ def train_step(run: Run, progress: Progress) -> None:
     replay_tick = time.perf_counter()
     replay = run.replay.next_batch() if run.replay is not None else None
     progress.replay_seconds += time.perf_counter() - replay_tick
+    if progress.step == 0 and run.sample_format is not None:  # θ is π0 until this step's update
+        progress.fidelity = measure_fidelity(run, replay, (progress.start_metrics or {}).get("old_loss"))
     if r.fraction > 0:  # the replay rows are part of the batch, not of a term
         if new_mask is not None:  # every replay token counts
             new_mask = torch.cat([new_mask, torch.ones_like(replay.tokens, dtype=torch.bool)])
         new, replay = torch.cat([new, replay.tokens]), None
+    coeff = run.controller.coeff if run.controller is not None else r.coeff
     with autocast(run.device, config.precision):
-        loss, ntp, reg = training_loss(run.model, run.reference, new, replay, run.method, r.coeff, run.trunk,
+        loss, ntp, reg = training_loss(run.model, run.reference, new, replay, run.method, coeff, run.trunk,
                                        config.compile, new_mask=new_mask)
+        values = [ntp.detach(), reg.detach().float()]
+        if run.controller is not None:  # the replay KL the budget holds
+            values.append(budgeted_divergence(run.method, reg, run.reference, replay).float())
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
-    ntp_value, reg_value, norm_value = torch.stack([ntp.detach(), reg.detach().float(), grad_norm]).tolist()
+    ntp_value, reg_value, *kl, norm_value = torch.stack([*values, grad_norm]).tolist()
+    kl_value = kl[0] if kl else 0.0
     if not math.isfinite(ntp_value + reg_value):
-        progress.diverged = f"the training loss is {ntp_value + r.coeff * reg_value} at step {progress.step + 1} (lr {lr:g})"
+        progress.diverged = f"the training loss is {ntp_value + coeff * reg_value} at step {progress.step + 1} (lr {lr:g})"
     elif not math.isfinite(norm_value):
         progress.diverged = f"the gradient norm is {norm_value} at step {progress.step + 1} (lr {lr:g})"
     else:
         if config.optim.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(run.params, config.optim.grad_clip, grad_norm)
         run.optimizer.step()
+        if run.controller is not None:
+            run.controller.update(kl_value)  # c for the next step
     elapsed = time.perf_counter() - tick
     progress.step += 1
     progress.tokens += run.tokens_per_step
@@ -291,6 +342,26 @@ def train_step(run: Run, progress: Progress) -> None:
     i = progress.interval
     i.steps, i.seconds, i.tokens = i.steps + 1, i.seconds + elapsed, i.tokens + run.tokens_per_step
     i.loss, i.replay_loss, i.grad_norm = i.loss + ntp_value, i.replay_loss + reg_value, i.grad_norm + norm_value
+    i.replay_kl += kl_value
+
+
+def measure_fidelity(run: Run, replay: ReplaySamples, old_loss: float | None) -> dict | None:
+    """The fidelity (selfreplay.evaluation.fidelity) of π0's first draw (at most FIDELITY_SAMPLES of
+    it), or of the first replay batch where the run replays a stored pool, with π0's loss on them
+    measured as θ's before its first step (θ is π0 then, in a run that holds no π0 too) next to
+    `old_loss`, π0's on the old domain's validation rows; each warning said once."""
+    eos_id, prompt_length, eos_stops = run.sample_format
+    drawn = run.replay.pool if isinstance(run.replay, ReplayPool) and not run.replay.replaying_stored else None
+    samples = drawn.rows(slice(0, FIDELITY_SAMPLES)) if drawn is not None else replay
+    try:
+        nll = sample_nll(run.model, samples.tokens, samples.mask)
+        fidelity = replay_fidelity(samples.tokens, samples.mask, eos_id, nll, old_loss, prompt_length, eos_stops)
+    except SelfReplayError as e:  # samples with nothing sampled in them: say so, and train on
+        notice(f"replay fidelity not measured: {e}")
+        return None
+    for warning in fidelity.warnings():
+        notice(warning)
+    return fidelity.as_dict()
 
 
 # ---------------------------------------------------------------- measurements and log lines
@@ -324,6 +395,10 @@ def log_point(run: Run, progress: Progress, metrics: dict) -> None:
     start = progress.start_metrics
     if run.finetune and start is not None and "old_loss" in metrics:
         line["forgetting"] = metrics["old_loss"] - start["old_loss"]
+    if run.controller is not None:  # c now (for the next step), and the replay KL over the interval
+        line["replay_coeff"], line["replay_kl"] = run.controller.coeff, mean(i.replay_kl)
+        if i.steps:
+            watch_capacity(run, progress.step, line.get("new_loss", line["train_loss"]))
     run.directory.append_metrics(line)
     progress.metric_lines += 1
     progress.last_line = line
@@ -333,7 +408,23 @@ def log_point(run: Run, progress: Progress, metrics: dict) -> None:
         progress.diverged = f"{bad[0]} is {metrics[bad[0]]} at step {progress.step} (lr {line['lr']:g})"
     # a stop the loop already chose (the wall-time cap) stands unless this measurement finds the target
     progress.stop_reason = "diverged" if progress.diverged else \
-        _target_or_patience(run, progress, metrics) or progress.stop_reason
+        _target_or_patience(run, progress, metrics) or progress.stop_reason or \
+        ("capacity_bound" if run.capacity is not None and run.capacity.bound and run.config.stop.on_capacity_bound
+         else None)
+
+
+def watch_capacity(run: Run, step: int, new_loss: float) -> None:
+    """Give the log point to the capacity-bound detector (with the controller's averaged replay
+    KL, steadier than the interval's); say in one line when the run first turns capacity bound."""
+    was_bound = run.capacity.bound
+    if not run.capacity.observe(step, run.controller.coeff, run.controller.kl, new_loss) or was_bound:
+        return
+    r = run.config.replay
+    stopping = ": stopping (stop.on_capacity_bound)" if run.config.stop.on_capacity_bound else ""
+    notice(f"capacity bound from step {run.capacity.since}: c sits at replay.coeff_max={r.coeff_max:g}, the replay KL "
+           f"({run.controller.kl:.3g} nats/token) stays over replay.budget={r.budget:g} and the new-domain loss still "
+           f"falls: this model must forget more than the budget allows to learn this data (a larger budget or model "
+           f"lifts it){stopping}")
 
 
 def _target_or_patience(run: Run, progress: Progress, metrics: dict) -> str | None:
@@ -358,6 +449,7 @@ def _target_or_patience(run: Run, progress: Progress, metrics: dict) -> str | No
 def save_checkpoint_of(run: Run, progress: Progress) -> None:
     """The complete state after `progress.step`: weights, optimizer, batch stream, replay pool."""
     progress.loader = run.loader.state_dict()
+    keep_coefficient(run, progress)
     tensors = _optimizer_tensors(run.optimizer)
     if run.replay is not None:
         state = run.replay.state_dict()
@@ -369,6 +461,13 @@ def save_checkpoint_of(run: Run, progress: Progress) -> None:
     run.directory.save_checkpoint(progress.step, run.family.weights(run.model), tensors, asdict(progress))
 
 
+def keep_coefficient(run: Run, progress: Progress) -> None:
+    """The controller's and the capacity detector's states into `progress` (plain numbers: JSON
+    keeps them exactly, so a resumed run moves c as an uninterrupted one)."""
+    if run.controller is not None:
+        progress.coefficient, progress.capacity = run.controller.state_dict(), run.capacity.state_dict()
+
+
 def resume(run: Run) -> Progress | None:
     """Load the newest checkpoint that reads back whole into `run`; None when none does."""
     for folder in run.directory.checkpoints():
@@ -378,6 +477,9 @@ def resume(run: Run) -> Progress | None:
             run.family.load_weights(run.model, checkpoint.weights)
             _load_optimizer(run.optimizer, checkpoint.tensors)
             run.loader.load_state_dict(progress.loader)
+            if run.controller is not None:
+                run.controller.load_state_dict(progress.coefficient)
+                run.capacity.load_state_dict(progress.capacity)
             if run.replay is not None:
                 run.replay.load_state_dict({**progress.replay, **{k.removeprefix("replay."): v for k, v in
                                                                   checkpoint.tensors.items() if k.startswith("replay.")}})
@@ -513,6 +615,7 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
         log_point(run, progress, measure(run))
     if progress.diverged is None:
         run.family.save_final(run.model, run.tokenizer, run.config, run.directory)
+    keep_coefficient(run, progress)
     summary = _summary(run.config, run.mode, progress, wall_seconds, run.family.params(run.model, run.config))
     summary["peak_memory_mib"], summary["peak_memory_of"] = peak_memory_mib(run.device)
     if run.config.eval.lm_eval_tasks and progress.diverged is None:
@@ -551,7 +654,7 @@ def _summary(config: RunConfig, mode: str, progress: Progress, wall_seconds: flo
     if mode == "finetune":
         summary.update({
             "method": config.replay.method, "source": config.replay.source, "coeff": config.replay.coeff,
-            "lora_rank": config.lora.rank,
+            "budget": config.replay.budget, "lora_rank": config.lora.rank, **_coefficient_summary(config, progress),
             "old_loss_0": first.get("old_loss"), "old_loss": last.get("old_loss"),
             "forgetting": last.get("old_loss", math.nan) - first.get("old_loss", math.nan),
             "new_loss_0": first.get("new_loss"), "new_loss": last.get("new_loss"),
@@ -566,11 +669,23 @@ def _summary(config: RunConfig, mode: str, progress: Progress, wall_seconds: flo
     return summary
 
 
+def _coefficient_summary(config: RunConfig, progress: Progress) -> dict:
+    """c at the end (None without a replay term), whether and from which step the run was
+    capacity bound (None where c is fixed), and the self-replay samples' fidelity (None without)."""
+    r, auto = config.replay, progress.coefficient is not None
+    fixed = r.coeff if replay_method(r.method) is not NO_REPLAY else None
+    return {"replay_coeff_end": progress.coefficient["coeff"] if auto else fixed,
+            "capacity_bound": progress.capacity["since"] is not None if auto else None,
+            "capacity_bound_since": progress.capacity["since"] if auto else None,
+            "replay_fidelity": progress.fidelity}
+
+
 def run_from_cli(mode: str, config_path: str | None, overrides: list[str]) -> dict:
     config = resolve_config(mode, config_path, overrides)
     summary = train(config, mode)
-    keys = ("old_loss_0", "old_loss", "forgetting", "new_loss", "old_kl", "steps", "tokens",
-            "train_seconds", "tokens_per_second", "time_to_target_seconds", "stop_reason")
+    keys = ("old_loss_0", "old_loss", "forgetting", "new_loss", "old_kl", "replay_coeff_end", "capacity_bound",
+            "capacity_bound_since", "steps", "tokens", "train_seconds", "tokens_per_second", "time_to_target_seconds",
+            "stop_reason")
     print(f"{mode} finished -> {config.out}")
     for key in keys:
         if key in summary and summary[key] is not None:

@@ -15,7 +15,7 @@ from selfreplay.config import (
     is_hf,
 )
 from selfreplay.errors import SelfReplayError
-from selfreplay.objective.methods import NO_REPLAY, replay_method
+from selfreplay.objective.methods import NO_REPLAY, check_budgeted, replay_method
 from selfreplay.runtime import resolve_device
 
 
@@ -59,6 +59,7 @@ def validate(config: RunConfig, mode: str) -> None:
     for failed, message in checks:
         if failed:
             raise SelfReplayError(message)
+    check_budgeted(method, r)
     rows = math.floor(r.fraction * o.batch_size)
     if r.fraction > 0 and not 0 < rows < o.batch_size:
         raise SelfReplayError(f"replay.fraction={r.fraction} of optim.batch_size={o.batch_size} is {rows} rows: "
