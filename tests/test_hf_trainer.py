@@ -226,3 +226,53 @@ def test_a_trainer_replaying_a_stored_pool_holds_no_copy_of_pi0(taught_llama_dir
     assert ends[0]["old_kl"] > 0
     for key in ("old_loss", "old_kl", "forgetting"):
         assert ends[0][key] == pytest.approx(ends[1000][key], rel=1e-6), key
+
+
+def test_replay_coeff_auto_holds_c_to_a_budget_logs_it_and_resumes_it_from_a_checkpoint(taught_llama_dir, tmp_path):
+    """replay_coeff="auto": c rises under a budget the KL exceeds, is logged with the replay KL at
+    every log point, and goes into each checkpoint: a Trainer resumed at step 2 ends with the c of
+    one that trained straight through (the same replay samples at every step)."""
+    import dataclasses
+
+    from selfreplay.errors import SelfReplayError
+    from selfreplay.hf.trainer import COEFFICIENT_NAME
+
+    auto = dict(replay_coeff="auto", replay_budget=1e-4, replay_coeff_start=1.0, replay_horizon=2,
+                save_strategy="steps", save_steps=2)
+
+    def trainer_of(out):
+        model, tokenizer = load_causal_lm(taught_llama_dir)
+        trainer = SelfReplayTrainer(model, _args(out, **auto), train_dataset=_spanish(), processing_class=tokenizer)
+        _fixed_replay(trainer, tokenizer)
+        return trainer
+
+    whole = trainer_of(tmp_path / "whole")
+    whole.train()
+    logged = [entry for entry in whole.state.log_history if "replay_coeff" in entry]
+    assert len(logged) == 2 and all(entry["replay_kl"] == pytest.approx(entry["replay_loss"]) for entry in logged)
+    # step 1's KL is 0 (θ is π0) and takes c down, step 2's over budget back up: then up, step after step
+    assert logged[0]["replay_coeff"] == pytest.approx(1.0) and logged[1]["replay_coeff"] > 1.1
+    assert logged[1]["replay_coeff"] == whole.controller.coeff
+    assert whole.controller.updates == 4 and whole.capacity_bound_since is None
+    assert whole.replay_fidelity["samples"] == 3 and whole.replay_fidelity["nll_samples"] > 0
+    saved = json.loads((tmp_path / "whole" / "out" / "checkpoint-2" / COEFFICIENT_NAME).read_text())
+    assert saved["coefficient"]["updates"] == 2
+
+    import shutil
+
+    checkpoint = tmp_path / "checkpoint-2"
+    shutil.copytree(tmp_path / "whole" / "out" / "checkpoint-2", checkpoint)
+    saved["coefficient"]["skipped"] = 7  # a count that moves nothing: it shows the state was read
+    (checkpoint / COEFFICIENT_NAME).write_text(json.dumps(saved))
+    resumed = trainer_of(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.controller.state_dict() == {**whole.controller.state_dict(), "skipped": 7}
+    (checkpoint / COEFFICIENT_NAME).unlink()
+    with pytest.raises(SelfReplayError, match=f"holds no {COEFFICIENT_NAME}"):
+        trainer_of(tmp_path / "again").train(resume_from_checkpoint=str(checkpoint))
+
+    with pytest.raises(SelfReplayError, match="set replay.budget"):
+        dataclasses.replace(_args(tmp_path, replay_coeff="auto")).replay_config()
+    with pytest.raises(SelfReplayError, match="replay.method=none has none"):
+        SelfReplayTrainer(taught_llama_dir, _args(tmp_path, replay_method="none", replay_coeff="auto",
+                                                  replay_budget=0.01), train_dataset=_spanish())

@@ -16,6 +16,9 @@ import torch
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.objective.losses import head_next_token_loss
+from selfreplay.replay.pool import ReplayPool
+from selfreplay.replay.samples import ReplaySamples
+from selfreplay.rundir import notice
 
 # Repetition: loops of a k-token phrase give distinct-3 ≈ k/t (0.04 for 10 tokens in 256), a pool
 # of one sample over and over 1/n; healthy text far more, though the pooled ratio falls slowly with
@@ -36,6 +39,7 @@ SHORT_RATE_LIMIT = 0.5
 # token); under half means far more predictable text than the domain (loops, a very low temperature).
 NLL_HIGH_RATIO = 1.5
 NLL_LOW_RATIO = 0.5
+FIRST_DRAW_SAMPLES = 256  # a run judges π0's first draw, up to this many of its samples
 
 
 @dataclass(frozen=True)
@@ -160,3 +164,33 @@ def sample_nll(model, tokens: torch.Tensor, mask: torch.Tensor | None = None, ba
     if not count:
         raise SelfReplayError("the replay samples hold no token to predict: their loss under π0 is undefined")
     return total / count
+
+
+# ---------------------------------------------------------------- a finetuning run's pool, judged once
+
+def hf_sample_format(form, eos_id: int | None) -> tuple[int | None, int, bool]:
+    """(EOS id or None, tokens put in before sampling, whether EOS ends a sample) of a Hugging Face
+    model's samples in `form` (replay.hf_sampling.ReplayFormat): from BOS or inside the chat template
+    (its shortest prompt); a chat sample's stop, its turn's end, shows in its length alone."""
+    return (eos_id if form.turns is None else None), min(len(p) for p in form.prompts), eos_id in form.stop
+
+
+def first_draw_fidelity(model, source, batch: ReplaySamples, sample_format: tuple[int | None, int, bool],
+                        nll_old: float | None) -> dict | None:
+    """A finetuning run's replay judged at its first step, while θ (`model`) is still π0: π0's first
+    draw (up to FIRST_DRAW_SAMPLES of it), or the first batch `batch` where `source` replays a stored
+    pool; π0's loss on them is θ's, so a run that holds no π0 measures it too. nll_old: π0's loss on
+    the old domain's validation rows. Each warning is said once; samples with nothing sampled in
+    them are said too, and give None."""
+    eos_id, prompt_length, eos_stops = sample_format
+    drawn = source.pool if isinstance(source, ReplayPool) and not source.replaying_stored else None
+    samples = drawn.rows(slice(0, FIRST_DRAW_SAMPLES)) if drawn is not None else batch
+    try:
+        nll = sample_nll(model, samples.tokens, samples.mask)
+        fidelity = replay_fidelity(samples.tokens, samples.mask, eos_id, nll, nll_old, prompt_length, eos_stops)
+    except SelfReplayError as e:
+        notice(f"replay fidelity not measured: {e}")
+        return None
+    for warning in fidelity.warnings():
+        notice(warning)
+    return fidelity.as_dict()

@@ -14,17 +14,21 @@ or accelerate every rank draws its own replay with its own seed (seed + rank).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from selfreplay.config import ReplayConfig, RunConfig, check_ranges
 from selfreplay.data.text import label_mask, pad_batch, pad_id, rows_from_dataset
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
+from selfreplay.evaluation.fidelity import first_draw_fidelity, hf_sample_format
 from selfreplay.evaluation.validation import ValidationSet
 from selfreplay.model.fingerprint import model_fingerprint
 from selfreplay.model.hf import (
@@ -33,10 +37,13 @@ from selfreplay.model.hf import (
     load_causal_lm,
     with_adapters,
 )
+from selfreplay.objective.coefficient import coefficient_of
 from selfreplay.objective.methods import (
     NO_REPLAY,
     REPLAY_KL,
     REPLAY_METHODS,
+    budgeted_divergence,
+    check_budgeted,
     replay_method,
     training_loss,
 )
@@ -44,9 +51,11 @@ from selfreplay.objective.reference import ReferenceHead, ReferenceUse, referenc
 from selfreplay.replay.hf_pool import hf_replay_pool, replay_format
 from selfreplay.replay.pool import ReplayPool, stored_replay
 from selfreplay.replay.store import StoredPool
+from selfreplay.rundir import notice, write_atomic
 
 # ReplayConfig's settings that only the built-in model's loop takes (the rest are replay_X here)
 BUILTIN_ONLY = ("source", "fraction", "domains", "compile")
+COEFFICIENT_NAME = "replay_coefficient.json"  # replay_coeff="auto": c's controller and detector, in each checkpoint
 
 
 @dataclass
@@ -55,7 +64,17 @@ class SelfReplayConfig(TrainingArguments):
 
     replay_method: str = field(default=REPLAY_KL.name, metadata={"help": " | ".join(f"{m.name}: {m.description}"
                                                                          for m in REPLAY_METHODS.values())})
-    replay_coeff: float = field(default=10.0, metadata={"help": "c in loss = NTP(new) + c·R"})
+    replay_coeff: float | str = field(default=10.0, metadata={"help": "c in loss = NTP(new) + c·R; \"auto\" (in "
+                                                                     "Python): c held to replay_budget"})
+    replay_budget: float | None = field(default=None, metadata={"help": "replay_coeff=auto: the replay KL held, "
+                                                                        "nats per token (0.01 to start)"})
+    replay_coeff_start: float = field(default=10.0, metadata={"help": "replay_coeff=auto: c at the first step"})
+    replay_coeff_min: float = field(default=0.01, metadata={"help": "replay_coeff=auto: c's floor"})
+    replay_coeff_max: float = field(default=100.0, metadata={"help": "replay_coeff=auto: c's ceiling"})
+    replay_horizon: int = field(default=100, metadata={"help": "replay_coeff=auto: steps over which c moves by at "
+                                                               "most a factor e^0.2"})
+    stop_on_capacity_bound: bool = field(default=False, metadata={"help": "replay_coeff=auto: stop training where "
+                                                                          "the run turns capacity bound"})
     replay_batch_size: int = field(default=8, metadata={"help": "replay sequences per device per step"})
     replay_buffer: int = field(default=8, metadata={"help": "a draw holds buffer × replay_batch_size samples"})
     replay_decode_batch: int = field(default=128, metadata={"help": "replay samples decoded together (faster when "
@@ -85,7 +104,9 @@ class SelfReplayConfig(TrainingArguments):
                   if f.name not in BUILTIN_ONLY}
         replay = ReplayConfig(**values)
         replay = dataclasses.replace(replay, length=replay.length or self.max_length)
-        check_ranges(RunConfig(replay=replay))
+        run = RunConfig(replay=replay)
+        check_ranges(dataclasses.replace(run, stop=dataclasses.replace(run.stop,
+                                                                       on_capacity_bound=self.stop_on_capacity_bound)))
         return replay
 
 
@@ -99,6 +120,7 @@ class SelfReplayTrainer(Trainer):
                  processing_class=None, peft_config=None, ref_model=None, old_eval_dataset=None, **kwargs):
         args = args or SelfReplayConfig(output_dir="selfreplay-output")
         self.method, replay = replay_method(args.replay_method, key="replay_method"), args.replay_config()
+        check_budgeted(self.method, replay)
         if isinstance(model, str):
             model, tokenizer = load_causal_lm(model)
             processing_class = processing_class or tokenizer
@@ -127,8 +149,17 @@ class SelfReplayTrainer(Trainer):
                 else frozen_reference(self.lm, dtype)
         else:  # a stored pool carries π0's answers: π0 is not loaded (selfreplay.objective.reference)
             self.reference = self._without_reference(use)
-        self.replay = self._replay_source(tokenizer, replay) if self.method.needs_replay else None
+        chat = replay.chat or replay.system is not None or replay.prompts is not None
+        form = replay_format(tokenizer, chat, replay.system, replay.prompts, replay.stop_at_eos) \
+            if self.method.needs_replay else None
+        self.replay = self._replay_source(form, replay) if self.method.needs_replay else None
+        self.sample_format = hf_sample_format(form, tokenizer.eos_token_id) if form is not None else None
+        self.replay_fidelity: dict | None = None  # π0's first draw judged at the first step (evaluation.fidelity)
         self._logged: dict[str, list[float]] = {"ntp_loss": [], "replay_loss": [], "replay_seconds": []}
+        self.controller, self.capacity = coefficient_of(replay)  # replay_coeff="auto": c held to replay_budget
+        if self.controller is not None:
+            self._logged["replay_kl"], self._step_kls = [], []
+            self.add_callback(_CoefficientStep(self))
 
     def _without_reference(self, use: ReferenceUse) -> ReferenceHead | None:
         """What the run keeps of π0 when it holds none (π0's head, or nothing), with the old-domain
@@ -146,14 +177,12 @@ class SelfReplayTrainer(Trainer):
         batch = pad_batch(self.old_rows, pad_id=0)
         return ValidationSet(batch["input_ids"], reference, label_mask(batch["labels"]), batch_size=8)
 
-    def _replay_source(self, tokenizer, replay: ReplayConfig) -> ReplayPool:
+    def _replay_source(self, form, replay: ReplayConfig) -> ReplayPool:
         a = self.args
         if self.reference_use is not ReferenceUse.MODEL:  # π0 is not loaded: its stored pool, pass after pass
             stored = StoredPool(replay.pool, self.fingerprint, self.lm.head.weight.device)
             return stored_replay(stored, replay.batch_size, self.lm.head.weight.device, a.seed + a.process_index,
                                  a.process_index, a.world_size)
-        chat = replay.chat or replay.system is not None or replay.prompts is not None
-        form = replay_format(tokenizer, chat, replay.system, replay.prompts, replay.stop_at_eos)
         return hf_replay_pool(self.reference, form, replay, self.method.keeps_hidden, seed=a.seed,
                               rank=a.process_index, world_size=a.world_size, fingerprint=self.fingerprint)
 
@@ -190,12 +219,19 @@ class SelfReplayTrainer(Trainer):
             start = time.perf_counter()
             replay = self.replay.next_batch()
             self._logged["replay_seconds"].append(time.perf_counter() - start)
+            if self.state.global_step == 0 and self.replay_fidelity is None:  # θ is π0 until the first step
+                self.replay_fidelity = self._judge_replay(replay)
+        coeff = self.controller.coeff if self.controller is not None else self.args.replay_coeff
         # the objective of every front end (selfreplay.objective.methods), run through the wrapped model
-        loss, ntp, reg = training_loss(self.lm, self.reference, new, replay, method, self.args.replay_coeff,
+        loss, ntp, reg = training_loss(self.lm, self.reference, new, replay, method, coeff,
                                        trunk=partial(self.lm.hidden, model=model), new_mask=new_mask)
         if model.training:
             self._logged["ntp_loss"].append(ntp.item())
             self._logged["replay_loss"].append(reg.item())
+            if self.controller is not None:  # what the budget holds; c moves once the step is taken
+                kl = budgeted_divergence(self.method, reg, self.reference, replay).item()
+                self._step_kls.append(kl)
+                self._logged["replay_kl"].append(kl)
         return (loss, {"ntp_loss": ntp.detach(), "replay_loss": reg.detach()}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
@@ -206,7 +242,69 @@ class SelfReplayTrainer(Trainer):
                     mean = torch.tensor(sum(values) / len(values), device=self.args.device)
                     logs[key] = self.accelerator.reduce(mean, reduction="mean").item()
                     values.clear()
+            if self.controller is not None:
+                logs["replay_coeff"] = self.controller.coeff
+                if "ntp_loss" in logs:
+                    self._watch_capacity(logs["ntp_loss"])
         super().log(logs, *args, **kwargs)
+
+    # ---------------------------------------------------------------- replay_coeff="auto"
+
+    def _step_coefficient(self) -> None:
+        """Move c after an optimizer step, by the mean replay KL of its micro-batches over every
+        rank (so that every rank moves c alike)."""
+        if not self._step_kls:
+            return
+        mean = torch.tensor(sum(self._step_kls) / len(self._step_kls), device=self.args.device)
+        self._step_kls.clear()
+        self.controller.update(self.accelerator.reduce(mean, reduction="mean").item())
+
+    def _watch_capacity(self, new_loss: float) -> None:
+        """The capacity-bound detector at a log point, on the new batches' loss since the last one
+        (the training loss: the Trainer measures no new-domain validation loss of its own)."""
+        was_bound = self.capacity.bound
+        if not self.capacity.observe(self.state.global_step, self.controller.coeff, self.controller.kl, new_loss):
+            return
+        if not was_bound and self.is_world_process_zero():
+            notice(f"capacity bound from step {self.capacity.since}: c sits at replay_coeff_max="
+                   f"{self.args.replay_coeff_max:g}, the replay KL ({self.controller.kl:.3g} nats/token) stays over "
+                   f"replay_budget={self.args.replay_budget:g} and the new-domain loss still falls: this model must "
+                   "forget more than the budget allows to learn this data (a larger budget or model lifts it)")
+        if self.args.stop_on_capacity_bound:
+            self.control.should_training_stop = True
+
+    @property
+    def capacity_bound_since(self) -> int | None:
+        """The step from which the run was capacity bound (replay_coeff="auto"); None: it was not."""
+        return self.capacity.since if self.capacity is not None else None
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, with c's controller and detector beside it (COEFFICIENT_NAME)."""
+        super()._save_checkpoint(model, trial)
+        if self.controller is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            state = {"coefficient": self.controller.state_dict(), "capacity": self.capacity.state_dict()}
+            write_atomic(folder / COEFFICIENT_NAME, lambda path: path.write_text(json.dumps(state)))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.controller is None:
+            return
+        path = Path(resume_from_checkpoint) / COEFFICIENT_NAME
+        if not path.is_file():
+            raise SelfReplayError(f"{resume_from_checkpoint} holds no {COEFFICIENT_NAME}: resume replay_coeff=\"auto\" "
+                                  "from a checkpoint of a run with replay_coeff=\"auto\"")
+        state = json.loads(path.read_text())
+        self.controller.load_state_dict(state["coefficient"])
+        self.capacity.load_state_dict(state["capacity"])
+
+    def _judge_replay(self, replay) -> dict | None:
+        """The fidelity of π0's first draw, with π0's loss on it and on the old-domain rows (when given)."""
+        if self.old_rows is not None and self.old_set is None:
+            self.old_set = self._old_set(self.reference)
+        nll_old = self.old_set.reference_loss() if self.old_set is not None else None
+        pi0 = self.reference if isinstance(self.reference, CausalLM) else self.lm  # θ is π0 before its first step
+        return first_draw_fidelity(pi0, self.replay, replay, self.sample_format, nll_old)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Trainer's evaluation (when there is an eval_dataset) plus, on the old-domain rows,
@@ -226,3 +324,13 @@ class SelfReplayTrainer(Trainer):
         old = self.old_set.evaluate(self.lm)
         kl = {"old_kl": old["kl"]} if "kl" in old else {}  # no KL where the run keeps nothing of π0
         return {"old_loss": old["loss"], **kl, "forgetting": old["loss"] - self.old_set.reference_loss()}
+
+
+class _CoefficientStep(TrainerCallback):
+    """replay_coeff="auto": moves c once per optimizer step (after it, before any checkpoint)."""
+
+    def __init__(self, trainer: SelfReplayTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._step_coefficient()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+from selfreplay.config import AUTO, ReplayConfig
 from selfreplay.errors import SelfReplayError
 
 MAX_ERROR = 0.2  # PPO's clip on the relative KL error: one update moves log c by at most 0.2 · steps/horizon
@@ -165,3 +166,12 @@ class CapacityBound:
         self.since = None if since is None else int(since)
         self.start = None if start is None else int(start)
         self.losses = losses[-self.window:]
+
+
+def coefficient_of(replay: ReplayConfig) -> tuple[CoefficientController | None, CapacityBound | None]:
+    """replay.coeff=auto's controller of c and its capacity-bound detector, as `replay` sets them
+    (config.check_budget has checked them); (None, None) for a fixed c."""
+    if replay.coeff != AUTO:
+        return None, None
+    return (CoefficientController(replay.budget, replay.coeff_start, replay.coeff_min, replay.coeff_max,
+                                  replay.horizon), CapacityBound(replay.budget, replay.coeff_max))

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from selfreplay.config import (
-    AUTO,
     RunConfig,
     follow_defaults,
     is_hf,
@@ -38,10 +37,14 @@ from selfreplay.config import (
 from selfreplay.data.sequences import BatchLoader, Data, SequenceStream
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
-from selfreplay.evaluation.fidelity import replay_fidelity, sample_nll
+from selfreplay.evaluation.fidelity import first_draw_fidelity, hf_sample_format
 from selfreplay.evaluation.validation import ValidationSet, compute_multiplier
 from selfreplay.model.transformer import CONFIG_NAME, ModelConfig
-from selfreplay.objective.coefficient import CapacityBound, CoefficientController
+from selfreplay.objective.coefficient import (
+    CapacityBound,
+    CoefficientController,
+    coefficient_of,
+)
 from selfreplay.objective.methods import (
     NO_REPLAY,
     ReplayMethod,
@@ -50,14 +53,10 @@ from selfreplay.objective.methods import (
     training_loss,
 )
 from selfreplay.objective.reference import ReferenceHead, ReferenceUse, reference_use
-from selfreplay.replay.pool import ReplayPool
-from selfreplay.replay.samples import ReplaySamples
 from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
 from selfreplay.training.families import Family, ReplaySource, family_of, read_init_run
 from selfreplay.training.validate import validate
-
-FIDELITY_SAMPLES = 256  # π0's samples the fidelity stats read: the first draw's, up to this many
 
 
 class TrainingDiverged(SelfReplayError):
@@ -224,36 +223,24 @@ def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> 
         validation, reference = validation_without_reference(family, config, data, model, use)
     else:
         validation = family.validation_sets(config, mode, data, reference)
-    controller, capacity = coefficient_of(config) if finetune else (None, None)
+    controller, capacity = coefficient_of(config.replay) if finetune else (None, None)
     return Run(config, mode, family, directory, device, data.tokenizer, model, reference, params, trunk, optimizer, loader,
                replay_method(config.replay.method), replay, validation, _step_budget(config, tokens_per_step, data.train.train_tokens), tokens_per_step,
                max(1, round(config.log.every_tokens / tokens_per_step)), controller, capacity,
                sample_format(config, data) if finetune else None)
 
 
-def coefficient_of(config: RunConfig) -> tuple[CoefficientController | None, CapacityBound | None]:
-    """replay.coeff=auto's controller of c and its capacity-bound detector; (None, None) for a fixed c."""
-    r = config.replay
-    if r.coeff != AUTO:
-        return None, None
-    return (CoefficientController(r.budget, r.coeff_start, r.coeff_min, r.coeff_max, r.horizon),
-            CapacityBound(r.budget, r.coeff_max))
-
-
 def sample_format(config: RunConfig, data: Data) -> tuple[int | None, int, bool] | None:
     """(EOS id or None, tokens put in before sampling, whether EOS ends a sample) of the run's
     self-replay samples (evaluation.fidelity); None without self replay. The built-in model starts
     at a domain id and samples model.T tokens of a stream whose documents EOS joins; a Hugging
-    Face model starts at BOS or inside its chat template (its shortest prompt) and, with
-    replay.stop_at_eos, stops at EOS (chat samples: at their turn's end, seen in their length)."""
+    Face model's are as `hf_sample_format` says."""
     r = config.replay
     if r.source != "self" or not (replay_method(r.method).needs_replay or r.fraction > 0):
         return None
-    form = data.replay_format
-    if form is None:
+    if data.replay_format is None:
         return data.tokenizer.eos_id, 1, False
-    eos = data.tokenizer.eos_token_id
-    return (eos if form.turns is None else None), min(len(p) for p in form.prompts), eos in form.stop
+    return hf_sample_format(data.replay_format, data.tokenizer.eos_token_id)
 
 
 def validation_without_reference(family: Family, config: RunConfig, data: Data, model,
@@ -308,7 +295,8 @@ def train_step(run: Run, progress: Progress) -> None:
     replay = run.replay.next_batch() if run.replay is not None else None
     progress.replay_seconds += time.perf_counter() - replay_tick
     if progress.step == 0 and run.sample_format is not None:  # θ is π0 until this step's update
-        progress.fidelity = measure_fidelity(run, replay, (progress.start_metrics or {}).get("old_loss"))
+        progress.fidelity = first_draw_fidelity(run.model, run.replay, replay, run.sample_format,
+                                                (progress.start_metrics or {}).get("old_loss"))
     if r.fraction > 0:  # the replay rows are part of the batch, not of a term
         if new_mask is not None:  # every replay token counts
             new_mask = torch.cat([new_mask, torch.ones_like(replay.tokens, dtype=torch.bool)])
@@ -345,23 +333,6 @@ def train_step(run: Run, progress: Progress) -> None:
     i.replay_kl += kl_value
 
 
-def measure_fidelity(run: Run, replay: ReplaySamples, old_loss: float | None) -> dict | None:
-    """The fidelity (selfreplay.evaluation.fidelity) of π0's first draw (at most FIDELITY_SAMPLES of
-    it), or of the first replay batch where the run replays a stored pool, with π0's loss on them
-    measured as θ's before its first step (θ is π0 then, in a run that holds no π0 too) next to
-    `old_loss`, π0's on the old domain's validation rows; each warning said once."""
-    eos_id, prompt_length, eos_stops = run.sample_format
-    drawn = run.replay.pool if isinstance(run.replay, ReplayPool) and not run.replay.replaying_stored else None
-    samples = drawn.rows(slice(0, FIDELITY_SAMPLES)) if drawn is not None else replay
-    try:
-        nll = sample_nll(run.model, samples.tokens, samples.mask)
-        fidelity = replay_fidelity(samples.tokens, samples.mask, eos_id, nll, old_loss, prompt_length, eos_stops)
-    except SelfReplayError as e:  # samples with nothing sampled in them: say so, and train on
-        notice(f"replay fidelity not measured: {e}")
-        return None
-    for warning in fidelity.warnings():
-        notice(warning)
-    return fidelity.as_dict()
 
 
 # ---------------------------------------------------------------- measurements and log lines
