@@ -27,11 +27,14 @@ def lines(out) -> list[dict]:
 def narrow(corpus, tmp_path_factory):
     """A 16-wide, one-layer model pretrained on the old domain as `pretrained` is (~4 s)."""
     out = tmp_path_factory.mktemp("narrow") / "pretrain"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `one_thread`, which a module fixture cannot use
     train(resolve_config("pretrain", None, [
         f"out={out}", f"data.tokenizer={corpus['tokenizer']}", f"data.train={corpus['old']}", "model.D=16",
         "model.L=1", "model.H=8", "model.T=32", "model.V=320", "data.val_sequences=32", "optim.lr=3e-3",
         "optim.batch_size=16", "optim.warmup_steps=5", "stop.tokens=16384", "log.every_tokens=4096",
         "log.progress=false"]), "pretrain")
+    torch.set_num_threads(threads)
     return out
 
 
