@@ -9,6 +9,8 @@ it was before finetuning, samples from itself (selfreplay.replay.hf_pool). Both 
 the blockwise losses of selfreplay.objective.losses, so the [tokens, vocabulary] logits never exist
 whole. With a peft model π0 is the same network with its adapters disabled. Under torchrun
 or accelerate every rank draws its own replay with its own seed (seed + rank).
+replay_coeff="auto" with replay_budget=B moves c to hold the replay KL at B nats per token
+(docs/method.md, "The replay coefficient held to a budget").
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from selfreplay.config import ReplayConfig, RunConfig, check_ranges
+from selfreplay.config import ReplayConfig, RunConfig, StopConfig, check_ranges
 from selfreplay.data.text import label_mask, pad_batch, pad_id, rows_from_dataset
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
@@ -104,9 +106,7 @@ class SelfReplayConfig(TrainingArguments):
                   if f.name not in BUILTIN_ONLY}
         replay = ReplayConfig(**values)
         replay = dataclasses.replace(replay, length=replay.length or self.max_length)
-        run = RunConfig(replay=replay)
-        check_ranges(dataclasses.replace(run, stop=dataclasses.replace(run.stop,
-                                                                       on_capacity_bound=self.stop_on_capacity_bound)))
+        check_ranges(RunConfig(replay=replay, stop=StopConfig(on_capacity_bound=self.stop_on_capacity_bound)))
         return replay
 
 

@@ -295,8 +295,10 @@ def train_step(run: Run, progress: Progress) -> None:
     replay = run.replay.next_batch() if run.replay is not None else None
     progress.replay_seconds += time.perf_counter() - replay_tick
     if progress.step == 0 and run.sample_format is not None:  # θ is π0 until this step's update
+        judging = time.perf_counter()
         progress.fidelity = first_draw_fidelity(run.model, run.replay, replay, run.sample_format,
                                                 (progress.start_metrics or {}).get("old_loss"))
+        tick += time.perf_counter() - judging  # a measurement: not part of the step's training time
     if r.fraction > 0:  # the replay rows are part of the batch, not of a term
         if new_mask is not None:  # every replay token counts
             new_mask = torch.cat([new_mask, torch.ones_like(replay.tokens, dtype=torch.bool)])
@@ -331,8 +333,6 @@ def train_step(run: Run, progress: Progress) -> None:
     i.steps, i.seconds, i.tokens = i.steps + 1, i.seconds + elapsed, i.tokens + run.tokens_per_step
     i.loss, i.replay_loss, i.grad_norm = i.loss + ntp_value, i.replay_loss + reg_value, i.grad_norm + norm_value
     i.replay_kl += kl_value
-
-
 
 
 # ---------------------------------------------------------------- measurements and log lines
