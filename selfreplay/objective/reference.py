@@ -1,12 +1,13 @@
 """What finetuning keeps of π0 once training starts (docs/method.md, "Stored targets").
 
 π0 runs during training to draw replay samples and to score rows whose answers were not kept.
-A run that replays a pool drawn once (replay.pool=DIR with replay.reuse=0: it never draws) with
-π0's answers stored beside the samples needs neither: with `hidden` targets the KL needs only
-π0's output head [V, D]; with `topk:K` targets, or next-token replay, it needs nothing of π0.
-Such a run does not load π0 at all: θ is π0 until the first step, so what the measurements keep
-of π0 (its hidden states on the validation rows, its own loss there) is taken from θ before it
-moves, and full finetuning then holds one model.
+Where it does neither, a run does not load it: θ is π0 until the first step, so what the
+measurements need of π0 (its hidden states on the validation rows, its own loss there) is taken
+from θ before it moves, and full finetuning then holds one model. So it is with plain
+finetuning, and with a pool drawn once (replay.pool=DIR with replay.reuse=0: it never draws)
+whose samples carry π0's answers: with `hidden` targets the KL needs π0's output head [V, D],
+which is kept, as it is wherever the KL to π0 is measured; with `topk:K` targets it needs
+nothing of π0, and the run keeps nothing (no KL is measured then, forgetting is).
 """
 
 from __future__ import annotations
@@ -26,23 +27,29 @@ class ReferenceUse(enum.Enum):
     """How much of π0 a finetuning run holds while it trains."""
 
     MODEL = "π0's whole model: it draws replay samples or scores rows"
-    HEAD = "π0's output head alone: the KL reads π0's stored hidden states"
-    NOTHING = "nothing of π0: the KL reads π0's stored top-K answers, or the replay term needs no π0"
+    HEAD = "π0's output head alone: the KL reads π0's stored hidden states, or is only measured"
+    NOTHING = "nothing of π0: the KL reads π0's stored top-K answers"
 
 
 def reference_use(method: ReplayMethod, replay: ReplayConfig) -> ReferenceUse:
-    """What of π0 a finetuning run with `method` and `replay` needs once it trains: only a run that
-    replays a stored self-replay pool pass after pass (never drawing) can leave π0 out, and a KL
-    can do so only when the pool carries π0's targets. A method without replay keeps π0 whole, for
-    its own term (kl_new) or for measuring the KL to π0 on validation text."""
-    if not method.needs_replay or replay.source != "self" or replay.pool is None or replay.reuse != 0:
-        return ReferenceUse.MODEL
-    if method is not REPLAY_KL:
-        return ReferenceUse.NOTHING  # next-token replay reads the stored tokens alone
-    targets = read_header(Path(replay.pool))["targets"]
-    if targets == "none":
-        return ReferenceUse.MODEL  # π0 scores the stored tokens at every step
-    return ReferenceUse.HEAD if targets == "hidden" else ReferenceUse.NOTHING
+    """What of π0 a finetuning run with `method` and `replay` needs once it trains: its whole
+    model where it draws replay (a self-replay pool that is not a stored one replayed pass after
+    pass) or scores rows (kl_new; the KL on real replay or on a stored pool without targets);
+    nothing where a stored pool carries its top-K answers; else its head, to measure the KL."""
+    if method.needs_reference and not method.needs_replay:
+        return ReferenceUse.MODEL  # kl_new: π0 scores every new batch
+    replays = method.needs_replay or replay.fraction > 0
+    if replays and replay.source == "self" and (replay.pool is None or replay.reuse != 0):
+        return ReferenceUse.MODEL  # it draws samples
+    if method is REPLAY_KL:
+        if replay.source != "self":
+            return ReferenceUse.MODEL  # π0 scores the old domain's rows
+        targets = read_header(Path(replay.pool))["targets"]
+        if targets == "none":
+            return ReferenceUse.MODEL  # π0 scores the stored tokens at every step
+        if targets.startswith("topk:"):
+            return ReferenceUse.NOTHING
+    return ReferenceUse.HEAD
 
 
 class ReferenceHead(nn.Module):
