@@ -110,6 +110,7 @@ class ReplayConfig:
     stop_at_eos: bool = True  # init=hf: a replay sample ends at EOS and the losses skip what follows
     pool: str | None = None  # a pool directory from `selfreplay sample ... --out POOL`, replayed first (see reuse)
     reuse: int = 1  # passes over replay.pool, each in its own seeded order, before fresh draws (0: no fresh draws)
+    draw_once: int = 0  # self replay: draw this many samples before the first step, into RUN_DIR/replay_pool, and replay them pass after pass (0: draw as the run goes)
     chat: bool = False  # init=hf: sample inside the chat template: π0 writes a user turn, then its answer
     system: str | None = None  # init=hf: a system turn that chat samples start with (needs replay.chat=true)
     prompts: str | None = None  # init=hf: .txt or .jsonl (`prompt`) user turns; π0 writes only the answers
@@ -350,7 +351,7 @@ RANGES = {
     "optim.lr": ABOVE_0, "optim.batch_size": AT_LEAST_1, "optim.weight_decay": AT_LEAST_0,
     "optim.beta1": BETA, "optim.beta2": BETA, "optim.warmup_steps": AT_LEAST_0, "optim.grad_clip": ABOVE_0,
     "replay.coeff": AT_LEAST_0, "replay.budget": ABOVE_0, "replay.coeff_start": ABOVE_0, "replay.coeff_min": ABOVE_0,
-    "replay.coeff_max": ABOVE_0, "replay.horizon": AT_LEAST_1, "replay.reuse": AT_LEAST_0, "replay.fraction": Range(0, 1, high_open=True), "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1, "replay.decode_batch": AT_LEAST_1,
+    "replay.coeff_max": ABOVE_0, "replay.horizon": AT_LEAST_1, "replay.reuse": AT_LEAST_0, "replay.draw_once": AT_LEAST_0, "replay.fraction": Range(0, 1, high_open=True), "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1, "replay.decode_batch": AT_LEAST_1,
     "replay.temperature": ABOVE_0, "replay.length": Range(2), "replay.top_p": Range(0, 1, low_open=True),
     "lora.rank": AT_LEAST_0, "lora.alpha": ABOVE_0,
     "stop.tokens": AT_LEAST_1, "stop.tokens_per_param": ABOVE_0, "stop.epochs": ABOVE_0,

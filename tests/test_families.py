@@ -387,3 +387,12 @@ def test_full_finetuning_from_a_stored_pool_holds_one_model(taught_llama_dir, te
                             "replay.reuse=1000"), "finetune")
     for key in ("old_loss_0", "old_loss", "new_loss", "old_kl", "new_kl", "forgetting"):
         assert without[key] == pytest.approx(whole[key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_hugging_face_run_draws_its_own_pool_once(taught_llama_dir, texts, tmp_path):
+    from selfreplay.replay.store import StoredPool
+
+    summary = train(hf_config(taught_llama_dir, texts, tmp_path / "run", "replay.draw_once=6"), "finetune")
+    pool = StoredPool(tmp_path / "run" / "replay_pool")
+    assert (len(pool), pool.kind, pool.header["meta"]["length"]) == (6, "hidden", 32)
+    assert summary["steps"] == 4 and summary["old_kl"] > 0 and summary["replay_pool_seconds"] > 0

@@ -307,3 +307,35 @@ def test_a_pool_drawn_once_replays_with_pi0s_stored_answers_and_resumes_exactly(
     sample_builtin_pool(str(tmp_path / "topk_run"), tmp_path / "other", count=4, domain=LANGUAGES[0])
     with pytest.raises(SelfReplayError, match="was drawn by model .* this run's π0 is"):
         train(finetune_config(corpus, pretrained, tmp_path / "refused", *overrides("other")), "finetune")
+
+
+def test_a_run_draws_its_own_pool_once_and_a_resumed_run_does_not_draw_it_again(corpus, pretrained, tmp_path,
+                                                                                monkeypatch):
+    """replay.draw_once=N: the run draws N samples (with π0's hidden states) into RUN_DIR/replay_pool
+    and ends where a run replaying the same pool from `selfreplay sample` (replay.reuse=0) ends;
+    killed and resumed, it replays the pool it drew and ends where the uninterrupted run does."""
+    from conftest import killed_at_log_point
+    from selfreplay.data.synth import LANGUAGES
+    from selfreplay.replay.store import StoredPool
+    from selfreplay.training.pools import sample_builtin_pool
+
+    common = ("replay.method=kl", "log.checkpoint_every=1", "stop.tokens=3072")
+    whole = train(finetune_config(corpus, pretrained, tmp_path / "whole", *common, "replay.draw_once=12"), "finetune")
+    pool = StoredPool(tmp_path / "whole" / "replay_pool")
+    assert (len(pool), pool.kind) == (12, "hidden") and whole["replay_pool_seconds"] > 0
+    sample_builtin_pool(str(pretrained), tmp_path / "pool", count=12, domain=LANGUAGES[0], seed=0)  # the run's seed
+    given = train(finetune_config(corpus, pretrained, tmp_path / "given", *common, f"replay.pool={tmp_path / 'pool'}",
+                                  "replay.reuse=0"), "finetune")
+    for key in ("old_loss", "new_loss", "old_kl"):
+        assert given[key] == whole[key], key
+
+    config = finetune_config(corpus, pretrained, tmp_path / "resumed", *common, "replay.draw_once=12")
+    killed_at_log_point(monkeypatch, lambda: train(config, "finetune"), 4)
+    drawn = (tmp_path / "resumed" / "replay_pool" / "pool.json").read_text()
+    resumed = train(config, "finetune")
+    assert (tmp_path / "resumed" / "replay_pool" / "pool.json").read_text() == drawn  # not drawn again
+    for key in ("old_loss", "new_loss", "old_kl", "steps"):
+        assert resumed[key] == whole[key], key
+    with pytest.raises(SelfReplayError, match="replay.draw_once draws the run's own pool"):
+        train(finetune_config(corpus, pretrained, tmp_path / "both", *common, "replay.draw_once=4",
+                              f"replay.pool={tmp_path / 'pool'}"), "finetune")

@@ -55,8 +55,9 @@ from selfreplay.replay.pool import ReplayPool, stored_replay
 from selfreplay.replay.store import StoredPool
 from selfreplay.rundir import notice, write_atomic
 
-# ReplayConfig's settings that only the built-in model's loop takes (the rest are replay_X here)
-BUILTIN_ONLY = ("source", "fraction", "domains", "compile")
+# ReplayConfig's settings that only the command line's loop takes (the rest are replay_X here);
+# the Trainer replays a pool drawn beforehand with replay_pool and replay_reuse=0 instead of draw_once
+BUILTIN_ONLY = ("source", "fraction", "domains", "compile", "draw_once")
 COEFFICIENT_NAME = "replay_coefficient.json"  # replay_coeff="auto": c's controller and detector, in each checkpoint
 
 

@@ -14,7 +14,8 @@ for a whole run, and by later runs. A pool directory holds
         "none"     nothing more (π0 scores the tokens when the KL needs it)
     pool.json    written last, which marks the pool complete: the fingerprint of the model that drew
                  it (selfreplay.model.fingerprint), what drew it (meta), the kind of targets, the rows'
-                 width t, each tensor's dtype and trailing shape, and each shard's rows, bytes and sha256.
+                 width t, each tensor's dtype and trailing shape, each shard's rows, bytes and sha256,
+                 and the seconds from the writer's opening to its closing (the drawing's time).
 
 Shards are written under a temporary name and renamed into place, so a killed drawing leaves
 whole shards and no pool.json: an unfinished pool, refused. A reader memory-maps the shards it
@@ -79,6 +80,7 @@ class PoolWriter:
         self.kind: str | None = None
         self.layout: dict[str, tuple] = {}  # tensor name -> (dtype, trailing shape), fixed by the first write
         self.width, self.masked, self.closed = 0, False, False
+        self.started = time.perf_counter()
 
     def write(self, samples: ReplaySamples, targets: dict[str, torch.Tensor] | None = None) -> None:
         """Append samples (tokens [n, t], mask [n, t] or None) and π0's targets on them (see the
@@ -114,7 +116,8 @@ class PoolWriter:
                   "width": self.width, "mask": self.masked, "rows": sum(s["rows"] for s in self.shards),
                   "tensors": {name: {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
                               for name, (dtype, shape) in self.layout.items()},
-                  "shards": self.shards, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "shards": self.shards, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "seconds": time.perf_counter() - self.started}
         write_atomic(self.out / HEADER_NAME, lambda p: p.write_text(json.dumps(header, indent=2)))
         return header
 

@@ -15,6 +15,7 @@ A non-finite loss or gradient norm stops the run at once
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import threading
 import time
@@ -53,7 +54,7 @@ from selfreplay.objective.methods import (
     training_loss,
 )
 from selfreplay.objective.reference import ReferenceHead, ReferenceUse, reference_use
-from selfreplay.rundir import METRICS_NAME, RunDirectory, notice
+from selfreplay.rundir import METRICS_NAME, POOL_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
 from selfreplay.training.families import Family, ReplaySource, family_of, read_init_run
 from selfreplay.training.validate import validate
@@ -522,12 +523,12 @@ def train(config: RunConfig, mode: str) -> dict:
     if status == "finished":
         notice(f"{config.out} already holds this finished run: nothing to do")
         return _raise_if_diverged(directory.read_summary())
-    run = setup(config, mode, data, directory)
+    run = setup(with_drawn_pool(config, mode, data, directory), mode, data, directory)
     progress = resume(run) if status == "resume" else None
     if progress is None:
         if status == "resume":  # every checkpoint was damaged: start over from fresh weights
             directory.start_over()
-            run = setup(config, mode, data, directory)
+            run = setup(with_drawn_pool(config, mode, data, directory), mode, data, directory)
         progress = Progress()
         save_config(config, directory.path / CONFIG_NAME)
         run.family.save_start(directory, data.tokenizer)
@@ -541,6 +542,26 @@ def train(config: RunConfig, mode: str) -> dict:
         log_point(run, progress, progress.start_metrics)
     _loop(run, progress)
     return finish(run, progress, time.perf_counter() - wall_start)
+
+
+def with_drawn_pool(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> RunConfig:
+    """`config` replaying the run's own pool pass after pass where replay.draw_once asks for one:
+    drawn now into RUN_DIR/replay_pool, unless a finished one is there (a resumed run's); a drawing
+    that was killed midway is drawn again."""
+    from selfreplay.replay.store import HEADER_NAME
+    from selfreplay.training.families import replay_domains
+    from selfreplay.training.pools import sample_run_pool
+
+    r = config.replay
+    if mode != "finetune" or not r.draw_once:
+        return config
+    out = directory.path / POOL_NAME
+    if out.exists() and not (out / HEADER_NAME).is_file():
+        shutil.rmtree(out)
+    if not out.exists():
+        header = sample_run_pool(config, None if is_hf(config) else replay_domains(config, data), out)
+        notice(f"drew {header['rows']} replay samples once, into {out}, in {header['seconds']:.1f} s")
+    return replace(config, replay=replace(r, pool=str(out), reuse=0))
 
 
 def _loop(run: Run, progress: Progress) -> None:
@@ -589,6 +610,10 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
     keep_coefficient(run, progress)
     summary = _summary(run.config, run.mode, progress, wall_seconds, run.family.params(run.model, run.config))
     summary["peak_memory_mib"], summary["peak_memory_of"] = peak_memory_mib(run.device)
+    if run.config.replay.draw_once:  # the drawing of the run's own pool, before its first step
+        from selfreplay.replay.store import read_header
+
+        summary["replay_pool_seconds"] = read_header(Path(run.config.replay.pool))["seconds"]
     if run.config.eval.lm_eval_tasks and progress.diverged is None:
         after = run.family.benchmark_scores(run.model, run.tokenizer, run.config.eval)
         summary["lm_eval"] = benchmark_table(progress.benchmark_before, after)

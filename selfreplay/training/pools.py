@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.config import ReplayConfig
+from selfreplay.config import ReplayConfig, RunConfig
 from selfreplay.errors import SelfReplayError
 from selfreplay.model.fingerprint import model_fingerprint
 from selfreplay.objective.losses import topk_targets
@@ -58,9 +58,10 @@ def draw_pool(out: str | Path, draw: Draw, count: int, batch_size: int, targets:
     return writer.close()
 
 
-def sample_builtin_pool(run_dir: str, out: str | Path, count: int, domain: str, targets: str = "hidden",
+def sample_builtin_pool(run_dir: str, out: str | Path, count: int, domain: str | list[int], targets: str = "hidden",
                         temperature: float = 1.0, seed: int = 0, batch_size: int = 128, device: str = "cpu") -> dict:
-    """`selfreplay sample RUN --domain D --out POOL`: a pool of a pretrained run's model."""
+    """`selfreplay sample RUN --domain D --out POOL`: a pool of a pretrained run's model, its samples
+    started at the domain named `domain`, or at each of the domain ids given in turn."""
     from selfreplay.data.tokenizer import load_tokenizer
     from selfreplay.model.transformer import Transformer
     from selfreplay.replay.pool import builtin_draw
@@ -68,7 +69,7 @@ def sample_builtin_pool(run_dir: str, out: str | Path, count: int, domain: str, 
 
     device = resolve_device(device)
     model = Transformer.from_pretrained(run_dir, device=device).eval()
-    domain_id = load_tokenizer(Path(run_dir)).domain_id(domain)
+    domain_id = load_tokenizer(Path(run_dir)).domain_id(domain) if isinstance(domain, str) else domain
     replay = ReplayConfig(temperature=temperature, decode_batch=batch_size)
     draw = builtin_draw(model, domain_id, replay, keep_hidden=parse_targets(targets)[0] != "none")
     meta = {"model": str(Path(run_dir).resolve()), "domain": domain, "temperature": temperature, "targets": targets}
@@ -88,7 +89,8 @@ def sample_hf_pool(init: str, out: str | Path, count: int, length: int, temperat
     if length < 2:
         raise SelfReplayError(f"a pool needs --length >= 2, got {length}")
     name = init.removeprefix("hf:")
-    model, tokenizer = load_causal_lm(name, device=device, trust_remote_code=trust_remote_code)
+    # float32, as a run loads it: the pool's fingerprint is then the run's π0's whatever the checkpoint's dtype
+    model, tokenizer = load_causal_lm(name, torch.float32, device=device, trust_remote_code=trust_remote_code)
     lm = CausalLM(model.eval())
     chat = chat or system is not None or prompts is not None
     form = replay_format(tokenizer, chat, system, prompts, stop_at_eos)
@@ -99,3 +101,23 @@ def sample_hf_pool(init: str, out: str | Path, count: int, length: int, temperat
             "pad_id": form.pad, "targets": targets}
     return draw_pool(out, draw, count, batch_size, targets, lm.head.weight, model_fingerprint(model), meta, seed,
                      model.device)
+
+
+def sample_run_pool(config: RunConfig, domains: list[int] | None, out: Path) -> dict:
+    """The pool a finetuning run draws before its first step (replay.draw_once samples into `out`),
+    as its replay settings say, with π0's hidden states where its method's KL needs them; π0 is
+    loaded for the drawing alone. domains: the ids built-in samples start from in turn (None for
+    init=hf:). Returns its pool.json."""
+    from selfreplay.config import is_hf
+    from selfreplay.objective.methods import replay_method
+
+    from selfreplay.runtime import resolve_device
+
+    r, device = config.replay, str(resolve_device(config.device))
+    targets = "hidden" if replay_method(r.method).keeps_hidden else "none"
+    if is_hf(config):
+        return sample_hf_pool(config.init, out, r.draw_once, r.length, r.temperature, r.top_p, config.seed, r.chat,
+                              r.system, r.prompts, r.stop_at_eos, r.decode_batch, device,
+                              config.model.trust_remote_code, targets)
+    return sample_builtin_pool(config.init, out, r.draw_once, domains, targets, r.temperature, config.seed,
+                               r.decode_batch, device)

@@ -44,6 +44,11 @@ def validate(config: RunConfig, mode: str) -> None:
          "replay is for finetuning: pretraining takes replay.method=none and replay.fraction=0"),
         (mode == "pretrain" and config.lora.rank > 0, "LoRA is a finetuning baseline: pretraining takes lora.rank=0"),
         (r.pool is not None and r.source != "self", "replay.pool holds π0's own samples: set replay.source=self"),
+        (r.draw_once and r.pool is not None, "replay.draw_once draws the run's own pool: drop replay.pool, or "
+                                             "replay.draw_once to replay the pool given"),
+        (r.draw_once and (r.source != "self" or (not method.needs_replay and r.fraction == 0)),
+         "replay.draw_once draws self-replay samples: it needs replay.source=self and a method that replays "
+         "(replay.method=kl or ntp) or replay.fraction > 0"),
         (r.fraction > 0 and method.needs_replay,
          f"replay.fraction mixes replay rows into the new batch; replay.method={method.name} draws a batch of its own: "
          "set one of the two"),
