@@ -23,8 +23,9 @@ Parts:
   curve, linearly interpolated): forgetting there, and the time to get there with the pool's
   drawing counted in (the `selfreplay sample` command's wall time, shown apart as draw_s).
 - speed: on the `real` setting, plain, fresh and the stored default in fp32 and in bf16 with
-  torch.compile: new-domain tokens/s with the drawing counted in (tokens over training seconds
-  plus draw seconds) and its ratio to plain finetuning's.
+  torch.compile, the stored default as one command (replay.draw_once=F/16: the run draws its
+  pool before its first step, `replay_pool_seconds`): new-domain tokens/s with the drawing
+  counted in (tokens over training seconds plus drawing seconds) and its ratio to plain's.
 - memory: a ~100M-parameter Llama-style model with random weights (hidden 768, 12 layers,
   vocabulary 32000), full finetuning through init=hf: for a few steps: plain, self-KL fresh (π0
   held as a frozen copy), and from a stored pool with hidden or top-64 targets (π0 not loaded).
@@ -143,16 +144,17 @@ def finetune(root: Path, setting: dict, name: str, settings: list[str], draw_s: 
         selfreplay("finetune", f"out={out}", *setting["init"], *finetune_settings(setting["steps"]), *settings)
     summary = json.loads((out / "summary.json").read_text())
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    draw_s += summary.get("replay_pool_seconds") or 0.0  # a run that drew its own pool (replay.draw_once)
     return {"settings": settings, "summary": summary, "curve": curve, "draw_s": draw_s}
 
 
-def study_runs(root: Path, setting: dict, steps: int) -> dict[str, dict]:
+def study_runs(root: Path, setting: dict, steps: int, top_k: tuple[int, ...] = TOP_K) -> dict[str, dict]:
     """Plain, fresh, stored F/4, F/16, F/64 (hidden) and stored F/16 with top-K targets."""
     fresh_count = steps * REPLAY_BATCH
     runs = {"plain": finetune(root, setting, "plain", ["replay.method=none"]),
             "fresh": finetune(root, setting, "fresh", ["replay.method=kl"])}
     kinds = [(f"hidden_F{d}", max(1, math.ceil(fresh_count / d)), "hidden") for d in DIVISORS]
-    kinds += [(f"top{k}_F{DEFAULT_DIVISOR}", math.ceil(fresh_count / DEFAULT_DIVISOR), f"topk:{k}") for k in TOP_K]
+    kinds += [(f"top{k}_F{DEFAULT_DIVISOR}", math.ceil(fresh_count / DEFAULT_DIVISOR), f"topk:{k}") for k in top_k]
     for name, count, targets in kinds:
         pool, draw_s = draw_pool(root, setting, name, count, targets)
         runs[name] = finetune(root, setting, name, ["replay.method=kl", f"replay.pool={pool}", "replay.reuse=0"],
@@ -201,7 +203,7 @@ def table(runs: dict[str, dict]) -> dict:
 
 # ---------------------------------------------------------------- parts
 
-def study(work: Path, steps: int, pretrain_tokens: int, settings: list[str]) -> dict:
+def study(work: Path, steps: int, pretrain_tokens: int, settings: list[str], top_k: tuple[int, ...]) -> dict:
     results = {}
     for name in settings:
         if name == "hf":
@@ -209,7 +211,7 @@ def study(work: Path, steps: int, pretrain_tokens: int, settings: list[str]) -> 
             setting = prepare_hf(work)
         else:
             setting = prepare_builtin(work, name, pretrain_tokens)
-        results[name] = table(study_runs(work / name, {**setting, "steps": steps}, steps))
+        results[name] = table(study_runs(work / name, {**setting, "steps": steps}, steps, top_k))
         print_table(f"study: {name}", results[name])
     return results
 
@@ -221,12 +223,11 @@ def speed(work: Path, steps: int, pretrain_tokens: int) -> dict:
     count = math.ceil(steps * REPLAY_BATCH / DEFAULT_DIVISOR)
     for precision, extra in PRECISIONS.items():
         suffix = f"_speed_{precision}"  # runs of their own, timed on a quiet machine, apart from the study's
-        pool, draw_s = draw_pool(root, setting, f"hidden_F{DEFAULT_DIVISOR}", count, "hidden")
+        # the one command a user runs: the run draws its pool before its first step (replay.draw_once)
         runs = {"plain": finetune(root, setting, "plain" + suffix, ["replay.method=none", *extra]),
                 "fresh": finetune(root, setting, "fresh" + suffix, ["replay.method=kl", *extra]),
-                f"hidden_F{DEFAULT_DIVISOR}": finetune(root, setting, f"hidden_F{DEFAULT_DIVISOR}" + suffix,
-                                                       ["replay.method=kl", f"replay.pool={pool}", "replay.reuse=0",
-                                                        *extra], draw_s)}
+                f"draw_once_F{DEFAULT_DIVISOR}": finetune(root, setting, f"draw_once_F{DEFAULT_DIVISOR}" + suffix,
+                                                          ["replay.method=kl", f"replay.draw_once={count}", *extra])}
         results[precision] = table(runs)
         print_table(f"speed: real, {precision}", results[precision])
     return results
@@ -312,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, help="folder for the pretrained models, pools and runs (reused)")
     parser.add_argument("--parts", nargs="+", default=["study", "speed", "memory"], choices=["study", "speed", "memory"])
     parser.add_argument("--settings", nargs="+", default=["synthetic", "real", "hf"], choices=["synthetic", "real", "hf"])
+    parser.add_argument("--top-k", nargs="*", type=int, default=list(TOP_K), help="the K of the top-K pools studied")
     parser.add_argument("--quick", action="store_true", help="a smoke run: short runs, a tiny memory model")
     parser.add_argument("--out", default=str(RESULTS / "replay_once.json"))
     args = parser.parse_args(argv)
@@ -320,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "quick": args.quick},
                "steps": steps, "replay_batch": REPLAY_BATCH, "fresh_samples": steps * REPLAY_BATCH}
     if "study" in args.parts:
-        results["study"] = study(work, steps, pretrain_tokens, args.settings)
+        results["study"] = study(work, steps, pretrain_tokens, args.settings, tuple(args.top_k))
     if "speed" in args.parts:
         results["speed"] = speed(work, steps, pretrain_tokens)
     if "memory" in args.parts:

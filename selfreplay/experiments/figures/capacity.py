@@ -90,8 +90,9 @@ def capacity_points(done: list, x_of) -> list[CapacityPoint]:
 
 def best_at_largest(best, replay_runs: list) -> bool:
     """Whether the best coefficient is the largest of several tried: a larger one might forget less."""
-    coeffs = {float(r.value("replay.coeff")) for r in replay_runs}
-    return best is not None and len(coeffs) > 1 and float(best.value("replay.coeff")) == max(coeffs)
+    coeffs = {float(r.value("replay.coeff")) for r in replay_runs if r.value("replay.coeff") != "auto"}
+    fixed = best is not None and best.value("replay.coeff") != "auto"  # a held coefficient has no grid edge
+    return fixed and len(coeffs) > 1 and float(best.value("replay.coeff")) == max(coeffs)
 
 
 def capacity_finding(points: list[CapacityPoint], rising_with_x: bool, what: str) -> tuple[str, bool | None]:

@@ -49,8 +49,9 @@ def runs_by_seed(done: list) -> list[list]:
 
 
 def run_label(run, several_seeds: bool) -> str:
-    label = ("no replay" if run.summary["method"] == NO_REPLAY.name
-             else f"self-replay {run.summary['method'].upper()} c={run.summary['coeff']:g}")
+    coeff = run.summary["coeff"]
+    held = f"c=auto, budget {run.summary.get('budget'):g}" if coeff == "auto" else f"c={coeff:g}"
+    label = "no replay" if run.summary["method"] == NO_REPLAY.name else f"self-replay {run.summary['method'].upper()} {held}"
     return label + (f" (seed {seed(run)})" if several_seeds else "")
 
 
