@@ -23,7 +23,7 @@ Parts:
   curve, linearly interpolated): forgetting there, and the time to get there with the pool's
   drawing counted in (the `selfreplay sample` command's wall time, shown apart as draw_s).
 - speed: on the `real` setting, plain, fresh and the stored default in fp32 and in bf16 with
-  torch.compile, the stored default as one command (replay.draw_once=F/16: the run draws its
+  torch.compile, the stored default as one command (replay.draw_once=F/4: the run draws its
   pool before its first step, `replay_pool_seconds`): new-domain tokens/s with the drawing
   counted in (tokens over training seconds plus drawing seconds) and its ratio to plain's.
 - memory: a ~100M-parameter Llama-style model with random weights (hidden 768, 12 layers,
@@ -60,7 +60,8 @@ def finetune_settings(steps: int) -> list[str]:
             f"replay.batch_size={REPLAY_BATCH}", "replay.coeff=10"]
 
 DIVISORS = (4, 16, 64)  # unique samples: F / divisor
-DEFAULT_DIVISOR = 16
+TOPK_DIVISOR = 16  # the top-K pools' unique samples: F / 16
+DEFAULT_DIVISOR = 4  # the default the study chose (forgetting within 10% or 0.005 nats of fresh replay's)
 TOP_K = (1, 8, 64)
 PRECISIONS = {"fp32": [], "bf16+compile": ["precision=bf16", "compile=true"]}
 
@@ -154,7 +155,7 @@ def study_runs(root: Path, setting: dict, steps: int, top_k: tuple[int, ...] = T
     runs = {"plain": finetune(root, setting, "plain", ["replay.method=none"]),
             "fresh": finetune(root, setting, "fresh", ["replay.method=kl"])}
     kinds = [(f"hidden_F{d}", max(1, math.ceil(fresh_count / d)), "hidden") for d in DIVISORS]
-    kinds += [(f"top{k}_F{DEFAULT_DIVISOR}", math.ceil(fresh_count / DEFAULT_DIVISOR), f"topk:{k}") for k in top_k]
+    kinds += [(f"top{k}_F{TOPK_DIVISOR}", math.ceil(fresh_count / TOPK_DIVISOR), f"topk:{k}") for k in top_k]
     for name, count, targets in kinds:
         pool, draw_s = draw_pool(root, setting, name, count, targets)
         runs[name] = finetune(root, setting, name, ["replay.method=kl", f"replay.pool={pool}", "replay.reuse=0"],
@@ -216,12 +217,29 @@ def study(work: Path, steps: int, pretrain_tokens: int, settings: list[str], top
     return results
 
 
-def speed(work: Path, steps: int, pretrain_tokens: int) -> dict:
+def matmul_gflops(dtype, n: int = 1024, repeats: int = 10) -> float:
+    """This machine's n×n matrix-multiply rate in `dtype` (a CPU without bf16 units emulates bf16)."""
+    import torch
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    tick = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - tick) / 1e9
+
+
+def speed(work: Path, steps: int, pretrain_tokens: int, precisions: list[str]) -> dict:
     """Plain, fresh and the stored default on `real`, in each precision, each run timed anew."""
+    import torch
+
     setting = {**prepare_builtin(work, "real", pretrain_tokens), "steps": steps}
-    root, results = work / "real", {}
-    count = math.ceil(steps * REPLAY_BATCH / DEFAULT_DIVISOR)
-    for precision, extra in PRECISIONS.items():
+    root, count = work / "real", math.ceil(steps * REPLAY_BATCH / DEFAULT_DIVISOR)
+    results = {"matmul_gflops": {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}}
+    print(f"matrix multiply: fp32 {results['matmul_gflops']['fp32']:.1f} GFLOP/s, "
+          f"bf16 {results['matmul_gflops']['bf16']:.1f} GFLOP/s")
+    for precision in precisions:
+        extra = PRECISIONS[precision]
         suffix = f"_speed_{precision}"  # runs of their own, timed on a quiet machine, apart from the study's
         # the one command a user runs: the run draws its pool before its first step (replay.draw_once)
         runs = {"plain": finetune(root, setting, "plain" + suffix, ["replay.method=none", *extra]),
@@ -313,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, help="folder for the pretrained models, pools and runs (reused)")
     parser.add_argument("--parts", nargs="+", default=["study", "speed", "memory"], choices=["study", "speed", "memory"])
     parser.add_argument("--settings", nargs="+", default=["synthetic", "real", "hf"], choices=["synthetic", "real", "hf"])
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS),
+                        help="the speed part's precisions (bf16 is worth timing only where the CPU has bf16 units)")
     parser.add_argument("--top-k", nargs="*", type=int, default=list(TOP_K), help="the K of the top-K pools studied")
     parser.add_argument("--quick", action="store_true", help="a smoke run: short runs, a tiny memory model")
     parser.add_argument("--out", default=str(RESULTS / "replay_once.json"))
@@ -324,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if "study" in args.parts:
         results["study"] = study(work, steps, pretrain_tokens, args.settings, tuple(args.top_k))
     if "speed" in args.parts:
-        results["speed"] = speed(work, steps, pretrain_tokens)
+        results["speed"] = speed(work, steps, pretrain_tokens, args.precisions)
     if "memory" in args.parts:
         results["memory"] = memory(work, args.quick)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
