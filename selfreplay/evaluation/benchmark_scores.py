@@ -7,6 +7,8 @@ tasks on the model as it is now, so a run can score before and after finetuning.
 
 from __future__ import annotations
 
+import functools
+
 from selfreplay.errors import SelfReplayError, one_line
 
 
@@ -18,12 +20,11 @@ def benchmark_scores(model, tokenizer, tasks: list[str], limit: int | None = Non
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise SelfReplayError("benchmark scores need lm-eval: pip install lm-eval") from None
     get_base = getattr(model, "get_base_model", None)  # lm-eval takes the transformers model (adapters inside)
     harness_model = HFLM(pretrained=get_base() if get_base else model, tokenizer=tokenizer, batch_size=batch_size)
-    manager = TaskManager(include_path=include_path)
+    manager = task_manager(include_path)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise SelfReplayError(f"unknown lm-eval tasks: {', '.join(unknown)} (list them with `lm_eval ls tasks`)")
@@ -38,6 +39,15 @@ def benchmark_scores(model, tokenizer, tasks: list[str], limit: int | None = Non
     return {task: {name.split(",")[0]: float(value) for name, value in metrics.items()
                    if "," in name and "stderr" not in name and isinstance(value, (int, float))}
             for task, metrics in results["results"].items()}
+
+
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: str | None):
+    """lm-eval's index of its tasks (and those under include_path), built once a process: building
+    it reads every task file lm-eval ships (~18 s on a 2-core CPU), and a run scores twice."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
 
 
 def benchmark_table(before: dict, after: dict) -> dict:
