@@ -6,6 +6,7 @@ validation loss over finetuning (docs/method.md, "What is measured").
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -102,6 +103,18 @@ class ValidationSet:
                     count += n
             self._reference_loss = total / count
         return self._reference_loss
+
+
+@contextlib.contextmanager
+def standing_for_reference(model):
+    """θ before its first step, measured as π0: in eval mode (π0's measurements take no dropout),
+    back in its own mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def evaluate(model, tokens: torch.Tensor, reference=None, batch_size: int = 64) -> dict[str, float]:

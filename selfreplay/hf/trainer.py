@@ -31,7 +31,7 @@ from selfreplay.data.text import label_mask, pad_batch, pad_id, rows_from_datase
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
 from selfreplay.evaluation.fidelity import first_draw_fidelity, hf_sample_format
-from selfreplay.evaluation.validation import ValidationSet
+from selfreplay.evaluation.validation import ValidationSet, standing_for_reference
 from selfreplay.model.fingerprint import model_fingerprint
 from selfreplay.model.hf import (
     CausalLM,
@@ -49,7 +49,7 @@ from selfreplay.objective.methods import (
     replay_method,
     training_loss,
 )
-from selfreplay.objective.reference import ReferenceHead, ReferenceUse, reference_use
+from selfreplay.objective.reference import ReferenceHead, ReferenceUse, kept_of_reference, reference_use
 from selfreplay.replay.hf_pool import hf_replay_pool, replay_format
 from selfreplay.replay.pool import ReplayPool, stored_replay
 from selfreplay.replay.store import StoredPool
@@ -165,13 +165,11 @@ class SelfReplayTrainer(Trainer):
     def _without_reference(self, use: ReferenceUse) -> ReferenceHead | None:
         """What the run keeps of π0 when it holds none (π0's head, or nothing), with the old-domain
         measurement's share of π0 taken now, from the model before its first step."""
-        head = ReferenceHead(self.lm.head.weight) if use is ReferenceUse.HEAD else None
+        head = kept_of_reference(self.lm, use)
         if self.old_rows is not None:
-            was_training = self.model.training
-            self.model.eval()
-            self.old_set = self._old_set(self.lm)
-            self.old_set.keep_without_reference(head)
-            self.model.train(was_training)
+            with standing_for_reference(self.lm):
+                self.old_set = self._old_set(self.lm)
+                self.old_set.keep_without_reference(head)
         return head
 
     def _old_set(self, reference) -> ValidationSet:

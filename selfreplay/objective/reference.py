@@ -52,6 +52,12 @@ def reference_use(method: ReplayMethod, replay: ReplayConfig) -> ReferenceUse:
     return ReferenceUse.HEAD
 
 
+def kept_of_reference(model, use: ReferenceUse) -> "ReferenceHead | None":
+    """What a run that does not load π0 keeps of it: its head, copied from θ (`model`, anything with
+    `head.weight`) before the first step, where `use` is HEAD; else nothing."""
+    return ReferenceHead(model.head.weight) if use is ReferenceUse.HEAD else None
+
+
 class ReferenceHead(nn.Module):
     """π0 reduced to its output head: `head.weight` [V, D], a frozen copy of the weight given
     (θ's head before its first step: with a tied embedding, θ's own changes as it trains)."""

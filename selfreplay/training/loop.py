@@ -39,7 +39,7 @@ from selfreplay.data.sequences import BatchLoader, Data, SequenceStream
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
 from selfreplay.evaluation.fidelity import first_draw_fidelity, hf_sample_format
-from selfreplay.evaluation.validation import ValidationSet, compute_multiplier
+from selfreplay.evaluation.validation import ValidationSet, compute_multiplier, standing_for_reference
 from selfreplay.model.transformer import CONFIG_NAME, ModelConfig
 from selfreplay.objective.coefficient import (
     CapacityBound,
@@ -53,7 +53,7 @@ from selfreplay.objective.methods import (
     replay_method,
     training_loss,
 )
-from selfreplay.objective.reference import ReferenceHead, ReferenceUse, reference_use
+from selfreplay.objective.reference import ReferenceHead, ReferenceUse, kept_of_reference, reference_use
 from selfreplay.rundir import METRICS_NAME, POOL_NAME, RunDirectory, notice
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
 from selfreplay.training.families import Family, ReplaySource, family_of, read_init_run
@@ -248,12 +248,11 @@ def validation_without_reference(family: Family, config: RunConfig, data: Data, 
                                  use: ReferenceUse) -> tuple[dict[str, ValidationSet], ReferenceHead | None]:
     """The validation sets of a run that holds no π0 (objective.reference), with what they need of π0
     taken from θ before its first step, when θ is π0; and the part of π0 the run keeps: its head, or None."""
-    model.eval()  # π0's measurements are taken without dropout
-    validation = family.validation_sets(config, "finetune", data, model)
-    head = ReferenceHead(model.head.weight) if use is ReferenceUse.HEAD else None
-    for validation_set in validation.values():
-        validation_set.keep_without_reference(head)
-    model.train()
+    head = kept_of_reference(model, use)
+    with standing_for_reference(model):
+        validation = family.validation_sets(config, "finetune", data, model)
+        for validation_set in validation.values():
+            validation_set.keep_without_reference(head)
     return validation, head
 
 
