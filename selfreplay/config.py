@@ -96,8 +96,8 @@ class ReplayConfig:
     budget: float | None = None  # coeff=auto: the replay KL held, nats per token (required with auto)
     coeff_start: float = 10.0  # coeff=auto: c at the first step
     coeff_min: float = 0.01  # coeff=auto: c's floor
-    coeff_max: float = 100.0  # coeff=auto: c's ceiling; held there over budget, the run is capacity bound
-    horizon: int = 100  # coeff=auto: steps over which c moves by at most a factor e^0.2
+    coeff_max: float = 1000.0  # coeff=auto: c's ceiling; held there over budget, the run is capacity bound
+    horizon: int = 20  # coeff=auto: steps over which c rises by at most a factor e (falls by e^0.2)
     fraction: float = 0.0  # fraction of each batch's rows taken from the replay source in place of new rows
     batch_size: int = 16  # replay sequences per step
     buffer: int = 8  # self replay: the pool holds buffer × batch_size sequences (or decode_batch), redrawn when used up

@@ -118,7 +118,7 @@ def test_a_narrow_model_held_to_a_tight_budget_is_capacity_bound_and_says_so_onc
     (("replay.fraction=0.25", "replay.budget=0.01"), "replay.method=none has none"),
     (("replay.method=ntp", "replay.budget=0.01", "replay.pool=somewhere", "replay.reuse=0"), "holds no π0"),
     (("replay.method=kl",), "set replay.budget"),
-    (("replay.method=kl", "replay.budget=0.01", "replay.coeff_start=1000"), "replay.coeff_start=1000 is outside"),
+    (("replay.method=kl", "replay.budget=0.01", "replay.coeff_start=5000"), "replay.coeff_start=5000 is outside"),
 ])
 def test_settings_coeff_auto_cannot_take_are_refused_in_one_line(corpus, pretrained, tmp_path, overrides, message):
     with pytest.raises(SelfReplayError, match=message) as error:

@@ -6,7 +6,8 @@ import pytest
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.objective.coefficient import (
-    MAX_ERROR,
+    MAX_FALL,
+    MAX_RISE,
     CapacityBound,
     CoefficientController,
 )
@@ -29,18 +30,24 @@ def test_holds_still_at_the_budget():
     assert run(CoefficientController(B, coeff=2.0), [B] * 10) == [2.0] * 10
 
 
-def test_one_update_moves_c_at_most_by_the_clip():
-    for kl in (1e3 * B, 0.0):  # errors far past the clip either way
+def test_one_update_moves_c_at_most_by_the_clip_and_rises_faster_than_it_falls():
+    for kl, error in ((1e3 * B, MAX_RISE), (0.0, -MAX_FALL), (1e-3 * B, -MAX_FALL)):  # past the clip either way
         c = CoefficientController(B, coeff=1.0, horizon=10.0)
-        assert c.update(kl, steps=5) == pytest.approx(math.exp(math.copysign(MAX_ERROR, kl - B) * 5 / 10))
+        assert c.update(kl, steps=5) == pytest.approx(math.exp(error * 5 / 10))
+    assert MAX_RISE > MAX_FALL  # over budget is the failure to correct; under it only slows learning
+
+
+def test_the_error_is_the_log_ratio_inside_the_clip():
+    c = CoefficientController(B, coeff=1.0, coeff_max=1e9, horizon=4.0)
+    assert c.update(1.5 * B, steps=1) == pytest.approx(1.5 ** (1 / 4))
 
 
 def test_a_long_update_keeps_c_positive_and_an_error_undone_returns_c():
     # 100 horizons in one update: the average holds only this update's KL, and c·(1 + e·steps/horizon)
-    # would give 1 + 10 then 11·(1 − 10) < 0; in logs, c goes to e^10 and back
+    # would turn negative; in logs, c goes to 1.1^100 and back
     c = CoefficientController(B, coeff=1.0, coeff_min=1e-9, coeff_max=1e9, horizon=10.0)
-    assert c.update(1.1 * B, steps=1000) == pytest.approx(math.exp(10))
-    assert c.update(0.9 * B, steps=1000) == pytest.approx(1.0, rel=1e-9)
+    assert c.update(1.1 * B, steps=1000) == pytest.approx(1.1 ** 100)
+    assert c.update(B / 1.1, steps=1000) == pytest.approx(1.0, rel=1e-9)
     assert c.update(0.0, steps=1000) == pytest.approx(math.exp(-20))
 
 

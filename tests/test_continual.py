@@ -114,6 +114,17 @@ def test_a_tiny_continual_run_writes_the_matrix(tmp_path, method, capsys, one_th
     assert "nothing to do" in capsys.readouterr().err
 
 
+def test_a_continual_run_holds_each_tasks_replay_kl_to_a_budget(tmp_path, one_thread):
+    config = load_continual_config(None, [f"out={tmp_path / 'run'}", *TINY, "replay.method=kl", "replay.coeff=auto",
+                                          "replay.budget=0.02", "replay.coeff_start=5", "replay.horizon=1"])
+    summary = train_continual(config)
+    assert (summary["coeff"], summary["budget"]) == ("auto", 0.02)
+    assert summary["replay_coeff_end"][0] is None  # the first task pretrains: nothing to replay
+    for run, coeff in zip(summary["runs"][1:], summary["replay_coeff_end"][1:]):  # each task's c, started at 5
+        task = json.loads((tmp_path / "run" / run / "summary.json").read_text())
+        assert task["replay_coeff_end"] == coeff and coeff != 5.0
+
+
 def test_each_task_finetunes_the_previous_tasks_run_with_replay_of_every_earlier_task(tmp_path, one_thread):
     out = tmp_path / "run"
     config = load_continual_config(None, [f"out={out}", *TINY, "replay.method=ntp", "replay.coeff=3"])

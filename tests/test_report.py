@@ -19,7 +19,8 @@ SWEEP = {
         {"name": "pre", "mode": "pretrain", "grid": {"stop.tokens_per_param": [1, 10, 100, 1000]}},
         {"name": "ft", "mode": "finetune", "init": "pre",
          "list": [{"replay.method": "none"}, {"replay.method": "kl", "replay.coeff": 1},
-                  {"replay.method": "kl", "replay.coeff": 10}]},
+                  {"replay.method": "kl", "replay.coeff": 10},
+                  {"replay.method": "kl", "replay.coeff": "auto", "replay.budget": 0.01}]},
         {"name": "sizes", "mode": "pretrain", "grid": {"model.D": [32, 64, 128, 256]}},
         {"name": "size_ft", "mode": "finetune", "init": "sizes",
          "list": [{"replay.method": "none"}, {"replay.method": "kl", "replay.coeff": 10}]},
@@ -39,7 +40,9 @@ SWEEP = {
     "report": [{"figure": "methods", "stage": "methods"}, {"figure": "tokens_per_param", "stage": "ft"},
                {"figure": "model_size", "stage": "size_ft"},
                {"figure": "mix_frontier", "frontier": "mixes", "stage": "trajectories"},
-               {"figure": "learning_rate", "stages": ["lr", "lr_replay"]}, {"figure": "continual", "stage": "tasks"}],
+               {"figure": "learning_rate", "stages": ["lr", "lr_replay"]}, {"figure": "continual", "stage": "tasks"},
+               {"figure": "replay_coefficient", "stage": "ft"},
+               {"figure": "replay_coefficient", "stage": "size_ft"}],  # no held run there: nothing drawn
 }
 
 
@@ -75,14 +78,19 @@ def outcome(run) -> tuple[dict, list[dict]]:
     tpp = run.init.settings.get("stop.tokens_per_param", 10)
     width = run.init.settings.get("model.D", 64)
     floor = 0.002 * math.log10(tpp * 10) * 64 / width
-    none = s["replay.method"] == "none"
-    forgetting = 0.003 * s["optim.lr"] / 1e-5 if none else floor * (1 + 1 / s["replay.coeff"])
+    none, held = s["replay.method"] == "none", s["replay.coeff"] == "auto"
+    forgetting = 0.003 * s["optim.lr"] / 1e-5 if none else floor * (1 + 1 / (20 if held else s["replay.coeff"]))
     seconds = 2e-3 / s["optim.lr"]
     summary = {"mode": "finetune", "old_loss_0": 3.0, "old_loss": 3.0 + forgetting, "forgetting": forgetting,
                "new_loss_0": 4.0, "new_loss": 3.5, "stop_reason": "target_loss", "time_to_target_seconds": seconds,
-               "time_to_target_steps": 10, "train_seconds": seconds, "compute_multiplier": 0.9}
+               "time_to_target_steps": 10, "train_seconds": seconds, "compute_multiplier": 0.9, "steps": 40}
     curve = [{"step": i, "train_seconds": i * seconds / 4, "new_loss": 4.0 - i * 0.125,
               "old_loss": 3.0 + forgetting * i / 4} for i in range(5)]
+    if held:  # c rises to 20, the replay KL settles at the budget; the longest-pretrained model is capacity bound
+        bound = tpp == 1000
+        summary |= {"replay_coeff_end": 20.0, "capacity_bound": bound, "capacity_bound_since": 30 if bound else None}
+        for p, c, kl in zip(curve, (10, 14, 18, 20, 20), (None, 0.02, 0.014, 0.011, 0.03 if bound else 0.0105)):
+            p |= {"replay_coeff": c, "replay_kl": kl}
     return summary, curve
 
 
@@ -108,7 +116,7 @@ def test_report_renders_every_figure_with_its_claim(sweep_dir):
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
     assert sorted(images) == sorted(f"figures/{name}.png" for name in
                                     ("methods", "tokens_per_param", "model_size", "mix_frontier", "learning_rate",
-                                     "continual"))
+                                     "continual", "replay_coefficient"))
     for image in images:
         assert (sweep_dir / image).stat().st_size > 10_000  # a real PNG, not an empty canvas
     claims = text.split("## Claims")[1].split("###")[0]
@@ -145,3 +153,17 @@ def test_report_flags_a_best_coefficient_at_the_edge_of_the_sweep(sweep_dir):
     assert "At 4 of 4 points the best coefficient is the largest tried" in length
     # one coefficient is no sweep: nothing to widen
     assert "largest tried" not in size
+
+
+def test_report_judges_capacity_on_the_runs_held_to_a_budget_and_draws_their_coefficient(sweep_dir):
+    text = write_report(sweep_dir).read_text()
+    length = text.split("### Forgetting against pretraining length")[1].split("### ")[0]
+    # the claim is read on the held runs (a coefficient nobody searched), the best fixed c still shown beside them
+    assert "forgetting held to B=0.01 +0.002, +0.004, +0.006, +0.008" in length
+    assert "| held to B: forgetting | steps | c at the end | capacity bound from |" in length
+    assert length.count("| 10 (largest tried) | 40 |") == 4  # the best fixed c, and its steps to the target
+    assert "| 20 | 30 |" in length  # the capacity-bound run: c at the end, the step it turned bound
+    held = text.split("### The replay coefficient held to a budget")[1].split("### ")[0]
+    assert "At the end 3 of 4 runs hold the replay KL within 1.5x their budget; 1 turned capacity bound" in held
+    assert "| 1000 |" not in held and held.count("| 0.01 | 20 |") == 4  # one row per held run
+    assert "3.00 | 30 |" in held  # KL three times the budget, bound from step 30

@@ -333,14 +333,16 @@ def train_continual(config: ContinualConfig) -> dict:
     tokenizer, files = task_data(config, out)
     exams = {name: make_exam(name, tokenizer, config.tasks.eval_examples, config.seed) for name in names}
     device = resolve_device(config.device)
-    matrix, seconds = [], 0.0
+    matrix, coeffs, seconds = [], [], 0.0
     for i, name in enumerate(names):
         mode, overrides = task_run(config, out, i, files)
         run_config = resolve_config(mode, None, overrides)
         try:
-            seconds += train(run_config, mode)["train_seconds"]
+            task_summary = train(run_config, mode)
         except TrainingDiverged as e:
             raise TrainingDiverged(f"task {name} ({run_config.out}): {e}") from None
+        seconds += task_summary["train_seconds"]
+        coeffs.append(task_summary.get("replay_coeff_end"))
         model = Transformer.from_pretrained(run_config.out, device=device)
         matrix.append([accuracy(model, exams[n]) for n in names])
         if config.log.progress:
@@ -348,7 +350,8 @@ def train_continual(config: ContinualConfig) -> dict:
     summary = {"mode": "continual", "tasks": names, "runs": [run_name(names, i) for i in range(len(names))],
                "accuracy": matrix, "final_accuracy": matrix[-1], "average_accuracy": average_accuracy(matrix),
                "bwt": backward_transfer(matrix), "retention": retention(matrix), "method": config.replay.method,
-               "coeff": config.replay.coeff, "steps": config.tasks.steps * len(names), "train_seconds": seconds}
+               "coeff": config.replay.coeff, "budget": config.replay.budget, "replay_coeff_end": coeffs,
+               "steps": config.tasks.steps * len(names), "train_seconds": seconds}
     directory.write_summary(summary)
     return summary
 

@@ -57,8 +57,9 @@ def sweep_section(sweep_dir: Path, figures_dir: Path) -> Section:
     sweep, runs = load_runs(sweep_dir)
     figures = []
     for spec in sweep.report:
-        figure = FIGURES[spec["figure"]]
-        figures.append(figure(spec, runs, figures_dir))
+        figure = FIGURES[spec["figure"]](spec, runs, figures_dir)
+        if figure is not None:  # a figure with nothing to draw in this sweep (coefficient, without held runs)
+            figures.append(figure)
     return Section(sweep_dir.name, sweep.description, figures, runs)
 
 

@@ -73,9 +73,9 @@ class SelfReplayConfig(TrainingArguments):
                                                                         "nats per token (0.01 to start)"})
     replay_coeff_start: float = field(default=10.0, metadata={"help": "replay_coeff=auto: c at the first step"})
     replay_coeff_min: float = field(default=0.01, metadata={"help": "replay_coeff=auto: c's floor"})
-    replay_coeff_max: float = field(default=100.0, metadata={"help": "replay_coeff=auto: c's ceiling"})
-    replay_horizon: int = field(default=100, metadata={"help": "replay_coeff=auto: steps over which c moves by at "
-                                                               "most a factor e^0.2"})
+    replay_coeff_max: float = field(default=1000.0, metadata={"help": "replay_coeff=auto: c's ceiling"})
+    replay_horizon: int = field(default=20, metadata={"help": "replay_coeff=auto: over budget c rises by at most a "
+                                                               "factor e per horizon steps, under it falls by e^0.2"})
     stop_on_capacity_bound: bool = field(default=False, metadata={"help": "replay_coeff=auto: stop training where "
                                                                           "the run turns capacity bound"})
     replay_batch_size: int = field(default=8, metadata={"help": "replay sequences per device per step"})

@@ -3,12 +3,18 @@
 With `replay.coeff=auto` the user states how much the model may forget, B nats per token of
 KL(π0 ‖ πθ) on replay sequences, instead of a coefficient c. `CoefficientController` moves c
 after every step (or every log point) so the replay KL settles at B: in the spirit of PPO's
-adaptive KL controller, the relative error e = clip(KL/B − 1, ±MAX_ERROR) moves c by a bounded
-factor per `horizon` steps. Two changes, each chosen on hand-made KL sequences:
+adaptive KL controller, an error in the KL moves c by a bounded
+factor per `horizon` steps. Three changes, each chosen on hand-made KL sequences and real runs:
 
 - the update is multiplicative in log space, c ← c · exp(e · steps/horizon), not c · (1 + e ·
   steps/horizon): c stays positive whatever steps/horizon is (the linear form turns negative at
   steps/horizon > 5), and an error up then the same error down return c to where it was;
+- the error is the log ratio e = log(KL/B), clipped asymmetrically to [−MAX_FALL, MAX_RISE]: the
+  replay KL falls roughly as a power of c, so a step in log c against the log ratio is the same
+  correction at every scale, and c rises five times faster than it falls. Over budget is the
+  failure to correct (on real text PPO's ±0.2 needed over 150 steps to take c from 10 to 40);
+  under budget only slows new-domain learning a little, and at the start of a run the KL is ~0
+  while θ is still π0, which a fast fall would answer by throwing c away;
 - the error is taken on an exponential moving average of the KL over ~horizon/4 steps: one
   replay batch's KL is noisy, and the clip turns an unsmoothed controller into one that holds
   the median KL, not the mean, at B (15 % over budget at a 50 % per-batch spread on the toy
@@ -26,7 +32,8 @@ import math
 from selfreplay.config import AUTO, ReplayConfig
 from selfreplay.errors import SelfReplayError
 
-MAX_ERROR = 0.2  # PPO's clip on the relative KL error: one update moves log c by at most 0.2 · steps/horizon
+MAX_RISE = 1.0  # the clip on log(KL/B) over budget: log c rises by at most 1 · steps/horizon
+MAX_FALL = 0.2  # and under it (PPO's 0.2): log c falls by at most 0.2 · steps/horizon
 SMOOTHING = 0.25  # the KL average's time constant, as a fraction of the horizon: well inside the controller's own
 CEILING_TOLERANCE = 1e-9  # relative: c this close to coeff_max counts as at the ceiling (floating-point rounding)
 
@@ -43,11 +50,11 @@ class CoefficientController:
     """The replay coefficient c (dimensionless) that holds the replay KL at `budget` (nats per
     token of KL(π0 ‖ πθ) on replay sequences), kept in [coeff_min, coeff_max].
 
-    horizon (steps): at the largest error, c changes by a factor e^MAX_ERROR ≈ 1.22 per horizon
-    steps, so it doubles in ~3.5 horizons. Deterministic: the same KL sequence gives the same c."""
+    horizon (steps): at the largest errors c rises by a factor e^MAX_RISE ≈ 2.7 per horizon steps
+    and falls by e^−MAX_FALL ≈ 0.82. Deterministic: the same KL sequence gives the same c."""
 
-    def __init__(self, budget: float, coeff: float = 1.0, coeff_min: float = 1e-2, coeff_max: float = 1e2,
-                 horizon: float = 100.0):
+    def __init__(self, budget: float, coeff: float = 1.0, coeff_min: float = 1e-2, coeff_max: float = 1e3,
+                 horizon: float = 20.0):
         if not _finite(budget) or budget <= 0:
             raise SelfReplayError(f"replay.budget must be a positive number of nats per token, got {budget}")
         if not _finite(coeff_min) or not _finite(coeff_max) or not 0 < coeff_min <= coeff_max:
@@ -77,7 +84,8 @@ class CoefficientController:
         # average over ~SMOOTHING·horizon steps, however many steps one update covers
         keep = math.exp(-steps / (SMOOTHING * self.horizon))
         self.kl = replay_kl if self.kl is None else keep * self.kl + (1 - keep) * replay_kl
-        error = min(MAX_ERROR, max(-MAX_ERROR, self.kl / self.budget - 1))
+        ratio = self.kl / self.budget
+        error = -MAX_FALL if ratio <= 0 else min(MAX_RISE, max(-MAX_FALL, math.log(ratio)))
         log_coeff = math.log(self.coeff) + error * steps / self.horizon  # in logs: no overflow at any steps
         if log_coeff >= math.log(self.coeff_max):
             self.coeff = self.coeff_max

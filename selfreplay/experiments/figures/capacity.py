@@ -12,6 +12,7 @@ from selfreplay.experiments.figures.common import (
     best_replay,
     finished,
     fmt,
+    held,
     markdown_table,
     method_label,
     number,
@@ -39,8 +40,9 @@ class CapacityPoint:
 
     x: float
     plain: object | None  # the no-replay run
-    best: object | None  # the replay run that forgot least at the target
-    replays: list  # every replay run
+    best: object | None  # the fixed-coefficient replay run that forgot least at the target
+    replays: list  # every fixed-coefficient replay run
+    held: object | None = None  # the run that held its replay KL to a budget (replay.coeff=auto), if any
 
 
 def tokens_per_param(run) -> float:
@@ -60,7 +62,7 @@ def tokens_per_param_figure(spec: dict, runs: list, out: Path) -> Figure:
                          "pretraining tokens per non-embedding parameter", "Forgetting against pretraining length")
     measured, reproduced = capacity_finding(points, True, "tokens/param " + ", ".join(f"{p.x:.0f}" for p in points))
     if reproduced is not None:
-        reproduced = reproduced and points[0].best.summary["forgetting"] <= 0.01
+        reproduced = reproduced and replay_of_finding(points[0]).summary["forgetting"] <= 0.01
     caption = ("A model pretrained longer is closer to saturation and must overwrite more to learn the new "
                f"domain; replay cannot remove that. Measured: {measured}." + coefficient_range_note(points))
     return Figure(path, "Forgetting against pretraining length", caption,
@@ -83,26 +85,38 @@ def capacity_points(done: list, x_of) -> list[CapacityPoint]:
     by_init: dict = {}
     for r in done:
         by_init.setdefault(r.init.run_dir if r.init else None, []).append(r)
-    points = [CapacityPoint(x_of(group[0].init), plain(group), best_replay(group), [r for r in group if replays(r)])
+    points = [CapacityPoint(x_of(group[0].init), plain(group), best_replay(group),
+                            [r for r in group if replays(r) and not held(r)], next((r for r in group if held(r)), None))
               for group in by_init.values() if group[0].init is not None and group[0].init.summary]
     return sorted(points, key=lambda p: p.x)
 
 
 def best_at_largest(best, replay_runs: list) -> bool:
     """Whether the best coefficient is the largest of several tried: a larger one might forget less."""
-    coeffs = {float(r.value("replay.coeff")) for r in replay_runs if r.value("replay.coeff") != "auto"}
-    fixed = best is not None and best.value("replay.coeff") != "auto"  # a held coefficient has no grid edge
-    return fixed and len(coeffs) > 1 and float(best.value("replay.coeff")) == max(coeffs)
+    coeffs = {float(r.value("replay.coeff")) for r in replay_runs}
+    return best is not None and len(coeffs) > 1 and float(best.value("replay.coeff")) == max(coeffs)
+
+
+def replay_of_finding(point: CapacityPoint):
+    """The replay run a claim is judged on: the run held to a budget where the sweep has one (a
+    coefficient nobody searched for), else the best of the fixed coefficients."""
+    return point.held if point.held is not None else point.best
 
 
 def capacity_finding(points: list[CapacityPoint], rising_with_x: bool, what: str) -> tuple[str, bool | None]:
-    """(what was measured, whether the best replay forgetting rises along x (or falls) and no replay
-    forgets more at every point); None with fewer than two points or a point without a best run."""
-    best = [forgetting(p.best) for p in points]
+    """(what was measured, whether the replay forgetting (held to a budget where every point has
+    such a run, else the best coefficient's) rises along x (or falls) and no replay forgets more at
+    every point); None with fewer than two points or a point without that run."""
+    by_budget = bool(points) and all(p.held is not None for p in points)
+    label = (f"forgetting held to B={float(points[0].held.value('replay.budget')):g}" if by_budget
+             else "best-coefficient forgetting")
+    best = [forgetting(p.held if by_budget else p.best) for p in points]
     none = [forgetting(p.plain) for p in points]
+    if by_budget:  # a held run that missed the target forgot what it forgot where it stopped: not comparable
+        best = [b if reached(p.held) else None for b, p in zip(best, points)]
     if len(points) < 2 or None in best:
-        return f"best-coefficient forgetting {best}", None
-    text = (f"best-coefficient forgetting {', '.join(f'{b:+.3f}' for b in best)}; no replay "
+        return f"{label} {best}", None
+    text = (f"{label} {', '.join(f'{b:+.3f}' for b in best)}; no replay "
             f"{', '.join(fmt(n, '{:+.3f}') or '-' for n in none)} ({what})")
     worse = all(n is not None and n > b for n, b in zip(none, best))
     return text, rises(best if rising_with_x else best[::-1]) and worse
@@ -124,6 +138,14 @@ def plot_capacity(points: list[CapacityPoint], path: Path, xlabel: str, title: s
                                       (lambda p: p.best, "s-", "tab:blue", "self-replay, best coefficient")):
         xy = [(p.x, forgetting(pick(p))) for p in points if forgetting(pick(p)) is not None]
         ax.plot([x for x, _ in xy], [y for _, y in xy], style, color=color, label=label)
+    held_xy = [(p.x, forgetting(p.held)) for p in points if p.held is not None and forgetting(p.held) is not None]
+    if held_xy:
+        budget = float(next(p.held for p in points if p.held is not None).value("replay.budget"))
+        ax.plot([x for x, _ in held_xy], [y for _, y in held_xy], "D--", color="tab:green",
+                label=f"self-replay, KL held to B={budget:g} (c=auto)")
+        for p in points:  # a held run that missed the target (capacity bound) is drawn hollow
+            if p.held is not None and not reached(p.held) and forgetting(p.held) is not None:
+                ax.scatter([p.x], [forgetting(p.held)], s=80, facecolors="none", edgecolors="tab:green")
     for i, p in enumerate(points):
         ys = [y for y in (forgetting(r) for r in p.replays if reached(r)) if y is not None]
         ax.scatter([p.x] * len(ys), ys, s=12, color="tab:blue", alpha=0.3,
@@ -139,16 +161,35 @@ def plot_capacity(points: list[CapacityPoint], path: Path, xlabel: str, title: s
 
 
 def capacity_table(points: list[CapacityPoint], xname: str, xfmt: str) -> str:
-    rows = []
+    rows, held_runs = [], any(p.held is not None for p in points)
     for p in points:
         coeffs = ", ".join(f"c={float(r.value('replay.coeff')):g}: {fmt(r.summary.get('forgetting'), '{:+.3f}')}"
                            + ("" if reached(r) else " (target missed)") for r in p.replays)
         best_c = None
         if p.best:
             best_c = f"{float(p.best.value('replay.coeff')):g}" + (" (largest tried)" if best_at_largest(p.best, p.replays) else "")
-        rows.append([xfmt.format(p.x), fmt(forgetting(p.plain), "{:+.3f}"), fmt(forgetting(p.best), "{:+.3f}"),
-                     best_c, coeffs or None])
-    return markdown_table([xname, "no replay", "best replay", "best c", "every coefficient"], rows)
+        row = [xfmt.format(p.x), fmt(forgetting(p.plain), "{:+.3f}"), fmt(forgetting(p.best), "{:+.3f}"),
+               best_c, steps_to_target(p.best), coeffs or None]
+        rows.append(row + (held_cells(p.held) if held_runs else []))
+    header = [xname, "no replay", "best replay", "best c", "best c: steps", "every coefficient"]
+    if held_runs:
+        header += ["held to B: forgetting", "steps", "c at the end", "capacity bound from"]
+    return markdown_table(header, rows)
+
+
+def steps_to_target(run) -> str | None:
+    """The steps a run took to the target loss, or '-' where it missed it."""
+    return f"{run.summary['steps']}" if run is not None and reached(run) else None
+
+
+def held_cells(run) -> list:
+    """A held run's forgetting, steps to the target, final c and where it turned capacity bound."""
+    if run is None:
+        return [None] * 4
+    s = run.summary
+    forgot = fmt(s.get("forgetting"), "{:+.3f}")
+    return [forgot if reached(run) else f"{forgot} (target missed)", steps_to_target(run),
+            fmt(s.get("replay_coeff_end"), "{:.3g}"), s.get("capacity_bound_since") if s.get("capacity_bound") else None]
 
 
 # ---------------------------------------------------------------- the mix frontier

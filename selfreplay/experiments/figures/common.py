@@ -93,9 +93,15 @@ def plain(runs: list) -> object | None:
     return next((r for r in runs if not replays(r) and not r.value("lora.rank")), None)
 
 
+def held(run) -> bool:
+    """Whether a run held its replay KL to a budget (replay.coeff=auto) rather than fixing c."""
+    return run.value("replay.coeff") == "auto"
+
+
 def best_replay(runs: list) -> object | None:
-    """The replay run (any coefficient) with the least forgetting among those that reached the target."""
-    candidates = [r for r in runs if replays(r) and reached(r) and number(r.summary.get("forgetting")) is not None]
+    """The fixed-coefficient replay run with the least forgetting among those that reached the target."""
+    candidates = [r for r in runs if replays(r) and not held(r) and reached(r)
+                  and number(r.summary.get("forgetting")) is not None]
     return min(candidates, key=lambda r: r.summary["forgetting"], default=None)
 
 
@@ -108,6 +114,7 @@ def method_label(run) -> str:
         return f"replay rows {Fraction(replay_fraction(run)).limit_denominator(1024)}"
     if method in (None, NO_REPLAY.name):
         return "no replay"
+    weight = f"B={float(run.value('replay.budget')):g}" if held(run) else f"c={float(coeff):g}"
     if method == NEW_BATCH_KL.name:
-        return f"KL on new data c={float(coeff):g}"
-    return f"{source}-{str(method).upper()} c={float(coeff):g}"
+        return f"KL on new data {weight}"
+    return f"{source}-{str(method).upper()} {weight}"
