@@ -10,6 +10,8 @@ from selfreplay.objective.coefficient import (
     MAX_RISE,
     CapacityBound,
     CoefficientController,
+    capacity_bound_line,
+    out_of_reach_line,
 )
 
 B = 0.01
@@ -175,3 +177,20 @@ def test_capacity_bound_min_fall_and_bad_arguments():
                    {"budget": B, "coeff_max": 1.0, "min_fall": -0.1}):
         with pytest.raises(SelfReplayError):
             CapacityBound(**kwargs)
+
+
+def test_a_run_says_in_one_line_when_its_budget_was_out_of_reach_and_why():
+    pinned = CoefficientController(B, coeff=1.0, coeff_max=4.0, horizon=1.0)
+    run(pinned, [3 * B] * 10)  # c at its ceiling, the KL still over budget
+    line = out_of_reach_line(pinned, CapacityBound(B, 4.0), lr=1e-3)
+    assert line.startswith("replay.budget=0.01 was not held: c ended at replay.coeff_max=4") and "\n" not in line
+    assert "lower optim.lr" in line and "optim.lr=0.001" in line
+    assert "replay_budget=0.01" in out_of_reach_line(pinned, CapacityBound(B, 4.0), lr=1e-3, sep="_")
+    assert "lower learning_rate" in out_of_reach_line(pinned, CapacityBound(B, 4.0), lr=1e-3, sep="_")
+    bound = CapacityBound(B, 4.0, window=2)
+    observe_all(bound, [(1, 4.0, 3 * B, 3.0), (2, 4.0, 3 * B, 2.0)])  # still learning: capacity, said apart
+    assert out_of_reach_line(pinned, bound, lr=1e-3) is None
+    assert capacity_bound_line(pinned, bound).startswith("capacity bound from step 1: c sits at replay.coeff_max=4")
+    held = CoefficientController(B, coeff=1.0, coeff_max=4.0)
+    run(held, [0.5 * B] * 10)
+    assert out_of_reach_line(held, CapacityBound(B, 4.0), lr=1e-3) is None  # under budget

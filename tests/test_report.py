@@ -167,3 +167,32 @@ def test_report_judges_capacity_on_the_runs_held_to_a_budget_and_draws_their_coe
     assert "At the end 3 of 4 runs hold the replay KL within 1.5x their budget; 1 turned capacity bound" in held
     assert "| 1000 |" not in held and held.count("| 0.01 | 20 |") == 4  # one row per held run
     assert "3.00 | 30 |" in held  # KL three times the budget, bound from step 30
+
+
+class FakeRun:
+    def __init__(self, forgetting, reached=True, bound=False, **settings):
+        self.summary = {"forgetting": forgetting, "stop_reason": "target_loss" if reached else "budget",
+                        "capacity_bound": bound}
+        self.settings = {"replay.budget": 0.01, **settings}
+
+    def value(self, key):
+        return self.settings.get(key)
+
+
+@pytest.mark.parametrize("held, reproduced", [
+    ([(0.004, True, False), (0.006, True, False), (0.02, False, True)], True),  # bound at the hard end: holds
+    ([(0.004, True, False), (0.02, False, True), (0.006, True, False)], False),  # bound in the middle
+    ([(0.004, True, False), (0.006, True, False), (0.02, False, False)], False),  # missed, and not for capacity
+    ([(0.006, True, False), (0.004, True, False), (0.02, False, True)], False),  # forgetting falls
+])
+def test_a_capacity_claim_read_on_held_runs_puts_the_bound_runs_at_the_hard_end(held, reproduced):
+    from selfreplay.experiments.figures.capacity import CapacityPoint, capacity_finding
+
+    points = [CapacityPoint(x, FakeRun(1.0), None, [], FakeRun(f, r, b, **{"replay.coeff": "auto"}))
+              for x, (f, r, b) in zip((1, 10, 100), held)]
+    text, holds = capacity_finding(points, True, "tokens/param 1, 10, 100")
+    assert holds is reproduced and text.startswith("forgetting held to B=0.01")
+    size_text, size_holds = capacity_finding(points[::-1], False, "widths")  # size: the small end is the hard one
+    assert size_holds is reproduced
+    if reproduced:
+        assert "+0.004, +0.006, capacity bound; no replay +1.000" in text

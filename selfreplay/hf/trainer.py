@@ -39,7 +39,7 @@ from selfreplay.model.hf import (
     load_causal_lm,
     with_adapters,
 )
-from selfreplay.objective.coefficient import coefficient_of
+from selfreplay.objective.coefficient import capacity_bound_line, coefficient_of, out_of_reach_line
 from selfreplay.objective.methods import (
     NO_REPLAY,
     REPLAY_KL,
@@ -191,6 +191,10 @@ class SelfReplayTrainer(Trainer):
         tasks = self.args.lm_eval_tasks
         before = self._benchmark_scores(tasks) if tasks else None
         output = super().train(*args, **kwargs)
+        if self.controller is not None and self.is_world_process_zero():
+            line = out_of_reach_line(self.controller, self.capacity, self.args.learning_rate, sep="_")
+            if line:
+                notice(line)
         if tasks:
             after = self._benchmark_scores(tasks)
             self.benchmark_scores = {"before": before, "after": after}
@@ -265,10 +269,7 @@ class SelfReplayTrainer(Trainer):
         if not self.capacity.observe(self.state.global_step, self.controller.coeff, self.controller.kl, new_loss):
             return
         if not was_bound and self.is_world_process_zero():
-            notice(f"capacity bound from step {self.capacity.since}: c sits at replay_coeff_max="
-                   f"{self.args.replay_coeff_max:g}, the replay KL ({self.controller.kl:.3g} nats/token) stays over "
-                   f"replay_budget={self.args.replay_budget:g} and the new-domain loss still falls: this model must "
-                   "forget more than the budget allows to learn this data (a larger budget or model lifts it)")
+            notice(capacity_bound_line(self.controller, self.capacity, sep="_", stopping=self.args.stop_on_capacity_bound))
         if self.args.stop_on_capacity_bound:
             self.control.should_training_stop = True
 

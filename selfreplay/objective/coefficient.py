@@ -176,6 +176,32 @@ class CapacityBound:
         self.losses = losses[-self.window:]
 
 
+def capacity_bound_line(controller: CoefficientController, capacity: CapacityBound, sep: str = ".",
+                        stopping: bool = False) -> str:
+    """The one line a run says when it turns capacity bound; `sep` spells the settings as the front
+    end does (replay.coeff_max for the command line, replay_coeff_max for the Trainer)."""
+    stop = f": stopping (stop{sep}on_capacity_bound)" if stopping else ""
+    return (f"capacity bound from step {capacity.since}: c sits at replay{sep}coeff_max={controller.coeff_max:g}, the "
+            f"replay KL ({controller.kl:.3g} nats/token) stays over replay{sep}budget={controller.budget:g} and the "
+            f"new-domain loss still falls: this model must forget more than the budget allows to learn this data "
+            f"(a larger budget or model lifts it){stop}")
+
+
+def out_of_reach_line(controller: CoefficientController, capacity: CapacityBound, lr: float,
+                      sep: str = ".") -> str | None:
+    """The one line a run ends with when c reached its ceiling and the replay KL is still over
+    budget though the run is not capacity bound (the new-domain loss no longer falls): no c holds
+    this budget at this learning rate, since every Adam step moves each weight by about lr whatever
+    the loss's scale, and that step noise alone keeps θ this far from π0. None when the budget held."""
+    if controller.kl is None or controller.kl <= controller.budget or not controller.at_ceiling or capacity.bound:
+        return None
+    lr_key = "optim.lr" if sep == "." else "learning_rate"
+    return (f"replay{sep}budget={controller.budget:g} was not held: c ended at replay{sep}coeff_max="
+            f"{controller.coeff_max:g} with the replay KL at {controller.kl:.3g} nats/token and the new-domain loss "
+            f"no longer falling, so the optimizer's own steps at {lr_key}={lr:g} move the model more than the budget: "
+            f"lower {lr_key}, or raise replay{sep}budget")
+
+
 def coefficient_of(replay: ReplayConfig) -> tuple[CoefficientController | None, CapacityBound | None]:
     """replay.coeff=auto's controller of c and its capacity-bound detector, as `replay` sets them
     (config.check_budget has checked them); (None, None) for a fixed c."""

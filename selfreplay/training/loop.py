@@ -44,7 +44,9 @@ from selfreplay.model.transformer import CONFIG_NAME, ModelConfig
 from selfreplay.objective.coefficient import (
     CapacityBound,
     CoefficientController,
+    capacity_bound_line,
     coefficient_of,
+    out_of_reach_line,
 )
 from selfreplay.objective.methods import (
     NO_REPLAY,
@@ -390,12 +392,7 @@ def watch_capacity(run: Run, step: int, new_loss: float) -> None:
     was_bound = run.capacity.bound
     if not run.capacity.observe(step, run.controller.coeff, run.controller.kl, new_loss) or was_bound:
         return
-    r = run.config.replay
-    stopping = ": stopping (stop.on_capacity_bound)" if run.config.stop.on_capacity_bound else ""
-    notice(f"capacity bound from step {run.capacity.since}: c sits at replay.coeff_max={r.coeff_max:g}, the replay KL "
-           f"({run.controller.kl:.3g} nats/token) stays over replay.budget={r.budget:g} and the new-domain loss still "
-           f"falls: this model must forget more than the budget allows to learn this data (a larger budget or model "
-           f"lifts it){stopping}")
+    notice(capacity_bound_line(run.controller, run.capacity, stopping=run.config.stop.on_capacity_bound))
 
 
 def _target_or_patience(run: Run, progress: Progress, metrics: dict) -> str | None:
@@ -607,6 +604,8 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
     if progress.diverged is None:
         run.family.save_final(run.model, run.tokenizer, run.config, run.directory)
     keep_coefficient(run, progress)
+    if run.controller is not None and (line := out_of_reach_line(run.controller, run.capacity, run.config.optim.lr)):
+        notice(line)
     summary = _summary(run.config, run.mode, progress, wall_seconds, run.family.params(run.model, run.config))
     summary["peak_memory_mib"], summary["peak_memory_of"] = peak_memory_mib(run.device)
     if run.config.replay.draw_once:  # the drawing of the run's own pool, before its first step
@@ -670,6 +669,7 @@ def _coefficient_summary(config: RunConfig, progress: Progress) -> dict:
     r, auto = config.replay, progress.coefficient is not None
     fixed = r.coeff if replay_method(r.method) is not NO_REPLAY else None
     return {"replay_coeff_end": progress.coefficient["coeff"] if auto else fixed,
+            "replay_kl_end": progress.coefficient["kl"] if auto else None,  # the controller's average at the end
             "capacity_bound": progress.capacity["since"] is not None if auto else None,
             "capacity_bound_since": progress.capacity["since"] if auto else None,
             "replay_fidelity": progress.fidelity}

@@ -104,22 +104,40 @@ def replay_of_finding(point: CapacityPoint):
 
 
 def capacity_finding(points: list[CapacityPoint], rising_with_x: bool, what: str) -> tuple[str, bool | None]:
-    """(what was measured, whether the replay forgetting (held to a budget where every point has
-    such a run, else the best coefficient's) rises along x (or falls) and no replay forgets more at
-    every point); None with fewer than two points or a point without that run."""
-    by_budget = bool(points) and all(p.held is not None for p in points)
-    label = (f"forgetting held to B={float(points[0].held.value('replay.budget')):g}" if by_budget
-             else "best-coefficient forgetting")
-    best = [forgetting(p.held if by_budget else p.best) for p in points]
+    """(what was measured, whether the claim holds): judged on the runs held to a budget where every
+    point has one, else on the best coefficient's. None with fewer than two points or a point
+    without its run."""
+    if points and all(p.held is not None for p in points):
+        return held_finding(points, rising_with_x, what)
+    best = [forgetting(p.best) for p in points]
     none = [forgetting(p.plain) for p in points]
-    if by_budget:  # a held run that missed the target forgot what it forgot where it stopped: not comparable
-        best = [b if reached(p.held) else None for b, p in zip(best, points)]
     if len(points) < 2 or None in best:
-        return f"{label} {best}", None
-    text = (f"{label} {', '.join(f'{b:+.3f}' for b in best)}; no replay "
+        return f"best-coefficient forgetting {best}", None
+    text = (f"best-coefficient forgetting {', '.join(f'{b:+.3f}' for b in best)}; no replay "
             f"{', '.join(fmt(n, '{:+.3f}') or '-' for n in none)} ({what})")
     worse = all(n is not None and n > b for n, b in zip(none, best))
     return text, rises(best if rising_with_x else best[::-1]) and worse
+
+
+def held_finding(points: list[CapacityPoint], rising_with_x: bool, what: str) -> tuple[str, bool | None]:
+    """The capacity claim read on runs that hold one budget B: along the harder direction (longer
+    pretraining, smaller width) forgetting at the target rises, and where the model cannot learn the
+    new domain within B the run is capacity bound (it missed the target with c at its ceiling). So
+    the claim holds when the runs that reached the target forget more the harder the point, forget
+    less than no replay, and the capacity-bound runs are all at the hard end."""
+    harder = points if rising_with_x else points[::-1]
+    label = f"forgetting held to B={float(points[0].held.value('replay.budget')):g}"
+    cells = [fmt(forgetting(p.held), "{:+.3f}") if reached(p.held)
+             else "capacity bound" if p.held.summary.get("capacity_bound") else "target missed" for p in points]
+    none = [forgetting(p.plain) for p in points]
+    text = (f"{label} {', '.join(str(c) for c in cells)}; no replay "
+            f"{', '.join(fmt(n, '{:+.3f}') or '-' for n in none)} ({what})")
+    done = [p for p in harder if reached(p.held)]
+    if len(points) < 2 or not done or any(forgetting(p.held) is None for p in done):
+        return text, None
+    bound_at_hard_end = all(not reached(p.held) and p.held.summary.get("capacity_bound") for p in harder[len(done):])
+    worse = all(forgetting(p.plain) is not None and forgetting(p.plain) > forgetting(p.held) for p in done)
+    return text, harder[:len(done)] == done and bound_at_hard_end and rises([forgetting(p.held) for p in done]) and worse
 
 
 def coefficient_range_note(points: list[CapacityPoint]) -> str:

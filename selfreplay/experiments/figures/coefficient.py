@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selfreplay.experiments.figures.common import Figure, finished, fmt, held, markdown_table, pyplot, save
+from selfreplay.experiments.figures.common import (
+    Figure,
+    finished,
+    fmt,
+    held,
+    markdown_table,
+    pyplot,
+    save,
+)
 from selfreplay.rundir import METRICS_NAME
 
 TOLERANCE = 1.5  # the end replay KL is read as held when within this many budgets
