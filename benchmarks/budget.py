@@ -24,7 +24,8 @@ token), forgetting at the end (old-domain loss rise), and the steps to reach a n
 loss (interpolated along the logged curve). For each budget the *best fixed c* is the smallest
 coefficient of the grid whose end replay KL is within the budget (the one a user searching the
 grid would keep: the least replay weight that meets it); the two are compared at the highest
-new-domain loss both reach. Prints the tables; writes benchmarks/results/budget.json (--out).
+new-domain loss both reach. Prints the tables; writes benchmarks/results/budget.json (--out) and,
+with --figure, c and the replay KL over its budget along each held run (docs/figures/budget.png).
 """
 
 from __future__ import annotations
@@ -151,6 +152,21 @@ def study(work: Path, setting_name: str, steps: int, budgets, coeffs, workers: i
                              for name in runs if name.startswith("B")}}
 
 
+def draw(results: dict, settings: list[str], path: Path) -> None:
+    """The held runs' c and replay KL / budget, every setting in one figure."""
+    from selfreplay.experiments.figures.coefficient import plot_coefficients
+
+    series = []
+    for name in settings:
+        for run, trajectory in results[name]["trajectories"].items():
+            budget = float(run[1:].split("_")[0])
+            label = f"{name}, B={budget:g}" + (f", lr {LOW_LR:g}" if "_lr" in run else "")
+            series.append((label, budget, [tuple(point) for point in trajectory]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_coefficients(series, path)
+    print(f"drew {path}")
+
+
 def cell(value, form: str) -> str:
     return "-" if value is None else form.format(value)
 
@@ -182,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, a small π0")
     parser.add_argument("--out", default=str(RESULTS / "budget.json"))
+    parser.add_argument("--figure", help="a PNG of c and the replay KL against the budget along the held runs")
     args = parser.parse_args(argv)
     steps, pretrain_tokens = (args.steps, 1_500_000) if not args.quick else (20, 100_000)
     results = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "quick": args.quick},
@@ -189,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.settings:
         results[name] = study(Path(args.work), name, steps, args.budgets, args.coeffs, args.workers, pretrain_tokens)
         print_study(name, results[name])
+    if args.figure:
+        draw(results, args.settings, Path(args.figure))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nwrote {args.out}")

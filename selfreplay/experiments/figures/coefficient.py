@@ -26,7 +26,8 @@ def coefficient_figure(spec: dict, runs: list, out: Path) -> Figure | None:
     if not held_runs:
         return None
     curves = {r.name: held_curve(r) for r in held_runs}
-    path = plot_coefficients(held_runs, curves, out / f"{spec.get('name', 'replay_coefficient')}.png")
+    series = [(r.name, float(r.value("replay.budget")), curves[r.name]) for r in held_runs]
+    path = plot_coefficients(series, out / f"{spec.get('name', 'replay_coefficient')}.png")
     rows = [coefficient_row(r, curves[r.name]) for r in held_runs]
     within = sum(row[4] is not None and float(row[4]) <= TOLERANCE for row in rows)
     bound = sum(row[5] is not None for row in rows)
@@ -61,18 +62,24 @@ def coefficient_row(run, curve) -> list:
             fmt(end_kl / budget if end_kl is not None else None, "{:.2f}"), since]
 
 
-def plot_coefficients(held_runs: list, curves: dict, path: Path) -> Path:
+def plot_coefficients(series: list[tuple[str, float, list]], path: Path) -> Path:
+    """Two panels from (label, budget, [(step, c, replay KL), ...]) per run: c, and the KL over budget."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in held_runs:
-        curve, budget = curves[r.name], float(r.value("replay.budget"))
-        left.plot([s for s, _, _ in curve], [c for _, c, _ in curve], ".-", label=r.name, linewidth=1)
+    for label, budget, curve in series:
+        left.plot([s for s, _, _ in curve], [c for _, c, _ in curve], ".-", label=label, linewidth=1)
         kl = [(s, k / budget) for s, _, k in curve if k is not None]
-        right.plot([s for s, _ in kl], [y for _, y in kl], ".-", label=r.name, linewidth=1)
+        right.plot([s for s, _ in kl], [y for _, y in kl], ".-", label=label, linewidth=1)
     right.axhline(1, color="black", linewidth=1, label="the budget")
     right.axhline(TOLERANCE, color="gray", linewidth=0.8, linestyle=":", label=f"{TOLERANCE:g}x the budget")
-    left.set_yscale("log")
-    right.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2, not 2x10^0
+    for ax in (left, right):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+    left.yaxis.set_minor_formatter(NullFormatter())  # c spans decades: its powers of ten are enough
+    right.yaxis.set_minor_formatter(plain)  # the KL over budget stays within one or two
     left.set_xlabel("step")
     right.set_xlabel("step")
     left.set_ylabel("replay coefficient c")
