@@ -183,8 +183,8 @@ def capacity_bound_line(controller: CoefficientController, capacity: CapacityBou
     stop = f": stopping (stop{sep}on_capacity_bound)" if stopping else ""
     return (f"capacity bound from step {capacity.since}: c sits at replay{sep}coeff_max={controller.coeff_max:g}, the "
             f"replay KL ({controller.kl:.3g} nats/token) stays over replay{sep}budget={controller.budget:g} and the "
-            f"new-domain loss still falls: this model must forget more than the budget allows to learn this data "
-            f"(a larger budget or model lifts it){stop}")
+            f"new-domain loss still falls: at this learning rate this model must forget more than the budget allows "
+            f"to learn this data (a larger budget, a larger model or a lower learning rate lifts it){stop}")
 
 
 def out_of_reach_line(controller: CoefficientController, capacity: CapacityBound, lr: float,
