@@ -53,11 +53,24 @@ def held_curve(run) -> list[tuple[int, float, float | None]]:
     return curve
 
 
+def bound_since(run):
+    """The step the run turned capacity bound; of a continual run, 'TASK RUN: step N' for its first
+    bound task. None: never."""
+    if run.summary.get("capacity_bound"):
+        return run.summary.get("capacity_bound_since")
+    for name in run.summary.get("runs", []):
+        summary = run.run_dir / name / "summary.json"
+        task = json.loads(summary.read_text()) if summary.exists() else {}
+        if task.get("capacity_bound"):
+            return f"{name}: step {task.get('capacity_bound_since')}"
+    return None
+
+
 def coefficient_row(run, curve) -> list:
     budget = float(run.value("replay.budget"))
     kls = [kl for _, _, kl in curve if kl is not None]
     end_kl = kls[-1] if kls else None
-    since = run.summary.get("capacity_bound_since") if run.summary.get("capacity_bound") else None
+    since = bound_since(run)
     return [run.name, f"{budget:g}", fmt(curve[-1][1] if curve else None, "{:.3g}"), fmt(end_kl, "{:.4f}"),
             fmt(end_kl / budget if end_kl is not None else None, "{:.2f}"), since]
 
