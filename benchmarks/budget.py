@@ -40,13 +40,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import replay_once
+import replay_once  # its π0s and curve readers
+
+from selfreplay.experiments.figures.coefficient import (
+    TOLERANCE,  # the end replay KL may be this many times B
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS, LOG_EVERY = 300, 15
 BUDGETS = (0.003, 0.01, 0.03)
 COEFFS = (3, 10, 30, 100, 300)
-TOLERANCE = 1.5  # the end replay KL may be this many times B
 LOW_LR = 3e-4  # the smallest budget is run again at this learning rate (under the noise floor of 1e-3)
 
 
@@ -121,10 +124,12 @@ def compare(runs: dict[str, dict], budget: float, coeffs, name: str | None = Non
     """B's held run (`name`, by default B<budget>) against the best fixed c: end KL/B, forgetting,
     steps to their common target."""
     held = runs[name or f"B{budget:g}"]
-    row = {"run": name or f"B{budget:g}", "budget": budget, "old_kl_end": held["summary"].get("old_kl"), "end_replay_kl": end_replay_kl(held), "kl_over_budget": end_replay_kl(held) / budget,
+    end_kl = end_replay_kl(held)
+    row = {"run": name or f"B{budget:g}", "budget": budget, "old_kl_end": held["summary"].get("old_kl"),
+           "end_replay_kl": end_kl, "kl_over_budget": end_kl / budget,
            "forgetting_end": held["summary"]["forgetting"], "new_loss_end": held["summary"]["new_loss"],
            "coeff_end": held["summary"].get("replay_coeff_end"), "capacity_bound": held["summary"].get("capacity_bound"),
-           "within_tolerance": end_replay_kl(held) <= TOLERANCE * budget}
+           "within_tolerance": end_kl <= TOLERANCE * budget}
     fixed = best_fixed(runs, budget, coeffs)
     row["best_fixed"] = fixed
     if fixed:
@@ -138,8 +143,9 @@ def compare(runs: dict[str, dict], budget: float, coeffs, name: str | None = Non
 
 
 def study(work: Path, setting_name: str, steps: int, budgets, coeffs, workers: int, pretrain_tokens: int) -> dict:
-    setting = (replay_once.prepare_builtin(work, "real", pretrain_tokens) if setting_name == "real"
-               else (replay_once.prepare_builtin(work, "real", pretrain_tokens), replay_once.prepare_hf(work))[1])
+    setting = replay_once.prepare_builtin(work, "real", pretrain_tokens)  # the hf setting exports its π0
+    if setting_name == "hf":
+        setting = replay_once.prepare_hf(work)
     root = work / "budget" / f"{setting_name}_{steps}"
     runs = plan(budgets, coeffs)
     with ThreadPoolExecutor(workers) as pool:
@@ -225,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print_study(name, results[name])
     if args.figure:
         draw(results, args.settings, Path(args.figure))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    replay_once.write_results(results, Path(args.out))
     return 0
 
 

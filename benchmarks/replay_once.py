@@ -347,10 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         results["speed"] = speed(work, steps, pretrain_tokens, args.precisions)
     if "memory" in args.parts:
         results["memory"] = memory(work, args.quick)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    write_results(results, Path(args.out))
     return 0
+
+
+def write_results(results: dict, out: Path) -> None:
+    """The benchmark's JSON, its folder made if missing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":
