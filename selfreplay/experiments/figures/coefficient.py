@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from selfreplay.experiments.figures.common import (
@@ -17,6 +18,12 @@ from selfreplay.experiments.figures.common import (
 from selfreplay.rundir import METRICS_NAME
 
 TOLERANCE = 1.5  # the end replay KL is read as held when within this many budgets
+
+
+def _two_and_five(value: float, _) -> str:
+    """A minor tick's label on a log axis: only at 2 and 5 times a power of ten, so labels never crowd."""
+    leading = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if round(leading) in (2, 5) else ""
 
 
 def coefficient_figure(spec: dict, runs: list, out: Path) -> Figure | None:
@@ -92,7 +99,7 @@ def plot_coefficients(series: list[tuple[str, float, list]], path: Path) -> Path
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(plain)
     left.yaxis.set_minor_formatter(NullFormatter())  # c spans decades: its powers of ten are enough
-    right.yaxis.set_minor_formatter(plain)  # the KL over budget stays within one or two
+    right.yaxis.set_minor_formatter(FuncFormatter(_two_and_five))  # the KL over budget: 0.2, 0.5, 2, 5 too
     left.set_xlabel("step")
     right.set_xlabel("step")
     left.set_ylabel("replay coefficient c")
