@@ -93,6 +93,25 @@ def test_liger_ignore_index_averages_over_the_counted_rows_as_selfreplay():
     assert liger(h, w, th, tw, labels).item() == pytest.approx(kept.item(), rel=1e-5)
 
 
+def test_every_trainer_runs_float32_without_recomputation(tmp_path):
+    """TRL's SFTConfig defaults to bf16 and activation checkpointing; the benchmark's arguments turn
+    both off, so SFTTrainer and SelfReplayTrainer train the same way."""
+    pytest.importorskip("transformers")
+    peers = _peers()
+    spec = {"optim": peers.PLAIN_OPTIM, "batch": 2, "T": 16, "steps": 1, "seed": 0, "device": "cpu"}
+    arguments = peers.trainer_arguments(spec, str(tmp_path))
+    configs = []
+    if importlib.util.find_spec("trl") is not None:
+        from trl import SFTConfig
+
+        configs.append(SFTConfig(**arguments))
+    from selfreplay.hf.trainer import SelfReplayConfig
+
+    configs.append(SelfReplayConfig(**arguments, replay_method="none"))
+    for config in configs:
+        assert (config.bf16, config.fp16, config.activation_checkpointing) == (False, False, False), type(config)
+
+
 def test_at_new_loss_interpolates_at_the_first_crossing():
     peers = _peers()
     curve = [{"new_loss": 4.0, "forgetting": 0.0, "train_seconds": 0.0},
