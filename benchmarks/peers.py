@@ -218,7 +218,8 @@ def trainer_arguments(spec: dict, out: str) -> dict:
     float32 and no activation checkpointing (TRL's configs default to bf16 and to recomputing
     activations in the backward pass: both are turned off, as selfreplay runs)."""
     o = spec["optim"]
-    return {"output_dir": out, "bf16": False, "fp16": False, "activation_checkpointing": False, "per_device_train_batch_size": spec["batch"], "max_length": spec["T"],
+    return {"output_dir": out, "bf16": False, "fp16": False, "activation_checkpointing": False,
+            "per_device_train_batch_size": spec["batch"], "max_length": spec["T"],
             "max_steps": spec["steps"], "learning_rate": o["lr"], "adam_beta1": o["beta1"], "adam_beta2": o["beta2"],
             "adam_epsilon": 1e-8, "weight_decay": o["weight_decay"], "optim": "adamw_torch",
             "lr_scheduler_type": "constant_with_warmup", "warmup_steps": o["warmup_steps"],
