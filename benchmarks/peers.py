@@ -847,6 +847,21 @@ def default_memory_cap_gib() -> float:
     return 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
+def kl_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace, sizes: dict) -> dict:
+    """Part 3's methods and shapes, with the command line's choices in place of the defaults."""
+    sizes = dict(sizes)
+    if args.kl_methods:
+        sizes["methods"] = [m.strip() for m in args.kl_methods.split(",") if m.strip()]
+    for flag, key in (("kl_vocab", "V"), ("kl_rows", "rows"), ("kl_dims", "D")):
+        given = getattr(args, flag)
+        if given:
+            try:
+                sizes[key] = [int(x) for x in given.split(",") if x.strip()]
+            except ValueError:
+                parser.error(f"--{flag.replace('_', '-')} takes whole numbers separated by commas, got {given!r}")
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of seconds on tiny sizes")
@@ -856,6 +871,9 @@ def main() -> None:
     parser.add_argument("--model", help="a transformers model directory (default: hf_real_text's exported model)")
     parser.add_argument("--target", type=float, help="part 2's common new-domain loss (default 3.9; --quick: automatic)")
     parser.add_argument("--kl-methods", help=f"part 3's methods, comma-separated, of {', '.join(KL_METHODS)}")
+    parser.add_argument("--kl-vocab", help="part 3's vocabulary sizes, comma-separated (default 4096,32768,131072)")
+    parser.add_argument("--kl-rows", help="part 3's row counts, comma-separated (default 2048,8192)")
+    parser.add_argument("--kl-dims", help="part 3's hidden sizes D, comma-separated (default 512,2048)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--memory-cap-gib", type=float, default=default_memory_cap_gib(),
                         help="address-space limit of each CPU worker (default: 80%% of the machine's memory)")
@@ -876,8 +894,7 @@ def main() -> None:
     work = Path(args.work or REPO / "runs" / name).resolve()
     out = Path(args.out or RESULTS / f"{name}.json")
     ctx = Context(args.quick, work, args.device, args.memory_cap_gib, args.timeout)
-    if args.kl_methods:
-        ctx.sizes = {**ctx.sizes, "kl": {**ctx.sizes["kl"], "methods": [m.strip() for m in args.kl_methods.split(",")]}}
+    ctx.sizes = {**ctx.sizes, "kl": kl_sizes(parser, args, ctx.sizes["kl"])}
     results = {"quick": args.quick, "command": " ".join(["python", *sys.argv]), "environment": environment(ctx)}
     model = old = None
     if {"finetune", "kl_finetune"} & set(parts):

@@ -5,6 +5,7 @@ import random
 import pytest
 
 from selfreplay.errors import SelfReplayError
+from selfreplay.objective import coefficient
 from selfreplay.objective.coefficient import (
     MAX_FALL,
     MAX_RISE,
@@ -94,6 +95,13 @@ def test_a_restored_coefficient_is_clipped_into_the_resumed_runs_bounds():
         c.load_state_dict({"coeff": 1.0})
 
 
+def test_a_checkpoint_from_before_the_windup_guard_resumes():
+    c = CoefficientController(B)
+    c.load_state_dict({"coeff": 4.0, "kl": 0.02, "updates": 3, "skipped": 0})
+    assert (c.coeff, c.kl_slow, c.log_coeff_fast, c.log_coeff_slow) == (4.0, 0.02, math.log(4.0), math.log(4.0))
+    c.update(0.02)
+
+
 def test_converges_to_the_budget_on_a_toy_model():
     a = 0.37  # replay KL = a / c: the budget needs c = a / B = 37
     c = CoefficientController(B, coeff=1.0, coeff_max=1e3, horizon=20.0)
@@ -101,6 +109,40 @@ def test_converges_to_the_budget_on_a_toy_model():
         c.update(a / c.coeff)
     assert a / c.coeff == pytest.approx(B, rel=0.1)
     assert c.coeff == pytest.approx(a / B, rel=0.1)
+
+
+def test_a_model_that_answers_c_at_once_is_not_slowed_by_the_windup_guard():
+    a = 0.37  # KL = a / c falls exactly as fast as c rises: every rise works, none is held
+    c = CoefficientController(B, coeff=1.0, coeff_max=1e3, horizon=20.0)
+    ratios = [a / c.update(a / c.coeff) / B for _ in range(100)]
+    assert ratios[-1] == pytest.approx(1.0, rel=0.05)
+
+
+def test_c_rises_less_while_the_kl_falls_on_its_own(monkeypatch):
+    # over budget, but falling 0.3 %/step by itself: at that rate it reaches B in ~135 steps
+    kls = [1.5 * B * math.exp(-0.003 * t) for t in range(150)]
+    guarded = max(run(CoefficientController(B, coeff=10.0), kls))
+    monkeypatch.setattr(coefficient, "REACH", 0.0)
+    unguarded = max(run(CoefficientController(B, coeff=10.0), kls))
+    assert math.log(guarded / 10.0) < 0.7 * math.log(unguarded / 10.0)
+
+
+def slow_model_peak() -> float:
+    """c's peak on a model whose KL relaxes towards 0.5·B + 5·B/c over ~200 steps from 3·B: c = 10
+    holds the budget in the end, and a c past ~50 barely moves the KL (Adam's step is ~lr whatever
+    the loss's scale), so every rise past that is windup."""
+    c, kl, peak = CoefficientController(B, coeff=10.0, horizon=20.0), 3 * B, 0.0
+    for _ in range(800):
+        kl += (0.5 * B + 5 * B / c.coeff - kl) / 200
+        peak = max(peak, c.update(kl))
+    return peak
+
+
+def test_c_does_not_wind_up_on_a_model_that_answers_it_slowly(monkeypatch):
+    guarded = slow_model_peak()
+    monkeypatch.setattr(coefficient, "REACH", 0.0)  # the guard off: c runs to its ceiling
+    assert slow_model_peak() == 1e3
+    assert guarded < 300
 
 
 def test_holds_the_mean_kl_at_the_budget_under_per_batch_noise():

@@ -144,14 +144,14 @@ def test_a_failing_worker_is_recorded_in_one_line(tmp_path):
 def test_quick_kl_part_runs_and_writes_its_json(tmp_path):
     out = tmp_path / "peers.json"
     done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--parts", "kl", "--kl-methods", "selfreplay,full_logits",
-                           "--out", str(out), "--work", str(tmp_path / "work")],
+                           "--kl-vocab", "512,256", "--kl-rows", "128", "--kl-dims", "32", "--out", str(out), "--work", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=300, check=False, cwd=SCRIPT.parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["quick"] is True and result["environment"]["packages"]["torch"] == torch.__version__
     assert set(result) >= {"environment", "kl"} and "finetune" not in result
     shapes = result["kl"]["shapes"]
-    assert [(s["V"], s["rows"], s["D"]) for s in shapes] == [(512, 256, 32)]
+    assert [(s["V"], s["rows"], s["D"]) for s in shapes] == [(512, 128, 32), (256, 128, 32)]  # the flags' shapes
     methods = shapes[0]["methods"]
     assert shapes[0]["agreement_reference"] == "selfreplay" and sorted(methods) == ["full_logits", "selfreplay"]
     for m in methods.values():

@@ -20,6 +20,17 @@ factor per `horizon` steps. Three changes, each chosen on hand-made KL sequences
   the median KL, not the mean, at B (15 % over budget at a 50 % per-batch spread on the toy
   model KL = a/c; 1 % with the average, and no overshoot added on a model that responds slowly).
 
+One guard against windup, found on the continual tasks: c does not rise while the KL is already
+falling on its own towards the budget. The replay KL measures the drift accumulated so far, and
+with Adam, whose step is about lr whatever the loss's scale, a c past the point where replay
+dominates the gradient no longer speeds the KL's fall: a controller that keeps raising c until
+the KL is back under B overshoots by orders of magnitude (c 10 → 348 at 1.1-1.5 × B on modular
+addition, with the new task unlearned while c took 500 steps to come back down). So a rise is
+held when the KL average is falling fast enough to reach B within REACH horizons and that fall
+is not c's own doing (the KL falls less than DRIVEN times as fast as log c has risen: on a model
+that answers c at once, KL = a/c, every rise is still taken). The trend is the difference of two
+averages, the KL's over horizon/4 and over one horizon, and the same two of log c.
+
 `CapacityBound` watches the log points for the run this cannot save: c at its ceiling, the
 replay KL still over budget, and the new-domain loss still falling, so the model is forgetting
 to learn the new data (the model's capacity, not the coefficient, is the limit).
@@ -35,6 +46,9 @@ from selfreplay.errors import SelfReplayError
 MAX_RISE = 1.0  # the clip on log(KL/B) over budget: log c rises by at most 1 · steps/horizon
 MAX_FALL = 0.2  # and under it (PPO's 0.2): log c falls by at most 0.2 · steps/horizon
 SMOOTHING = 0.25  # the KL average's time constant, as a fraction of the horizon: well inside the controller's own
+TREND = 1.0  # the slower averages' time constant, in horizons: the trend is the fast average against this one
+REACH = 20.0  # horizons: a rise is held while the KL's own fall would bring it to the budget within this many
+DRIVEN = 0.5  # a fall in log KL at least this fraction of log c's rise is c's doing (the rise works: keep it)
 CEILING_TOLERANCE = 1e-9  # relative: c this close to coeff_max counts as at the ceiling (floating-point rounding)
 
 
@@ -68,6 +82,8 @@ class CoefficientController:
         self.budget, self.horizon = float(budget), float(horizon)
         self.coeff_min, self.coeff_max, self.coeff = float(coeff_min), float(coeff_max), float(coeff)
         self.kl: float | None = None  # the moving average of the replay KL (nats per token); None before the first
+        self.kl_slow: float | None = None  # its average over a whole horizon: the KL's trend is kl against it
+        self.log_coeff_fast = self.log_coeff_slow = math.log(self.coeff)  # the same two averages of log c
         self.updates = 0  # updates applied
         self.skipped = 0  # non-finite KLs left out
 
@@ -81,11 +97,14 @@ class CoefficientController:
         if not math.isfinite(replay_kl):
             self.skipped += 1
             return self.coeff
-        # average over ~SMOOTHING·horizon steps, however many steps one update covers
-        keep = math.exp(-steps / (SMOOTHING * self.horizon))
+        # average over ~SMOOTHING·horizon steps (and TREND·horizon), however many steps one update covers
+        keep, keep_slow = math.exp(-steps / (SMOOTHING * self.horizon)), math.exp(-steps / (TREND * self.horizon))
         self.kl = replay_kl if self.kl is None else keep * self.kl + (1 - keep) * replay_kl
+        self.kl_slow = replay_kl if self.kl_slow is None else keep_slow * self.kl_slow + (1 - keep_slow) * replay_kl
         ratio = self.kl / self.budget
         error = -MAX_FALL if ratio <= 0 else min(MAX_RISE, max(-MAX_FALL, math.log(ratio)))
+        if error > 0 and self._falling_on_its_own(math.log(ratio)):
+            error = 0.0
         log_coeff = math.log(self.coeff) + error * steps / self.horizon  # in logs: no overflow at any steps
         if log_coeff >= math.log(self.coeff_max):
             self.coeff = self.coeff_max
@@ -93,8 +112,22 @@ class CoefficientController:
             self.coeff = self.coeff_min
         else:
             self.coeff = math.exp(log_coeff)
+        log_coeff = math.log(self.coeff)
+        self.log_coeff_fast = keep * self.log_coeff_fast + (1 - keep) * log_coeff
+        self.log_coeff_slow = keep_slow * self.log_coeff_slow + (1 - keep_slow) * log_coeff
         self.updates += 1
         return self.coeff
+
+    def _falling_on_its_own(self, log_ratio: float) -> bool:
+        """The KL average falls, not because c rose, fast enough to reach the budget within REACH
+        horizons from `log_ratio` = log(KL/B) > 0: raising c now would only wind it up."""
+        if self.kl <= 0 or self.kl_slow <= 0 or self.kl >= self.kl_slow:
+            return False
+        fall = math.log(self.kl_slow / self.kl)  # in logs, over the (TREND − SMOOTHING)·horizon steps between the averages
+        rise = self.log_coeff_fast - self.log_coeff_slow
+        if rise > 0 and fall >= DRIVEN * rise:  # the fall keeps pace with c's rise: the rise is working
+            return False
+        return log_ratio <= fall * REACH / (TREND - SMOOTHING)
 
     @property
     def at_ceiling(self) -> bool:
@@ -102,21 +135,29 @@ class CoefficientController:
 
     def state_dict(self) -> dict:
         """Plain floats and ints (JSON round-trips them exactly): resuming gives the same c after."""
-        return {"coeff": self.coeff, "kl": self.kl, "updates": self.updates, "skipped": self.skipped}
+        return {"coeff": self.coeff, "kl": self.kl, "kl_slow": self.kl_slow, "log_coeff_fast": self.log_coeff_fast,
+                "log_coeff_slow": self.log_coeff_slow, "updates": self.updates, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s output. A coefficient outside this run's bounds (the ceiling was
         raised or lowered for the resumed run) is clipped into them."""
         try:
             coeff, kl, updates, skipped = state["coeff"], state["kl"], state["updates"], state["skipped"]
-        except (KeyError, TypeError):
+            # the trend's averages; a checkpoint from before the windup guard starts them where c and the KL stand
+            kl_slow = state.get("kl_slow", kl)
+            log_fast = state.get("log_coeff_fast", math.log(coeff) if _finite(coeff) and coeff > 0 else None)
+            log_slow = state.get("log_coeff_slow", log_fast)
+        except (KeyError, TypeError, AttributeError):
             raise SelfReplayError("the checkpoint's replay coefficient state is not one CoefficientController "
                                   "wrote: resume from a checkpoint of a run with replay.coeff=auto") from None
-        if not _finite(coeff) or coeff <= 0 or (kl is not None and not _finite(kl)):
+        if (not _finite(coeff) or coeff <= 0 or any(x is not None and not _finite(x) for x in (kl, kl_slow))
+                or not _finite(log_fast) or not _finite(log_slow)):
             raise SelfReplayError(f"the checkpoint's replay coefficient state is damaged (coeff={coeff}, kl={kl}): "
                                   "resume from an earlier checkpoint")
         self.coeff = min(self.coeff_max, max(self.coeff_min, float(coeff)))
         self.kl = None if kl is None else float(kl)
+        self.kl_slow = None if kl_slow is None else float(kl_slow)
+        self.log_coeff_fast, self.log_coeff_slow = float(log_fast), float(log_slow)
         self.updates, self.skipped = int(updates), int(skipped)
 
 
