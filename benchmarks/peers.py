@@ -4,6 +4,8 @@
     python benchmarks/peers.py --parts kl                       # one or more of: finetune, kl_finetune, kl
     python benchmarks/peers.py --model runs/hf_real_text/hf     # an exported model already at hand
     python benchmarks/peers.py --quick                          # a smoke run on tiny sizes (--parts kl: seconds)
+    python benchmarks/peers.py --parts kl --kl-rows 2048 --kl-dims 512    # fewer part-3 shapes
+    python benchmarks/peers.py --parts kl_finetune --seeds 0              # part 2 at one seed
 
 The model is a transformers directory: --model, or by default the 2.5M-parameter Llama-style
 model that benchmarks/hf_real_text.py pretrains on English fortunes and exports with
@@ -46,6 +48,8 @@ Everything runs in float32.
    - liger: `LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0, weight_soft_loss=1,
      temperature=1)` (the pure-PyTorch chunked loss, chunks of 1024 rows, its default; compiled=False,
      and its default compiled=True for liger_compiled);
+   - liger_triton (CUDA only): `liger_kernel.transformers.LigerFusedLinearJSD(jsd_beta=0)`, Liger's
+     Triton kernel of the fused linear + JSD, the path its GPU users run (beta = 0: forward KL);
    - full_logits: `F.kl_div(log_softmax(h W^T), log_softmax(h_t W_t^T), log_target=True,
      reduction="batchmean")`, the [rows, V] logits whole.
    All three are the same number: the mean over rows of the forward KL(teacher || student) =
@@ -103,7 +107,8 @@ import hf_real_text  # its data, English split, pretraining and export
 DATA = hf_real_text.DATA
 NEW_TEXT = DATA / "es.jsonl"
 PARTS = ("finetune", "kl_finetune", "kl")
-KL_METHODS = ("selfreplay", "selfreplay_compiled", "liger", "liger_compiled", "full_logits")
+KL_METHODS = ("selfreplay", "selfreplay_compiled", "liger", "liger_compiled", "liger_triton", "full_logits")
+CUDA_ONLY = ("liger_triton",)  # Triton kernels: part 3 runs them by default on CUDA only
 AGREE_TOLERANCE = 1e-4
 LOGIT_SCALE = 2.0  # standard deviation of the random logits in part 3 (peaked, as a trained model's)
 
@@ -125,7 +130,7 @@ SIZES = {
         "kl_finetune": {"T": 128, "seeds": [0, 1, 2], "target": 3.9, "settings": hf_real_text.FINETUNE,
                         "every_tokens": 32768, "tokens": 3_000_000, "wall_seconds": 600},
         "kl": {"V": [4096, 32768, 131072], "rows": [2048, 8192], "D": [512, 2048], "warmup": 1, "repeats": 2,
-               "methods": list(KL_METHODS)},
+               "methods": [m for m in KL_METHODS if m not in CUDA_ONLY]},
         "timeout": 3600,
     },
     "quick": {
@@ -402,6 +407,11 @@ def kl_function(method: str):
         loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=1.0,
                                        compiled=method == "liger_compiled")
         return lambda th, tw, h, w: loss(h, w, th, tw, torch.zeros(len(h), dtype=torch.long, device=h.device))
+    if method == "liger_triton":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        loss = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
+        return lambda th, tw, h, w: loss(h, w, th, tw, None)
     if method == "full_logits":
         return full_logit_kl
     raise ValueError(f"unknown KL method {method!r}: one of {', '.join(KL_METHODS)}")
@@ -784,8 +794,9 @@ def measure_kl(ctx: Context, method: str, shape: dict, grads: Path) -> dict:
     return timed if "error" in timed else {**timed, **memory}
 
 
-def part_kl(ctx: Context) -> dict:
-    """Part 3: every method at every shape; agreement against selfreplay's value and gradients."""
+def part_kl(ctx: Context, keep=lambda part: None) -> dict:
+    """Part 3: every method at every shape; agreement against selfreplay's value and gradients.
+    `keep(part so far)` after every shape, so a run cut short keeps the shapes it measured."""
     k, rows = ctx.sizes["kl"], []
     grads = ctx.work / "kl_grads"
     grads.mkdir(parents=True, exist_ok=True)
@@ -802,8 +813,12 @@ def part_kl(ctx: Context) -> dict:
                 for method in k["methods"]:
                     (grads / f"{method}.pt").unlink(missing_ok=True)
                 rows.append({**shape, "agreement_reference": reference, "methods": methods})
-    return {"tolerance": AGREE_TOLERANCE, "logit_scale": LOGIT_SCALE, "warmup": k["warmup"], "repeats": k["repeats"],
-            "shapes": rows}
+                keep({**kl_settings(k), "shapes": rows})
+    return {**kl_settings(k), "shapes": rows}
+
+
+def kl_settings(k: dict) -> dict:
+    return {"tolerance": AGREE_TOLERANCE, "logit_scale": LOGIT_SCALE, "warmup": k["warmup"], "repeats": k["repeats"]}
 
 
 def print_kl(part: dict) -> None:
@@ -847,19 +862,43 @@ def default_memory_cap_gib() -> float:
     return 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
+def whole_numbers(parser: argparse.ArgumentParser, flag: str, given: str) -> list[int]:
+    """A comma-separated list of whole numbers from the command line; a one-line usage error otherwise."""
+    try:
+        numbers = [int(x) for x in given.split(",") if x.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers:
+        parser.error(f"{flag} takes whole numbers separated by commas, got {given!r}")
+    return numbers
+
+
+def kl_finetune_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace, sizes: dict) -> dict:
+    """Part 2's settings, with the command line's seeds in place of the defaults."""
+    return {**sizes, "seeds": whole_numbers(parser, "--seeds", args.seeds)} if args.seeds else sizes
+
+
 def kl_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace, sizes: dict) -> dict:
     """Part 3's methods and shapes, with the command line's choices in place of the defaults."""
     sizes = dict(sizes)
     if args.kl_methods:
         sizes["methods"] = [m.strip() for m in args.kl_methods.split(",") if m.strip()]
+    elif args.device.startswith("cuda"):
+        sizes["methods"] = [*sizes["methods"], *CUDA_ONLY]
+    if args.kl_repeats is not None:
+        if args.kl_repeats < 1:
+            parser.error(f"--kl-repeats takes a whole number of at least 1, got {args.kl_repeats}")
+        sizes["repeats"] = args.kl_repeats
     for flag, key in (("kl_vocab", "V"), ("kl_rows", "rows"), ("kl_dims", "D")):
         given = getattr(args, flag)
         if given:
-            try:
-                sizes[key] = [int(x) for x in given.split(",") if x.strip()]
-            except ValueError:
-                parser.error(f"--{flag.replace('_', '-')} takes whole numbers separated by commas, got {given!r}")
+            sizes[key] = whole_numbers(parser, f"--{flag.replace('_', '-')}", given)
     return sizes
+
+
+def write_json(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
 
 
 def main() -> None:
@@ -870,10 +909,13 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--model", help="a transformers model directory (default: hf_real_text's exported model)")
     parser.add_argument("--target", type=float, help="part 2's common new-domain loss (default 3.9; --quick: automatic)")
+    parser.add_argument("--seeds", help="part 2's seeds, comma-separated (default 0,1,2; --quick: 0)")
     parser.add_argument("--kl-methods", help=f"part 3's methods, comma-separated, of {', '.join(KL_METHODS)}")
     parser.add_argument("--kl-vocab", help="part 3's vocabulary sizes, comma-separated (default 4096,32768,131072)")
     parser.add_argument("--kl-rows", help="part 3's row counts, comma-separated (default 2048,8192)")
     parser.add_argument("--kl-dims", help="part 3's hidden sizes D, comma-separated (default 512,2048)")
+    parser.add_argument("--kl-repeats", type=int, help="part 3's timed calls per configuration, the median reported "
+                        "(default 2)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--memory-cap-gib", type=float, default=default_memory_cap_gib(),
                         help="address-space limit of each CPU worker (default: 80%% of the machine's memory)")
@@ -894,7 +936,8 @@ def main() -> None:
     work = Path(args.work or REPO / "runs" / name).resolve()
     out = Path(args.out or RESULTS / f"{name}.json")
     ctx = Context(args.quick, work, args.device, args.memory_cap_gib, args.timeout)
-    ctx.sizes = {**ctx.sizes, "kl": kl_sizes(parser, args, ctx.sizes["kl"])}
+    ctx.sizes = {**ctx.sizes, "kl": kl_sizes(parser, args, ctx.sizes["kl"]),
+                 "kl_finetune": kl_finetune_sizes(parser, args, ctx.sizes["kl_finetune"])}
     results = {"quick": args.quick, "command": " ".join(["python", *sys.argv]), "environment": environment(ctx)}
     model = old = None
     if {"finetune", "kl_finetune"} & set(parts):
@@ -908,10 +951,9 @@ def main() -> None:
         elif part == "kl_finetune":
             results[part] = part_kl_finetune(ctx, model, old, args.target)
         else:
-            results[part] = part_kl(ctx)
+            results[part] = part_kl(ctx, keep=lambda so_far: write_json(out, {**results, "kl": so_far}))
         results[part]["wall_seconds"] = time.perf_counter() - tick
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2))  # after every part: a later failure keeps what was measured
+        write_json(out, results)  # after every part: a later failure keeps what was measured
     for part in parts:
         {"finetune": print_finetune, "kl_finetune": print_kl_finetune, "kl": print_kl}[part](results[part])
     print(f"-> {out}")

@@ -159,3 +159,26 @@ def test_quick_kl_part_runs_and_writes_its_json(tmp_path):
     agreement = methods["full_logits"]["agreement"]
     assert agreement["agrees"] and agreement["value_rel"] < 1e-5, agreement
     assert "full_logits" in done.stdout and str(out) in done.stdout  # the table
+
+
+def test_size_flags_replace_the_defaults_and_bad_lists_are_one_usage_line(capsys):
+    import argparse
+
+    peers = _peers()
+    parser = argparse.ArgumentParser()
+    for flag in ("--seeds", "--kl-methods", "--kl-vocab", "--kl-rows", "--kl-dims"):
+        parser.add_argument(flag)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kl-repeats", type=int)
+    full = peers.SIZES["full"]
+    args = parser.parse_args(["--seeds", "0", "--kl-vocab", "4096,32768", "--kl-rows", "2048"])
+    assert peers.kl_finetune_sizes(parser, args, full["kl_finetune"])["seeds"] == [0]
+    kl = peers.kl_sizes(parser, args, full["kl"])
+    assert (kl["V"], kl["rows"], kl["D"]) == ([4096, 32768], [2048], full["kl"]["D"])
+    assert full["kl"]["rows"] == [2048, 8192] and full["kl_finetune"]["seeds"] == [0, 1, 2]  # defaults untouched
+    assert "liger_triton" not in kl["methods"]  # Triton's kernel only where it runs: on CUDA
+    assert peers.kl_sizes(parser, parser.parse_args(["--device", "cuda"]), full["kl"])["methods"][-1] == "liger_triton"
+    for bad in (["--seeds", "zero"], ["--seeds", ","]):
+        with pytest.raises(SystemExit) as exit_:
+            peers.kl_finetune_sizes(parser, parser.parse_args(bad), full["kl_finetune"])
+        assert exit_.value.code == 2 and "--seeds takes whole numbers" in capsys.readouterr().err
