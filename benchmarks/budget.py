@@ -4,15 +4,18 @@ against the fixed coefficient a user would have had to search for?
 
     python benchmarks/budget.py --work runs/replay_once              # both settings, ~40 min on 2 cores
     python benchmarks/budget.py --work /tmp/b --quick                 # a smoke run, a few minutes
+    python benchmarks/budget.py --work runs/replay_once --lr 3e-4 --coeffs 1 3 10 30 100 300 \
+        --out benchmarks/results/budget_lr3e-4.json                   # the whole study at a lower rate
 
 Two settings, the π0s of benchmarks/replay_once.py (reused from --work when there, built when
 not): `real`, the built-in model pretrained on English fortunes (../shared/data) and finetuned on
 Spanish ones; `hf`, the same π0 exported with `selfreplay export --hf` and finetuned through
 init=hf:, forgetting measured on held-out English text. Each finetunes STEPS steps (batch 16 ×
-128 tokens, lr 1e-3, self-replay KL with 8 fresh samples a step) with:
+128 tokens, lr 1e-3 or --lr, self-replay KL with 8 fresh samples a step) with:
 - replay.coeff=auto at each budget B (its defaults otherwise: c starts at 10, horizon 20 steps);
 - fixed coefficients COEFFS, and plain finetuning for reference;
-- the smallest budget again at a 3x lower learning rate (LOW_LR): at lr 1e-3 Adam's own steps,
+- the smallest budget again at a 3x lower learning rate (LOW_LR; not when --lr is already that
+  low): at lr 1e-3 Adam's own steps,
   of about lr in every parameter whatever c is, keep the replay KL above ~0.006 nats on this
   model even at c = 300 (the optimizer's noise floor), so a budget under it cannot be held by c.
 Every command runs through the `selfreplay` command line in its own process, --workers at a time
@@ -50,23 +53,25 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STEPS, LOG_EVERY = 300, 15
 BUDGETS = (0.003, 0.01, 0.03)
 COEFFS = (3, 10, 30, 100, 300)
+LR = 1e-3  # every run's learning rate unless --lr
 LOW_LR = 3e-4  # the smallest budget is run again at this learning rate (under the noise floor of 1e-3)
 
 
-def run_settings(steps: int) -> list[str]:
+def run_settings(steps: int, lr: float) -> list[str]:
     """What every run shares (replay_once's finetuning, logged every LOG_EVERY steps)."""
     every = min(LOG_EVERY, max(1, steps // 5)) * replay_once.BATCH * 128
-    return [f"optim.batch_size={replay_once.BATCH}", "optim.lr=1e-3", "optim.warmup_steps=10",
+    return [f"optim.batch_size={replay_once.BATCH}", f"optim.lr={lr:g}", "optim.warmup_steps=10",
             "data.val_sequences=64", f"stop.tokens={steps * replay_once.BATCH * 128}",
             f"log.every_tokens={every}", "log.progress=false", f"replay.batch_size={replay_once.REPLAY_BATCH}"]
 
 
-def plan(budgets, coeffs) -> dict[str, list[str]]:
-    """Run name -> its settings."""
+def plan(budgets, coeffs, lr: float) -> dict[str, list[str]]:
+    """Run name -> its settings (those of run_settings(steps, lr) come first)."""
     runs = {"plain": ["replay.method=none"]}
     runs |= {f"c{c:g}": ["replay.method=kl", f"replay.coeff={c:g}"] for c in coeffs}
     runs |= {f"B{b:g}": ["replay.method=kl", "replay.coeff=auto", f"replay.budget={b:g}"] for b in budgets}
-    runs[low_lr_name(min(budgets))] = [*runs[f"B{min(budgets):g}"], f"optim.lr={LOW_LR:g}"]
+    if lr > LOW_LR:
+        runs[low_lr_name(min(budgets))] = [*runs[f"B{min(budgets):g}"], f"optim.lr={LOW_LR:g}"]
     return runs
 
 
@@ -74,14 +79,14 @@ def low_lr_name(budget: float) -> str:
     return f"B{budget:g}_lr{LOW_LR:g}"
 
 
-def launch(root: Path, setting: dict, name: str, settings: list[str], steps: int) -> None:
+def launch(root: Path, setting: dict, name: str, settings: list[str], steps: int, lr: float) -> None:
     """One `selfreplay finetune` in its own single-threaded process; skipped when finished."""
     out = root / name
     if (out / "summary.json").exists():
         return
     root.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "selfreplay", "finetune", f"out={out}", *setting["init"],
-               *run_settings(steps), *settings]
+               *run_settings(steps, lr), *settings]
     print("+", " ".join(command[2:]), flush=True)
     with open(root / f"{name}.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT,
@@ -142,19 +147,20 @@ def compare(runs: dict[str, dict], budget: float, coeffs, name: str | None = Non
     return row
 
 
-def study(work: Path, setting_name: str, steps: int, budgets, coeffs, workers: int, pretrain_tokens: int) -> dict:
+def study(work: Path, setting_name: str, steps: int, lr: float, budgets, coeffs, workers: int,
+          pretrain_tokens: int) -> dict:
     setting = replay_once.prepare_builtin(work, "real", pretrain_tokens)  # the hf setting exports its π0
     if setting_name == "hf":
         setting = replay_once.prepare_hf(work)
-    root = work / "budget" / f"{setting_name}_{steps}"
-    runs = plan(budgets, coeffs)
+    root = work / "budget" / (f"{setting_name}_{steps}" + (f"_lr{lr:g}" if lr != LR else ""))
+    runs = plan(budgets, coeffs, lr)
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda item: launch(root, setting, item[0], item[1], steps), runs.items()))
+        list(pool.map(lambda item: launch(root, setting, item[0], item[1], steps, lr), runs.items()))
     read_runs = {name: read(root, name) for name in runs}
     rows = [compare(read_runs, b, coeffs) for b in budgets]
     forgetting, old_kl = [r["forgetting_end"] for r in rows], [r["old_kl_end"] for r in rows]
-    low = compare(read_runs, min(budgets), [], low_lr_name(min(budgets)))
-    return {"rows": rows, "low_lr": low,
+    low = compare(read_runs, min(budgets), [], low_lr_name(min(budgets))) if lr > LOW_LR else None
+    return {"lr": lr, "rows": rows, "low_lr": low,
             "forgetting_ordered_with_budget": all(a <= b for a, b in zip(forgetting, forgetting[1:])),
             "old_kl_ordered_with_budget": all(a <= b for a, b in zip(old_kl, old_kl[1:])),
             "fixed": {name: {"coeff": float(name[1:]), "end_replay_kl": end_replay_kl(read_runs[name]),
@@ -176,7 +182,8 @@ def draw(results: dict, settings: list[str], path: Path) -> None:
     for name in settings:
         for run, trajectory in results[name]["trajectories"].items():
             budget = float(run[1:].split("_")[0])
-            label = f"{name}, B={budget:g}" + (f", lr {LOW_LR:g}" if "_lr" in run else "")
+            lr = LOW_LR if "_lr" in run else results[name]["lr"]
+            label = f"{name}, B={budget:g}" + (f", lr {lr:g}" if lr != LR else "")
             series.append((label, budget, [tuple(point) for point in trajectory]))
     path.parent.mkdir(parents=True, exist_ok=True)
     plot_coefficients(series, path)
@@ -188,13 +195,13 @@ def cell(value, form: str) -> str:
 
 
 def print_study(name: str, result: dict) -> None:
-    print(f"\n{name}: plain finetuning forgets {result['plain']['forgetting_end']:.4f} "
+    print(f"\n{name} at lr {result['lr']:g}: plain finetuning forgets {result['plain']['forgetting_end']:.4f} "
           f"(new loss {result['plain']['new_loss_end']:.3f})")
     print("  fixed c: " + ", ".join(f"c={f['coeff']:g}: KL {f['end_replay_kl']:.4f}, forgetting {f['forgetting_end']:.4f}, "
                                    f"new {f['new_loss_end']:.3f}" for f in result["fixed"].values()))
     print(f"  {'run':>14s} {'end KL':>8s} {'KL/B':>6s} {'c end':>7s} {'forgot':>8s} {'old KL':>7s} {'new':>7s} "
           f"{'best c':>7s} {'target':>7s} {'steps':>6s} {'c steps':>7s} {'c forgot':>8s}")
-    for r in [*result["rows"], result["low_lr"]]:
+    for r in [*result["rows"], *([result["low_lr"]] if result["low_lr"] else [])]:
         print(f"  {r['run']:>14s} {r['end_replay_kl']:8.4f} {r['kl_over_budget']:6.2f} {cell(r['coeff_end'], '{:7.1f}')} "
               f"{r['forgetting_end']:8.4f} {cell(r['old_kl_end'], '{:7.4f}')} {r['new_loss_end']:7.3f} "
               f"{r['best_fixed'] or 'none':>7s} "
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, help="the folder benchmarks/replay_once.py builds its π0s in (reused)")
     parser.add_argument("--settings", nargs="+", default=["real", "hf"], choices=["real", "hf"])
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--lr", type=float, default=LR, help=f"every run's learning rate (default {LR:g})")
     parser.add_argument("--budgets", nargs="+", type=float, default=list(BUDGETS))
     parser.add_argument("--coeffs", nargs="+", type=float, default=list(COEFFS))
     parser.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
@@ -225,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     steps, pretrain_tokens = (args.steps, 1_500_000) if not args.quick else (20, 100_000)
     results = {"machine": {"platform": platform.platform(), "python": platform.python_version(), "quick": args.quick},
-               "steps": steps, "budgets": args.budgets, "coeffs": args.coeffs, "tolerance": TOLERANCE}
+               "steps": steps, "lr": args.lr, "budgets": args.budgets, "coeffs": args.coeffs, "tolerance": TOLERANCE}
     for name in args.settings:
-        results[name] = study(Path(args.work), name, steps, args.budgets, args.coeffs, args.workers, pretrain_tokens)
+        results[name] = study(Path(args.work), name, steps, args.lr, args.budgets, args.coeffs, args.workers,
+                              pretrain_tokens)
         print_study(name, results[name])
     if args.figure:
         draw(results, args.settings, Path(args.figure))

@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import torch
-from kernels import median_ms
+from attention_kernels import median_ms
 from speed import CONFIGS, INTERVAL_STEPS, matmul_peak, model_overrides, run_training, token_files
 
 from selfreplay.model.transformer import KVCache, ModelConfig, Transformer, flops_per_token, rms_norm

@@ -76,6 +76,27 @@ def test_head_losses_equal_the_losses_of_the_full_logits_with_the_same_gradients
             assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_blocks_shrink_with_the_vocabulary_and_give_the_same_losses(monkeypatch):
+    assert losses.head_block_rows(4096) == losses.HEAD_CHUNK_ROWS == 512  # small vocabularies: unchanged
+    assert losses.head_block_rows(32768) == 512
+    assert losses.head_block_rows(131072) == 128  # 64 MiB of float32 logits a block
+    assert losses.head_block_rows(10**9) == losses.HEAD_MIN_ROWS
+    torch.manual_seed(4)
+    hidden = torch.randn(3, 12, 6, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    ref_hidden, ref_head = torch.randn(3, 12, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
+    tokens = torch.randint(0, 11, (3, 12))
+    whole = [head_next_token_loss(hidden, head, tokens), head_kl_divergence(ref_hidden, ref_head, hidden, head)]
+    monkeypatch.setattr(losses, "HEAD_BLOCK_BYTES", 4 * 11 * 5)  # 5 rows of logits a block, raised to the floor
+    monkeypatch.setattr(losses, "HEAD_MIN_ROWS", 10)  # 10-row blocks: 36 rows in four, the last one partial
+    assert losses.head_block_rows(11) == 10
+    blocked = [head_next_token_loss(hidden, head, tokens), head_kl_divergence(ref_hidden, ref_head, hidden, head)]
+    for b, w in zip(blocked, whole):
+        assert b.item() == pytest.approx(w.item(), rel=1e-6)
+        for x, y in zip(_grads(b, hidden, head), _grads(w, hidden, head)):
+            assert torch.allclose(x, y, atol=1e-6)
+
+
 def test_head_kl_is_zero_at_the_reference_and_its_gradient_reaches_only_the_finetuned_side(small_chunks):
     hidden = torch.randn(2, 5, 4, requires_grad=True)
     head = torch.randn(9, 4, requires_grad=True)

@@ -62,3 +62,18 @@ def test_a_sweep_is_named_or_a_file(tmp_path):
         sweep_path(tmp_path / "missing.yaml")
     with pytest.raises(SelfReplayError, match="selfreplay sweep capacity"):
         sweep_path("experiments/capacity/sweep.yaml")  # where they lived before they were packaged
+
+
+def test_no_benchmark_script_shadows_a_module_its_imports_need():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like a
+    standard or installed module (benchmarks/kernels.py against Hugging Face's `kernels`, which
+    transformers imports) replaces it in every benchmark process."""
+    import importlib.machinery
+
+    folder = ROOT / "benchmarks"
+    elsewhere = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != folder.resolve()]
+    for script in sorted(folder.glob("*.py")):
+        name = script.stem
+        assert name not in sys.stdlib_module_names, f"benchmarks/{script.name} shadows the standard module {name}"
+        spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
+        assert spec is None, f"benchmarks/{script.name} shadows the installed module {name} ({spec.origin})"

@@ -62,7 +62,7 @@ def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Fused causal attention over [B, heads, t, H]. On CPU it runs in float32 even under bf16
     autocast: PyTorch's CPU fused attention, forward and backward, is 2-2.4x slower in bf16
-    than in float32 at the `tiny` shapes (benchmarks/kernels.py)."""
+    than in float32 at the `tiny` shapes (benchmarks/attention_kernels.py)."""
     if q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     with torch.autocast("cpu", enabled=False):
@@ -127,7 +127,7 @@ class Attention(nn.Module):
             keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # [B, h, end, H] each
             q = q.to(keys.dtype)  # the cache may be kept in float32 for a bf16 model (see KVCache)
             if t == 1:  # one new query attends to every cached position: two small matmuls, with
-                # the softmax in float32 (as fast as the fused kernel or faster: benchmarks/kernels.py)
+                # the softmax in float32 (as fast as the fused kernel or faster: benchmarks/attention_kernels.py)
                 scores = (q @ keys.transpose(-1, -2)).float() * self.head_dim**-0.5
                 y = scores.softmax(-1).type_as(values) @ values
             else:  # new queries at positions start..end-1 see the cache and each other causally
@@ -165,7 +165,7 @@ def attend_new_position(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys:
     [L, B, heads, t, H], views of the cache), then attend from the query q [B, heads, H]
     (scaled) over all t positions. Returns [B, heads, H]. Two small batched matrix products
     with the softmax in float32, faster here than the fused kernel at one query
-    (benchmarks/kernels.py)."""
+    (benchmarks/attention_kernels.py)."""
     keys, values = keys[layer], values[layer]
     keys[:, :, -1] = k
     values[:, :, -1] = v

@@ -49,7 +49,18 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
 # exist in full. The gradient is formed in the forward pass (softmax − target, the same
 # expression autograd would build) and only scaled in the backward pass.
 
-HEAD_CHUNK_ROWS = 512
+HEAD_CHUNK_ROWS = 512  # rows per block at most
+HEAD_BLOCK_BYTES = 64 * 2**20  # and at most this much of float32 logits per block, whatever V
+HEAD_MIN_ROWS = 16  # but never fewer rows than this (a block of a few rows is all call overhead)
+
+
+def head_block_rows(V: int) -> int:
+    """Rows per block for a vocabulary of V: HEAD_CHUNK_ROWS up to V = 32k, fewer beyond, so a
+    block's logits stay within HEAD_BLOCK_BYTES (V = 128k: 128 rows). A block holds a few [rows, V]
+    float32 tensors at once (the logits, π0's, the softmax, the gradient): with 512 rows at V = 128k
+    they set the loss's peak memory; 128 rows took a third of it, and less time
+    (benchmarks/head_blocks.py)."""
+    return min(HEAD_CHUNK_ROWS, max(HEAD_MIN_ROWS, HEAD_BLOCK_BYTES // (4 * V)))
 
 
 def head_next_token_loss(hidden: torch.Tensor, head_weight: torch.Tensor, tokens: torch.Tensor,
@@ -119,7 +130,7 @@ def topk_targets(ref_hidden: torch.Tensor, ref_head_weight: torch.Tensor, k: int
     REST_FLOOR, so it is exactly REST_FLOOR when k = V). The N positions are those
     `head_kl_divergence` averages over: all B·T (row-major, so a [B·T, k] result views as
     [B, T, k]) without a mask, else the positions t-1 whose next token t has mask[t].
-    Computed a block of HEAD_CHUNK_ROWS rows at a time, in the matmul dtype autocast would use."""
+    Computed a block of `head_block_rows(V)` rows at a time, in the matmul dtype autocast would use."""
     V = ref_head_weight.shape[0]
     if not 1 <= k <= V:
         raise SelfReplayError(f"top-K targets need 1 <= K <= V = {V}, got K = {k}: pick K in that range")
@@ -130,8 +141,9 @@ def topk_targets(ref_hidden: torch.Tensor, ref_head_weight: torch.Tensor, k: int
     rest = torch.empty(N, dtype=torch.float32, device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         w = ref_head_weight.to(dtype)
-        for lo in range(0, N, HEAD_CHUNK_ROWS):
-            hi = min(lo + HEAD_CHUNK_ROWS, N)
+        rows = head_block_rows(len(w))
+        for lo in range(0, N, rows):
+            hi = min(lo + rows, N)
             block_logp = torch.log_softmax((hidden[lo:hi].to(dtype) @ w.T).float(), dim=-1)
             top, top_ids = block_logp.topk(k, dim=-1)
             logp[lo:hi], ids[lo:hi] = top, top_ids
@@ -205,7 +217,7 @@ def _kl_block(logits: torch.Tensor, ref_logits: torch.Tensor, scale: float, dtyp
     logp = torch.log_softmax(logits.float(), dim=-1)
     ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
     ref_p = ref_logp.exp()
-    loss = (ref_p * (ref_logp - logp)).sum()
+    loss = ref_logp.sub_(logp).mul_(ref_p).sum()  # in place: no [rows, V] temporaries beyond these three
     return loss, logp.exp_().sub_(ref_p).mul_(scale).to(dtype)
 
 
@@ -261,15 +273,19 @@ class _HeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
-            for lo in range(0, N, HEAD_CHUNK_ROWS):
-                hi = min(lo + HEAD_CHUNK_ROWS, N)
+            rows = head_block_rows(len(w))
+            for lo in range(0, N, rows):
+                hi = min(lo + rows, N)
                 h = hidden[lo:hi].to(dtype)
                 loss, grad = block(lo, hi, h @ w.T)
                 total += loss
                 if want_hidden:
                     grad_hidden[lo:hi] = grad @ w
-                if want_weight:
-                    grad_weight += grad.T @ h
+                if want_weight:  # accumulated in place: no [V, D] temporary when the dtypes agree
+                    if grad.dtype == grad_weight.dtype:
+                        grad_weight.addmm_(grad.T, h)
+                    else:
+                        grad_weight += grad.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / N

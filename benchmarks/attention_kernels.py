@@ -1,6 +1,6 @@
 """The kernel choices behind the model's attention (issue 4), timed on this machine.
 
-    python benchmarks/kernels.py
+    python benchmarks/attention_kernels.py
 
 1. Training attention, `tiny` shapes [32, 4 heads, 128, 32]: PyTorch's fused CPU attention
    forward + backward in float32 and in bfloat16 (why attention stays float32 under bf16
@@ -8,7 +8,7 @@
 2. Decoding attention, one query over a cache of 1..127 positions at batch 128: the fused
    kernel against two small matmuls (what the KV-cache sampler uses).
 
-Prints a table and writes benchmarks/results/kernels.json.
+Prints a table and writes benchmarks/results/attention_kernels.json.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def decode_attention_ms(fused: bool, batch: int = 128, heads: int = 4, length: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels.json"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention_kernels.json"))
     args = parser.parse_args()
     result = {
         "training_attention_fwd_bwd_ms_per_layer": {"fp32": training_attention_ms(torch.float32),
