@@ -27,8 +27,8 @@ Everything runs in float32.
 2. kl_finetune: finetuning with a KL to the base model, 3 seeds (seed and data.seed: each seed
    redraws the split, the batch order and the replay). The selfreplay runs are hf_real_text's
    settings through the command: plain (none, the scale of forgetting), self-replay KL (kl,
-   c = 10) and the KL on the task batch (kl_new, the anchor LLaMA-Factory and Unsloth ship,
-   at c = 1 and 10); and TRL's SDFTTrainer (trl.experimental.sdft) with the base model as
+   c = 10; kl_c100, c = 100) and the KL on the task batch (kl_new, the anchor LLaMA-Factory
+   and Unsloth ship, at c = 1 and 10); and TRL's SDFTTrainer (trl.experimental.sdft) with the base model as
    teacher, as TRL ships it otherwise (top-100 logits, generalised JSD alpha 0.5). SDFT needs
    prompts and demonstrations: each training row's first P = T/16 tokens are the prompt, its first
    P + C tokens the demonstration, and C = (T - 2P)/2 - 4 completion tokens are sampled, so the
@@ -40,7 +40,10 @@ Everything runs in float32.
    at the target as the command does. Its peak memory holds one model copy more than the
    command's: SDFT's teacher and the measurement's frozen π0.
    Forgetting and time are read at one new-domain loss (--target), interpolated linearly
-   along each run's logged curve between the two points around its first crossing.
+   along each run's logged curve between the two points around its first crossing. Each peer
+   method is then set against self-replay KL where every seed of the peer got to: the target,
+   or the lowest loss all its seeds reached if they did not (a stronger anchor learns slower),
+   self-replay at whichever of its two coefficients forgot less there.
    tokens/s: new-domain tokens per training second (SDFT: its nominal prompt + completion tokens).
 3. kl: the KL term alone, forward + backward, at V x rows x D (quick: tiny sizes):
    - selfreplay: `head_kl_divergence(teacher_hidden, teacher_head, hidden, head)` (blocks of
@@ -117,8 +120,11 @@ PLAIN_OPTIM = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.0, "w
 # part 2: hf_real_text's finetuning settings (its FINETUNE list), the same for SDFT's Trainer
 KL_OPTIM = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.02, "warmup_steps": 10, "grad_clip": 1.0}
 KL_RUNS = [("none", ["replay.method=none"]), ("kl", ["replay.method=kl", "replay.coeff=10"]),
+           ("kl_c100", ["replay.method=kl", "replay.coeff=100"]),
            ("kl_new_c1", ["replay.method=kl_new", "replay.coeff=1"]),
            ("kl_new_c10", ["replay.method=kl_new", "replay.coeff=10"])]
+SELF_REPLAY_RUNS = ("kl", "kl_c100")  # self-replay KL at the two coefficients of the grid
+PEER_RUNS = ("kl_new_c1", "kl_new_c10", "trl_sdft")
 
 SIZES = {
     "full": {
@@ -730,22 +736,48 @@ def part_kl_finetune(ctx: Context, model: str, old: str, target: float | None) -
         target = max(lows) if lows else None
     methods = {name: summarize_runs(results, target) for name, results in runs.items()}
     return {"target_new_loss": target, "seeds": k["seeds"], "optim": KL_OPTIM, "methods": methods,
-            "kl_against_peers": kl_against_peers(methods), "runs": runs}
+            "kl_against_peers": kl_against_peers(runs, target), "runs": runs}
 
 
-def kl_against_peers(methods: dict) -> dict:
-    """Self-replay KL's forgetting at the target against each other KL method's: the margin of the
-    means, the larger of the two seed-to-seed spreads (max - min), and whether the margin exceeds it."""
-    kl = methods["kl"].get("forgetting_at_target")
+def common_loss(results: list[dict], target: float) -> float | None:
+    """Where a peer is compared: the target if every seed reached it, else the lowest new-domain
+    loss every seed reached (a peer that cannot reach the target is read where it can)."""
+    curves = [r["curve"] for r in results if "error" not in r]
+    if not curves:
+        return None
+    return max(target, *(min(line["new_loss"] for line in curve) for curve in curves))
+
+
+def at_loss_over_seeds(results: list[dict], loss: float) -> dict | None:
+    """Forgetting and seconds at `loss` over the seeds (spread of each), None unless every seed reached it."""
+    points = [at_new_loss(r["curve"], loss) for r in results if "error" not in r]
+    if not points or None in points:
+        return None
+    return {"forgetting": spread([p["forgetting"] for p in points]),
+            "seconds": spread([p["train_seconds"] for p in points])}
+
+
+def kl_against_peers(runs: dict, target: float | None) -> dict:
+    """Each peer method against self-replay KL at one new-domain loss (`common_loss`): self-replay
+    at the coefficient of its grid that forgot least there, the margin of the mean forgettings,
+    the larger of the two seed-to-seed spreads (max - min), and whether the margin exceeds it."""
     out = {}
-    for name in ("kl_new_c1", "kl_new_c10", "trl_sdft"):
-        peer = methods[name].get("forgetting_at_target")
-        if kl is None or peer is None:
-            out[name] = {"compared": False}
+    for name in PEER_RUNS:
+        loss = common_loss(runs[name], target) if target is not None else None
+        peer = at_loss_over_seeds(runs[name], loss) if loss is not None else None
+        ours = {kl: at_loss_over_seeds(runs[kl], loss) for kl in SELF_REPLAY_RUNS} if peer else {}
+        ours = {kl: point for kl, point in ours.items() if point is not None}
+        if not ours:
+            out[name] = {"compared": False, "new_loss": loss}
             continue
-        margin = peer["mean"] - kl["mean"]
-        seeds_spread = max(kl["max"] - kl["min"], peer["max"] - peer["min"])
-        out[name] = {"compared": True, "margin": margin, "spread": seeds_spread, "kl_lower_beyond_spread": margin > seeds_spread}
+        best = min(ours, key=lambda kl: ours[kl]["forgetting"]["mean"])
+        kl, them = ours[best]["forgetting"], peer["forgetting"]
+        margin, seeds_spread = them["mean"] - kl["mean"], max(kl["max"] - kl["min"], them["max"] - them["min"])
+        out[name] = {"compared": True, "new_loss": loss, "self_replay": best, "forgetting": kl["mean"],
+                     "peer_forgetting": them["mean"], "seconds": ours[best]["seconds"]["mean"],
+                     "peer_seconds": peer["seconds"]["mean"], "margin": margin, "spread": seeds_spread,
+                     "kl_lower_beyond_spread": margin > seeds_spread,
+                     "every_self_replay_run": {kl: point["forgetting"]["mean"] for kl, point in ours.items()}}
     return out
 
 
@@ -760,6 +792,16 @@ def print_kl_finetune(part: dict) -> None:
         peak = f"{m['peak_mib']:9.0f}" if m["peak_mib"] is not None else f"{'-':>9s}"
         print(f"{name:12s} {m['seeds_at_target']:>4d}/{m['seeds_run']:<4d} {forgetting:>18s} {seconds} {rate} {peak}  "
               f"{'; '.join(m['errors'])}")
+    print("\neach peer against self-replay KL (its best coefficient there) at the loss every seed of the peer reached")
+    print(f"{'peer':12s} {'new loss':>8s} {'self-replay':>11s} {'forgot':>7s} {'s':>5s} {'peer forgot':>11s} {'s':>5s} "
+          f"{'margin':>7s} {'spread':>7s}  beyond")
+    for name, c in part["kl_against_peers"].items():
+        if not c["compared"]:
+            print(f"{name:12s} not compared (a run missing)")
+            continue
+        print(f"{name:12s} {c['new_loss']:8.3f} {c['self_replay']:>11s} {c['forgetting']:7.4f} {c['seconds']:5.0f} "
+              f"{c['peer_forgetting']:11.4f} {c['peer_seconds']:5.0f} {c['margin']:7.4f} {c['spread']:7.4f}  "
+              f"{c['kl_lower_beyond_spread']}")
 
 
 # ---------------------------------------------------------------- part 3: the KL term alone

@@ -182,3 +182,31 @@ def test_size_flags_replace_the_defaults_and_bad_lists_are_one_usage_line(capsys
         with pytest.raises(SystemExit) as exit_:
             peers.kl_finetune_sizes(parser, parser.parse_args(bad), full["kl_finetune"])
         assert exit_.value.code == 2 and "--seeds takes whole numbers" in capsys.readouterr().err
+
+
+def _run(*points):
+    """A logged run from (new_loss, forgetting, train_seconds) points."""
+    return {"curve": [{"new_loss": n, "forgetting": f, "train_seconds": s} for n, f, s in points]}
+
+
+def test_a_peer_that_stops_short_of_the_target_is_read_where_all_its_seeds_got_to():
+    peers = _peers()
+    slow = [_run((6.0, 0.0, 0), (5.0, 0.01, 100), (4.6, 0.02, 600)),  # the anchor: never reaches 4.0
+            _run((6.0, 0.0, 0), (4.8, 0.02, 100), (4.5, 0.03, 600))]
+    assert peers.common_loss(slow, 4.0) == 4.6  # the lowest loss both seeds reached
+    fast = [_run((6.0, 0.0, 0), (4.4, 0.05, 10), (3.9, 0.08, 20))] * 2  # at 4.6: 0.05 - 0.2/1.6 * 0.05 = 0.04375
+    gentle = [_run((6.0, 0.0, 0), (4.6, 0.01, 40), (4.2, 0.02, 600)),
+              _run((6.0, 0.0, 0), (4.4, 0.012, 40), (4.2, 0.02, 600))]  # at 4.6: 0.01 and 0.012 * 1.4/1.6
+    runs = {"kl": fast, "kl_c100": gentle, "kl_new_c1": [_run((6.0, 0.0, 0), (3.9, 0.3, 20))] * 2,
+            "kl_new_c10": slow, "trl_sdft": [{"error": "RuntimeError: no"}]}
+    compared = peers.kl_against_peers(runs, 4.0)
+    anchor = compared["kl_new_c10"]
+    assert anchor["new_loss"] == 4.6 and anchor["self_replay"] == "kl_c100"  # the coefficient that forgot less there
+    assert anchor["forgetting"] == pytest.approx((0.01 + 0.0105) / 2)
+    assert anchor["peer_forgetting"] == pytest.approx((0.02 + (0.02 + 0.01 * 2 / 3)) / 2)
+    assert anchor["spread"] == pytest.approx(0.01 * 2 / 3)  # the peer's, the larger of the two
+    assert anchor["kl_lower_beyond_spread"] and anchor["peer_seconds"] == pytest.approx((600 + 100 + 500 * 2 / 3) / 2)
+    assert anchor["every_self_replay_run"]["kl"] == pytest.approx(0.04375)
+    first = compared["kl_new_c1"]  # reached the target: read there, where only c = 10 got to
+    assert first["new_loss"] == 4.0 and first["self_replay"] == "kl" and first["forgetting"] == pytest.approx(0.074)
+    assert first["kl_lower_beyond_spread"] and not compared["trl_sdft"]["compared"]
