@@ -76,6 +76,30 @@ def test_head_losses_equal_the_losses_of_the_full_logits_with_the_same_gradients
             assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_head_loss_gradients_scale_with_the_gradient_from_above_and_a_second_backward_is_refused(small_chunks):
+    torch.manual_seed(5)  # the gradients are scaled in place in backward: the scale must still land once
+    ref_hidden, ref_head = torch.randn(2, 9, 5, dtype=torch.float64), torch.randn(13, 5, dtype=torch.float64)
+    tokens = torch.randint(0, 13, (2, 9))
+    fused_and_direct = [(lambda h, w: head_next_token_loss(h, w, tokens), lambda h, w: next_token_loss(h @ w.T, tokens)),
+                        (lambda h, w: head_kl_divergence(ref_hidden, ref_head, h, w),
+                         lambda h, w: kl_divergence(ref_hidden @ ref_head.T, h @ w.T))]
+    for fused, direct in fused_and_direct:
+        grads = []
+        for loss in (fused, direct):
+            hidden = torch.randn(2, 9, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            head = torch.randn(13, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+            (3.0 * loss(hidden, head) + 0.5 * (hidden ** 2).sum()).backward()
+            grads.append((hidden.grad, head.grad))
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, atol=1e-6)
+    hidden = torch.randn(2, 9, 5, requires_grad=True)
+    head = torch.randn(13, 5, requires_grad=True)
+    loss = head_kl_divergence(ref_hidden.float(), ref_head.float(), hidden, head)
+    loss.backward(retain_graph=True)
+    with pytest.raises(SelfReplayError, match="back-propagated twice"):
+        loss.backward()
+
+
 def test_blocks_shrink_with_the_vocabulary_and_give_the_same_losses(monkeypatch):
     assert losses.head_block_rows(4096) == losses.HEAD_CHUNK_ROWS == 512  # small vocabularies: unchanged
     assert losses.head_block_rows(32768) == 512

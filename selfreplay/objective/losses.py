@@ -287,12 +287,19 @@ class _HeadLoss(torch.autograd.Function):
                     else:
                         grad_weight += grad.T @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.spent = weight.dtype, False
         return total / N
 
     @staticmethod
     def backward(ctx, grad_output):
+        # The gradients were formed for this one backward: scaled in place, so the head's
+        # [V, D] float32 gradient is not held twice (a second copy was the loss's peak at 128k
+        # vocabularies), and handed on without a copy once autograd frees what was saved.
+        if ctx.spent:
+            raise SelfReplayError("a head loss was back-propagated twice (backward with retain_graph=True): "
+                                  "compute the loss again for each backward")
+        ctx.spent = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_output if grad_hidden is not None else None,
-                (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None,
+        return (grad_hidden.mul_(grad_output) if grad_hidden is not None else None,
+                grad_weight.mul_(grad_output).to(ctx.weight_dtype) if grad_weight is not None else None,
                 None, None)
