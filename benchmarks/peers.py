@@ -47,7 +47,7 @@ Everything runs in float32.
    tokens/s: new-domain tokens per training second (SDFT: its nominal prompt + completion tokens).
 3. kl: the KL term alone, forward + backward, at V x rows x D (quick: tiny sizes):
    - selfreplay: `head_kl_divergence(teacher_hidden, teacher_head, hidden, head)` (blocks of
-     512 rows; `compile=True` for selfreplay_compiled);
+     `head_block_rows(V)` rows: 512 up to V = 32k, 128 at 128k; `compile=True` for selfreplay_compiled);
    - liger: `LigerFusedLinearJSDLoss(beta=0, weight_hard_loss=0, weight_soft_loss=1,
      temperature=1)` (the pure-PyTorch chunked loss, chunks of 1024 rows, its default; compiled=False,
      and its default compiled=True for liger_compiled);
