@@ -203,9 +203,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dim in float32, written over `logits` when it is float32 already
+    (a block's logits are a temporary nobody reads again: one [rows, V] tensor fewer at the peak)."""
+    logits = logits.float()
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+
+
 def _ntp_block(logits: torch.Tensor, targets: torch.Tensor, scale: float, dtype: torch.dtype):
     """(sum of −log softmax(logits)[target], scale · (softmax − one-hot) in dtype) for one block."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = _log_softmax_(logits)
     loss = -logp.gather(1, targets[:, None]).sum()
     grad = logp.exp_()  # in place: the log-probabilities are not needed any more
     grad.scatter_add_(1, targets[:, None], torch.full(targets[:, None].shape, -1.0, device=grad.device))
@@ -214,10 +221,9 @@ def _ntp_block(logits: torch.Tensor, targets: torch.Tensor, scale: float, dtype:
 
 def _kl_block(logits: torch.Tensor, ref_logits: torch.Tensor, scale: float, dtype: torch.dtype):
     """(sum of KL(softmax(ref_logits) ‖ softmax(logits)), scale · (softmax − ref softmax) in dtype)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
+    logp, ref_logp = _log_softmax_(logits), _log_softmax_(ref_logits)
     ref_p = ref_logp.exp()
-    loss = ref_logp.sub_(logp).mul_(ref_p).sum()  # in place: no [rows, V] temporaries beyond these three
+    loss = ref_logp.sub_(logp).mul_(ref_p).sum()  # in place: no [rows, V] tensors beyond these three
     return loss, logp.exp_().sub_(ref_p).mul_(scale).to(dtype)
 
 
