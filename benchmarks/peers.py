@@ -357,7 +357,7 @@ def sdft_worker(spec: dict, probe: MemoryProbe) -> dict:
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
     from selfreplay.model.hf import CausalLM, frozen_reference
-    from selfreplay.training.families import family_of
+    from selfreplay.families import family_of
     from selfreplay.training.loop import resolve_config
 
     probe.start()

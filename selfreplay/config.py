@@ -27,6 +27,11 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 
 
+def setting(default, help: str):
+    """A config field with its help text (the Trainer's arguments carry it)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     D: int = 256  # model width
@@ -90,30 +95,33 @@ class OptimConfig:
 
 @dataclass
 class ReplayConfig:
-    method: str = "none"  # the replay term R: a name in selfreplay.objective.methods.REPLAY_METHODS
-    source: str = "self"  # self: sampled from the frozen pretrained model; real: the old domain's data
-    coeff: float | str = 10.0  # c in loss = NTP(new) + c·R; auto: c moves to hold the replay KL at `budget`
-    budget: float | None = None  # coeff=auto: the replay KL held, nats per token (required with auto)
-    coeff_start: float = 10.0  # coeff=auto: c at the first step
-    coeff_min: float = 0.01  # coeff=auto: c's floor
-    coeff_max: float = 1000.0  # coeff=auto: c's ceiling; held there over budget, the run is capacity bound
-    horizon: int = 20  # coeff=auto: steps over which c rises by at most a factor e (falls by e^0.2)
-    fraction: float = 0.0  # fraction of each batch's rows taken from the replay source in place of new rows
-    batch_size: int = 16  # replay sequences per step
-    buffer: int = 8  # self replay: the pool holds buffer × batch_size sequences (or decode_batch), redrawn when used up
-    decode_batch: int = 128  # self replay: sequences decoded together; a pool holds at least this many
-    compile: bool = False  # self replay: decode through one torch.compile'd step (fuses its small operations)
-    temperature: float = 1.0  # sampling temperature of self replay
-    domains: str | None = None  # self replay: comma-separated domains (names or ids) its samples start from, in turn; default: the old domain
-    length: int | None = None  # init=hf: longest replay sample in tokens; default: model.T (see DEFAULTS_FOLLOW)
-    top_p: float | None = None  # init=hf: nucleus sampling of self replay; null: the whole distribution
-    stop_at_eos: bool = True  # init=hf: a replay sample ends at EOS and the losses skip what follows
-    pool: str | None = None  # a pool directory from `selfreplay sample ... --out POOL`, replayed first (see reuse)
-    reuse: int = 1  # passes over replay.pool, each in its own seeded order, before fresh draws (0: no fresh draws)
-    draw_once: int = 0  # self replay: draw this many samples before the first step, into RUN_DIR/replay_pool, and replay them pass after pass (0: draw as the run goes)
-    chat: bool = False  # init=hf: sample inside the chat template: π0 writes a user turn, then its answer
-    system: str | None = None  # init=hf: a system turn that chat samples start with (needs replay.chat=true)
-    prompts: str | None = None  # init=hf: .txt or .jsonl (`prompt`) user turns; π0 writes only the answers
+    """The replay settings, one schema for every front end: replay.X on the command line, replay_X in
+    the Trainer's SelfReplayConfig (generated from these fields, help included)."""
+
+    method: str = setting("none", 'the replay term R: a name in selfreplay.objective.methods.REPLAY_METHODS')
+    source: str = setting("self", "self: sampled from the frozen pretrained model; real: the old domain's data")
+    coeff: float | str = setting(10.0, 'c in loss = NTP(new) + c·R; auto: c moves to hold the replay KL at `budget`')
+    budget: float | None = setting(None, 'coeff=auto: the replay KL held, nats per token (required with auto)')
+    coeff_start: float = setting(10.0, 'coeff=auto: c at the first step')
+    coeff_min: float = setting(0.01, "coeff=auto: c's floor")
+    coeff_max: float = setting(1000.0, "coeff=auto: c's ceiling; held there over budget, the run is capacity bound")
+    horizon: int = setting(20, 'coeff=auto: steps over which c rises by at most a factor e (falls by e^0.2)')
+    fraction: float = setting(0.0, "fraction of each batch's rows taken from the replay source in place of new rows")
+    batch_size: int = setting(16, 'replay sequences per step')
+    buffer: int = setting(8, 'self replay: the pool holds buffer × batch_size sequences (or decode_batch), redrawn when used up')
+    decode_batch: int = setting(128, 'self replay: sequences decoded together; a pool holds at least this many')
+    compile: bool = setting(False, "self replay: decode through one torch.compile'd step (fuses its small operations)")
+    temperature: float = setting(1.0, 'sampling temperature of self replay')
+    domains: str | None = setting(None, 'self replay: comma-separated domains (names or ids) its samples start from, in turn; default: the old domain')
+    length: int | None = setting(None, 'init=hf: longest replay sample in tokens; default: model.T (see DEFAULTS_FOLLOW)')
+    top_p: float | None = setting(None, 'init=hf: nucleus sampling of self replay; null: the whole distribution')
+    stop_at_eos: bool = setting(True, 'init=hf: a replay sample ends at EOS and the losses skip what follows')
+    pool: str | None = setting(None, 'a pool directory from `selfreplay sample ... --out POOL`, replayed first (see reuse)')
+    reuse: int = setting(1, 'passes over replay.pool, each in its own seeded order, before fresh draws (0: no fresh draws)')
+    draw_once: int = setting(0, 'self replay: draw this many samples before the first step, into RUN_DIR/replay_pool, and replay them pass after pass (0: draw as the run goes)')
+    chat: bool = setting(False, 'init=hf: sample inside the chat template: π0 writes a user turn, then its answer')
+    system: str | None = setting(None, 'init=hf: a system turn that chat samples start with (needs replay.chat=true)')
+    prompts: str | None = setting(None, 'init=hf: .txt or .jsonl (`prompt`) user turns; π0 writes only the answers')
 
 
 @dataclass
@@ -425,7 +433,7 @@ def is_hf(config: RunConfig) -> bool:
 
 
 # Settings whose default is another setting's value: the one place that says which follows which.
-# (init=hf: model.T also follows the model's context when it is longer than that: selfreplay.hf.family.)
+# (init=hf: model.T also follows the model's context when it is longer than that: selfreplay.families.hf.)
 DEFAULTS_FOLLOW = {"replay.length": "model.T"}
 
 

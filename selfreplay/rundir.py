@@ -85,7 +85,9 @@ def changed_settings(saved: dict, current: dict) -> list[tuple[str, object, obje
 
 
 def notice(message: str) -> None:
-    print(f"selfreplay: {message}", file=sys.stderr, flush=True)
+    """One line to the user on stderr; under torchrun or accelerate only the first process says it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"selfreplay: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -242,3 +244,32 @@ class RunDirectory:
 
     def read_summary(self) -> dict:
         return json.loads((self.path / SUMMARY_NAME).read_text())
+
+
+class FollowingDirectory(RunDirectory):
+    """The run directory as a process other than the first sees it under torchrun: it reads
+    checkpoints and the summary, and writes nothing (the first process writes)."""
+
+    def open(self, config: dict, may_differ=lambda key, old, new: False) -> str:
+        raise RuntimeError("the first process opens the run directory")
+
+    def start_over(self) -> None:
+        pass
+
+    def save_checkpoint(self, step, weights, tensors, progress) -> None:
+        pass
+
+    def clear_checkpoints(self) -> None:
+        pass
+
+    def append_metrics(self, line: dict) -> None:
+        pass
+
+    def keep_metrics(self, count: int) -> None:
+        pass
+
+    def reset_metrics(self) -> None:
+        pass
+
+    def write_summary(self, summary: dict) -> None:
+        pass

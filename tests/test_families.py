@@ -234,7 +234,7 @@ def test_conversations_train_on_the_assistants_tokens_with_chat_replay(taught_ll
     import torch
     from transformers import AutoModelForCausalLM
 
-    import selfreplay.training.loop as train_module
+    import selfreplay.training.replay_run as train_module  # where the objective is called
     from selfreplay.data.chat import chat_turns
     from selfreplay.data.text import chat_rows, label_mask, pad_batch
 

@@ -11,7 +11,11 @@ ROOT = Path(__file__).resolve().parents[1] / "selfreplay"
 # lowest first: a package may import from its own layer and those before it
 LAYERS = [
     {"errors", "runtime", "config", "rundir", "__init__"},
-    {"data"}, {"model"}, {"replay"}, {"objective"}, {"evaluation"}, {"hf"}, {"training"}, {"experiments"},
+    {"data"}, {"model"}, {"replay"}, {"objective"}, {"evaluation"},
+    {"families"},  # the two model families side by side: the built-in Transformer and Hugging Face's
+    {"training"},  # the replay run and the command line's loop around it
+    {"hf"},  # the Trainer: a front end over the same replay run
+    {"experiments"},
     {"cli", "__main__"},  # the command line, and `python -m selfreplay` that runs it
 ]
 

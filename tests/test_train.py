@@ -194,7 +194,7 @@ def test_a_pool_holds_at_least_decode_batch_samples_drawn_together(pretrained, m
 
 @pytest.mark.parametrize("spelling", [["replay.fraction=0.3"], ["replay.method=replace", "replay.coeff=0.3"]])
 def test_fraction_puts_floor_fB_replay_rows_in_each_batch(corpus, pretrained, tmp_path, monkeypatch, spelling):
-    import selfreplay.training.loop as train_module
+    import selfreplay.training.replay_run as train_module  # where the objective is called
 
     seen = []
     real_loss = train_module.training_loss

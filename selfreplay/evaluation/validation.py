@@ -1,7 +1,7 @@
 """Measurements: validation losses, KL to the pretrained model, weight drift, compute multiplier.
 
 Forgetting = old_loss − old_loss_0 (nats), the rise of the old domain's
-validation loss over finetuning (docs/method.md, "What is measured").
+validation loss over finetuning (docs/method.md, "What is measured"), for every front end: `Measurements`.
 """
 
 from __future__ import annotations
@@ -103,6 +103,33 @@ class ValidationSet:
                     count += n
             self._reference_loss = total / count
         return self._reference_loss
+
+
+class Measurements:
+    """The validation sets of a run, by domain (new, old, mix), measured together, with forgetting
+    against one baseline for every front end: old_loss_0, the old domain's loss of the model before
+    its first step (θ is π0 then; the same weights and precision as every later measurement).
+    The first measurement at step 0 sets it; a run resumed later brings it back with `old_loss_0`."""
+
+    def __init__(self, sets: dict[str, ValidationSet], old_loss_0: float | None = None):
+        self.sets, self.old_loss_0 = sets, old_loss_0
+
+    def measure(self, model, step: int) -> dict[str, float]:
+        """{domain}_loss, {domain}_loss_second_half, {domain}_kl (where measured) and forgetting
+        = old_loss − old_loss_0 (nats), once the baseline is known."""
+        metrics = {}
+        for name, validation_set in self.sets.items():
+            result = validation_set.evaluate(model)
+            metrics[f"{name}_loss"] = result["loss"]
+            for key in ("loss_second_half", "kl"):  # absent where nothing counts there, or without π0
+                if key in result:
+                    metrics[f"{name}_{key}"] = result[key]
+        if "old_loss" in metrics:
+            if self.old_loss_0 is None and step == 0:
+                self.old_loss_0 = metrics["old_loss"]
+            if self.old_loss_0 is not None:
+                metrics["forgetting"] = metrics["old_loss"] - self.old_loss_0
+        return metrics
 
 
 @contextlib.contextmanager

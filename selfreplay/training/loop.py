@@ -7,8 +7,10 @@ written), open the run directory (new, resumed or finished: `selfreplay.rundir`)
 the models, data and replay, then `train_step` until a stop rule fires, with `measure` and
 a log line every `log.every_tokens` and a checkpoint now and then, and `finish` with the
 weights and summary.json. What depends on the model (the built-in Transformer, or a Hugging
-Face causal LM with init=hf:NAME_OR_PATH) comes from its family (`selfreplay.training.families`).
-A non-finite loss or gradient norm stops the run at once
+Face causal LM with init=hf:NAME_OR_PATH) comes from its family (`selfreplay.families`); what
+replay adds around a step comes from the run's `ReplayRun` (`selfreplay.training.replay_run`),
+the same one the Trainer calls. Under torchrun the loop trains with PyTorch's DDP
+(`selfreplay.training.processes`). A non-finite loss or gradient norm stops the run at once
 (stop_reason "diverged"); Ctrl-C stops it after the current step with a checkpoint.
 """
 
@@ -24,41 +26,36 @@ from pathlib import Path
 
 import torch
 
+from tqdm.auto import tqdm
+
 from selfreplay.config import (
     RunConfig,
+    build,
     follow_defaults,
     is_hf,
-    load_config,
     merge,
     parse_overrides,
     read_yaml,
+    renamed_settings,
     save_config,
     to_dict,
 )
 from selfreplay.data.sequences import BatchLoader, Data, SequenceStream
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
-from selfreplay.evaluation.fidelity import first_draw_fidelity, hf_sample_format
-from selfreplay.evaluation.validation import ValidationSet, compute_multiplier, standing_for_reference
+from selfreplay.evaluation.validation import Measurements, compute_multiplier
+from selfreplay.families import Family, family_of, read_init_run
+from selfreplay.families.builtin import replay_domains
+from selfreplay.families.hf import fit_to_context
 from selfreplay.model.transformer import CONFIG_NAME, ModelConfig
-from selfreplay.objective.coefficient import (
-    CapacityBound,
-    CoefficientController,
-    capacity_bound_line,
-    coefficient_of,
-    out_of_reach_line,
-)
-from selfreplay.objective.methods import (
-    NO_REPLAY,
-    ReplayMethod,
-    budgeted_divergence,
-    replay_method,
-    training_loss,
-)
-from selfreplay.objective.reference import ReferenceHead, ReferenceUse, kept_of_reference, reference_use
-from selfreplay.rundir import METRICS_NAME, POOL_NAME, RunDirectory, notice
+from selfreplay.objective.methods import NO_REPLAY, replay_method, training_loss
+from selfreplay.objective.reference import ReferenceUse, reference_use
+from selfreplay.replay.store import HEADER_NAME, read_header
+from selfreplay.rundir import METRICS_NAME, POOL_NAME, FollowingDirectory, RunDirectory, notice
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
-from selfreplay.training.families import Family, ReplaySource, family_of, read_init_run
+from selfreplay.training.pools import sample_run_pool
+from selfreplay.training.processes import Processes, start_processes
+from selfreplay.training.replay_run import STATE_KEYS, ReplayRun, start_replay_run
 from selfreplay.training.validate import validate
 
 
@@ -69,23 +66,21 @@ class TrainingDiverged(SelfReplayError):
 # ---------------------------------------------------------------- configuration
 
 def resolve_config(mode: str, path: str | None, overrides: list[str] | None) -> RunConfig:
-    """The run's config: defaults <- (finetuning) the init run's model and data <- YAML <- overrides."""
-    config = load_config(path, overrides)
+    """The run's config: defaults <- (finetuning) the init run's model and data <- YAML <- overrides;
+    the command line's settings are read once (an old spelling is said once)."""
+    given = renamed_settings(merge(read_yaml(path) if path else {}, parse_overrides(overrides or [])))
+    config = build(RunConfig, given)
     if mode == "finetune" and not is_hf(config):  # a Hugging Face model brings its own shape and data
         if not config.init:
             raise SelfReplayError("finetuning needs the pretrained run: set init=RUN_DIR")
         init = read_init_run(config.init)
-        user_model = load_config(path, overrides, base={"model": {}}).model
-        if user_model != ModelConfig() and user_model != init.model:
+        if config.model != ModelConfig() and config.model != init.model:
             raise SelfReplayError(f"model.* settings differ from the init run {config.init}: "
                                   "a finetuned model keeps its pretrained shape, drop the model.* overrides")
         base = {"model": vars(init.model), "data": {"old": init.data.train, "seed": init.data.seed,
                                                     "val_sequences": init.data.val_sequences}}
-        config = load_config(path, overrides, base=base)
+        config = build(RunConfig, merge(base, given))
     if is_hf(config) and mode == "finetune" and config.init != "hf:":
-        from selfreplay.hf.family import fit_to_context
-
-        given = merge(read_yaml(path) if path else {}, parse_overrides(overrides or []))
         config = fit_to_context(config, t_given="T" in (given.get("model") or {}))
     config = follow_defaults(config)
     validate(config, mode)
@@ -134,7 +129,8 @@ class Interval:
 
 @dataclass
 class Progress:
-    """Everything a resumed run needs besides weights, optimizer state and the replay pool."""
+    """Everything a resumed run needs besides weights, optimizer state, the replay pool and the
+    replay run's own state (kept beside these in progress.json: training.replay_run.STATE_KEYS)."""
 
     step: int = 0
     tokens: int = 0
@@ -149,48 +145,46 @@ class Progress:
     time_to_target_steps: int | None = None
     stop_reason: str | None = None
     diverged: str | None = None  # what stopped being finite, and where
-    benchmark_before: dict | None = None  # lm-eval scores of π0 {task: {metric: value}} (eval.lm_eval_tasks)
     loader: dict | None = None
-    replay: dict | None = None
-    coefficient: dict | None = None  # replay.coeff=auto: the CoefficientController's state
-    capacity: dict | None = None  # replay.coeff=auto: the CapacityBound's state
-    fidelity: dict | None = None  # the self-replay samples' fidelity, measured at the first step
+    replay: dict | None = None  # the replay source's state, less its tensors (in state.safetensors)
     interval: Interval = field(default_factory=Interval)
 
     @classmethod
     def from_dict(cls, values: dict) -> "Progress":
+        values = {k: v for k, v in values.items() if k not in STATE_KEYS}
         return cls(**{**values, "interval": Interval(**values["interval"])})
 
 
 @dataclass
 class Run:
-    """What `setup` builds: the models, optimizer, batches, replay and validation sets."""
+    """What `setup` builds: the models, optimizer, batches, and the replay run with its measurements."""
 
     config: RunConfig
     mode: str
-    family: Family  # what depends on the model: selfreplay.training.families
+    family: Family  # what depends on the model: selfreplay.families
     directory: RunDirectory
+    processes: Processes  # this process among those training the run (torchrun)
     device: torch.device
     tokenizer: object
     model: object  # θ: the Transformer, or a Hugging Face model as selfreplay.model.hf.CausalLM
-    reference: object | None  # π0, frozen (finetuning); its head alone, or None, where a stored pool stands for it
     params: list[torch.nn.Parameter]
-    trunk: object  # model.hidden, compiled or not
+    trunk: object  # model.hidden: compiled, or called through DDP, or as it is
     optimizer: torch.optim.Optimizer
     loader: BatchLoader
-    method: ReplayMethod  # the replay term (replay.method)
-    replay: ReplaySource | None  # replay batches: a term's own, or rows mixed into the batch (replay.fraction)
-    validation: dict[str, ValidationSet]  # by domain: new, old, mix
+    measurements: Measurements  # by domain: new, old, mix
     total_steps: int | None
     tokens_per_step: int
     log_every: int
-    controller: CoefficientController | None = None  # replay.coeff=auto: c, held to replay.budget
-    capacity: CapacityBound | None = None  # replay.coeff=auto: whether c's ceiling cannot hold the budget
-    sample_format: tuple[int | None, int, bool] | None = None  # self replay: (EOS id, prompt length, EOS stops)
+    replay: ReplayRun | None = None  # finetuning: π0, the replay source, c, the measurements against π0
 
     @property
     def finetune(self) -> bool:
         return self.mode == "finetune"
+
+    @property
+    def reference(self):
+        """π0 as the run holds it (its model, its head, or None): the replay run's."""
+        return self.replay.reference if self.replay is not None else None
 
     @property
     def target_key(self) -> str:
@@ -204,58 +198,32 @@ def load_data(config: RunConfig, mode: str) -> Data:
     return family_of(config).load_data(config, mode)
 
 
-def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> Run:
-    """Models, optimizer, batch loader, replay source and validation sets of a run, at step 0."""
+def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory,
+          processes: Processes = Processes()) -> Run:
+    """Models, optimizer, batch loader, replay run and validation sets of a run, at step 0."""
     finetune = mode == "finetune"
-    device = resolve_device(config.device)
+    device = processes.device_of(resolve_device(config.device))
     family = family_of(config)
     use = reference_use(replay_method(config.replay.method), config.replay) if finetune else None
     model, reference, params = family.load_models(config, mode, device, load_reference=use is ReferenceUse.MODEL)
-    # the training forward may be compiled; evaluation and sampling run the same weights eagerly
-    trunk = torch.compile(model.hidden, dynamic=False) if config.compile else model.hidden
+    # the training forward may be compiled, or run through DDP; evaluation and sampling run the same weights eagerly
+    trunk = processes.trunk(model) if processes.many else \
+        torch.compile(model.hidden, dynamic=False) if config.compile else model.hidden
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
                                   weight_decay=config.optim.weight_decay)
     loader = BatchLoader(SequenceStream(data.train, config.data.seed), config.optim.batch_size,
                          SequenceStream(data.mix, config.data.seed + 1) if data.mix else None,
                          config.data.mix_fraction)
-    replay = family.make_replay(config, reference, data, device) if finetune else None
-    if config.replay.fraction > 0:
-        loader.batch_size -= replay.batch_size  # replay rows take the place of new rows
+    validation_sets = lambda pi0: family.validation_sets(config, mode, data, pi0)  # noqa: E731
+    replay = start_replay_run(config, family, data, model, reference, validation_sets, device,
+                              getattr(family, "pi0_fingerprint", None), main_process=processes.main) if finetune else None
+    if replay is not None and config.replay.fraction > 0:
+        loader.batch_size -= replay.source.batch_size  # replay rows take the place of new rows
     tokens_per_step = loader.batch_size * config.model.T
-    if finetune and reference is None:  # π0 is left out (replay.pool): θ stands for it until its first step
-        validation, reference = validation_without_reference(family, config, data, model, use)
-    else:
-        validation = family.validation_sets(config, mode, data, reference)
-    controller, capacity = coefficient_of(config.replay) if finetune else (None, None)
-    return Run(config, mode, family, directory, device, data.tokenizer, model, reference, params, trunk, optimizer, loader,
-               replay_method(config.replay.method), replay, validation, _step_budget(config, tokens_per_step, data.train.train_tokens), tokens_per_step,
-               max(1, round(config.log.every_tokens / tokens_per_step)), controller, capacity,
-               sample_format(config, data) if finetune else None)
-
-
-def sample_format(config: RunConfig, data: Data) -> tuple[int | None, int, bool] | None:
-    """(EOS id or None, tokens put in before sampling, whether EOS ends a sample) of the run's
-    self-replay samples (evaluation.fidelity); None without self replay. The built-in model starts
-    at a domain id and samples model.T tokens of a stream whose documents EOS joins; a Hugging
-    Face model's are as `hf_sample_format` says."""
-    r = config.replay
-    if r.source != "self" or not (replay_method(r.method).needs_replay or r.fraction > 0):
-        return None
-    if data.replay_format is None:
-        return data.tokenizer.eos_id, 1, False
-    return hf_sample_format(data.replay_format, data.tokenizer.eos_token_id)
-
-
-def validation_without_reference(family: Family, config: RunConfig, data: Data, model,
-                                 use: ReferenceUse) -> tuple[dict[str, ValidationSet], ReferenceHead | None]:
-    """The validation sets of a run that holds no π0 (objective.reference), with what they need of π0
-    taken from θ before its first step, when θ is π0; and the part of π0 the run keeps: its head, or None."""
-    head = kept_of_reference(model, use)
-    with standing_for_reference(model):
-        validation = family.validation_sets(config, "finetune", data, model)
-        for validation_set in validation.values():
-            validation_set.keep_without_reference(head)
-    return validation, head
+    measurements = replay.measurements if replay is not None else Measurements(validation_sets(None))
+    return Run(config, mode, family, directory, processes, device, data.tokenizer, model, params, trunk, optimizer,
+               loader, measurements, _step_budget(config, tokens_per_step, data.train.train_tokens), tokens_per_step,
+               max(1, round(config.log.every_tokens / tokens_per_step)), replay)
 
 
 def is_log_step(step: int, every: int, growth: float) -> bool:
@@ -284,40 +252,39 @@ def _step_budget(config: RunConfig, tokens_per_step: int, train_tokens: int) -> 
 
 def train_step(run: Run, progress: Progress) -> None:
     """One optimizer step on a new batch (and a replay batch); a non-finite loss or gradient
-    norm skips the update and marks the run diverged."""
-    config, r = run.config, run.config.replay
+    norm skips the update and marks the run diverged. Under many processes each takes its
+    share of the global batch's rows, and DDP averages the gradients."""
+    config, r, processes = run.config, run.config.replay, run.processes
     tick = time.perf_counter()
     lr = learning_rate(progress.step, config, run.total_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     new, new_mask = run.loader.next_batch()  # new_mask: None where every token counts (token files)
-    new = new.to(run.device)
+    new, new_mask = processes.share(new).to(run.device), processes.share(new_mask)
     new_mask = new_mask.to(run.device) if new_mask is not None else None
-    replay_tick = time.perf_counter()
-    replay = run.replay.next_batch() if run.replay is not None else None
-    progress.replay_seconds += time.perf_counter() - replay_tick
-    if progress.step == 0 and run.sample_format is not None:  # θ is π0 until this step's update
-        judging = time.perf_counter()
-        progress.fidelity = first_draw_fidelity(run.model, run.replay, replay, run.sample_format,
-                                                (progress.start_metrics or {}).get("old_loss"))
-        tick += time.perf_counter() - judging  # a measurement: not part of the step's training time
+    replay, judged = None, 0.0
+    if run.replay is not None:
+        judged = run.replay.fidelity_seconds
+        replay = processes.share(run.replay.next_replay(progress.step, run.model))
+        judged = run.replay.fidelity_seconds - judged  # a measurement: not part of the step's training time
+        progress.replay_seconds = run.replay.replay_seconds
     if r.fraction > 0:  # the replay rows are part of the batch, not of a term
         if new_mask is not None:  # every replay token counts
             new_mask = torch.cat([new_mask, torch.ones_like(replay.tokens, dtype=torch.bool)])
         new, replay = torch.cat([new, replay.tokens]), None
-    coeff = run.controller.coeff if run.controller is not None else r.coeff
     with autocast(run.device, config.precision):
-        loss, ntp, reg = training_loss(run.model, run.reference, new, replay, run.method, coeff, run.trunk,
-                                       config.compile, new_mask=new_mask)
-        values = [ntp.detach(), reg.detach().float()]
-        if run.controller is not None:  # the replay KL the budget holds
-            values.append(budgeted_divergence(run.method, reg, run.reference, replay).float())
+        if run.replay is not None:
+            loss, ntp, reg, kl = run.replay.loss_terms(run.model, new, replay, run.trunk, config.compile, new_mask)
+        else:
+            loss, ntp, reg, kl = *pretraining_loss(run, new), None
+        values = [ntp.detach(), reg.detach().float(), *([kl] if kl is not None else [])]
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in run.params if p.grad is not None])
-    ntp_value, reg_value, *kl, norm_value = torch.stack([*values, grad_norm]).tolist()
-    kl_value = kl[0] if kl else 0.0
+    ntp_value, reg_value, *kl, norm_value = processes.mean(torch.stack([*values, grad_norm])).tolist()
+    kl_value = kl[0] if kl else None
     if not math.isfinite(ntp_value + reg_value):
+        coeff = run.replay.coeff if run.replay is not None else 0.0
         progress.diverged = f"the training loss is {ntp_value + coeff * reg_value} at step {progress.step + 1} (lr {lr:g})"
     elif not math.isfinite(norm_value):
         progress.diverged = f"the gradient norm is {norm_value} at step {progress.step + 1} (lr {lr:g})"
@@ -325,29 +292,28 @@ def train_step(run: Run, progress: Progress) -> None:
         if config.optim.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(run.params, config.optim.grad_clip, grad_norm)
         run.optimizer.step()
-        if run.controller is not None:
-            run.controller.update(kl_value)  # c for the next step
-    elapsed = time.perf_counter() - tick
+        if run.replay is not None:
+            run.replay.after_step(kl_value)  # c for the next step
+    elapsed = time.perf_counter() - tick - judged
     progress.step += 1
     progress.tokens += run.tokens_per_step
     progress.train_seconds += elapsed
     i = progress.interval
     i.steps, i.seconds, i.tokens = i.steps + 1, i.seconds + elapsed, i.tokens + run.tokens_per_step
     i.loss, i.replay_loss, i.grad_norm = i.loss + ntp_value, i.replay_loss + reg_value, i.grad_norm + norm_value
-    i.replay_kl += kl_value
+    i.replay_kl += kl_value or 0.0
+
+
+def pretraining_loss(run: Run, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, NTP, a zero term) of a pretraining step: the objective without replay."""
+    return training_loss(run.model, None, new, None, NO_REPLAY, 0.0, run.trunk, run.config.compile)
 
 
 # ---------------------------------------------------------------- measurements and log lines
 
-def measure(run: Run) -> dict:
-    """Validation losses (and KL to π0) on each domain, and the weights' drift when finetuning."""
-    metrics = {}
-    for name, validation_set in run.validation.items():
-        result = validation_set.evaluate(run.model)
-        metrics[f"{name}_loss"] = result["loss"]
-        for key in ("loss_second_half", "kl"):  # absent where nothing counts there, or without π0
-            if key in result:
-                metrics[f"{name}_{key}"] = result[key]
+def measure(run: Run, step: int) -> dict:
+    """Validation losses (and KL to π0, and forgetting) on each domain, and the weights' drift when finetuning."""
+    metrics = run.measurements.measure(run.model, step)
     drift = run.family.drift(run.model, run.config) if run.finetune else None
     if drift is not None:
         metrics["drift"] = drift
@@ -356,22 +322,19 @@ def measure(run: Run) -> dict:
 
 def log_point(run: Run, progress: Progress, metrics: dict) -> None:
     """Append one metrics line (the interval's means and `metrics`), then apply the stop rules
-    that look at measurements: divergence, target loss, patience."""
+    that look at measurements: divergence, target loss, patience, capacity bound."""
     i = progress.interval
     mean = lambda total: total / i.steps if i.steps else None  # noqa: E731
     line = {"step": progress.step, "tokens": progress.tokens, "epochs": round(run.loader.primary.epochs_done, 4),
             "train_seconds": round(progress.train_seconds, 3), "replay_seconds": round(progress.replay_seconds, 3),
             "lr": learning_rate(max(0, progress.step - 1), run.config, run.total_steps),
             "train_loss": mean(i.loss), "grad_norm": mean(i.grad_norm),
-            "replay_loss": mean(i.replay_loss) if run.method is not NO_REPLAY else None,
+            "replay_loss": mean(i.replay_loss) if run.replay is not None and run.replay.method is not NO_REPLAY else None,
             "tokens_per_second": i.tokens / i.seconds if i.seconds > 0 else None, **metrics}
-    start = progress.start_metrics
-    if run.finetune and start is not None and "old_loss" in metrics:
-        line["forgetting"] = metrics["old_loss"] - start["old_loss"]
-    if run.controller is not None:  # c now (for the next step), and the replay KL over the interval
-        line["replay_coeff"], line["replay_kl"] = run.controller.coeff, mean(i.replay_kl)
-        if i.steps:
-            watch_capacity(run, progress.step, line.get("new_loss", line["train_loss"]))
+    if run.replay is not None and run.replay.controller is not None:  # c now (for the next step), the interval's replay KL
+        observed = line.get("new_loss", line["train_loss"]) if i.steps else None
+        line.update(run.replay.at_log_point(progress.step, observed))
+        line["replay_kl"] = mean(i.replay_kl)
     run.directory.append_metrics(line)
     progress.metric_lines += 1
     progress.last_line = line
@@ -382,17 +345,7 @@ def log_point(run: Run, progress: Progress, metrics: dict) -> None:
     # a stop the loop already chose (the wall-time cap) stands unless this measurement finds the target
     progress.stop_reason = "diverged" if progress.diverged else \
         _target_or_patience(run, progress, metrics) or progress.stop_reason or \
-        ("capacity_bound" if run.capacity is not None and run.capacity.bound and run.config.stop.on_capacity_bound
-         else None)
-
-
-def watch_capacity(run: Run, step: int, new_loss: float) -> None:
-    """Give the log point to the capacity-bound detector (with the controller's averaged replay
-    KL, steadier than the interval's); say in one line when the run first turns capacity bound."""
-    was_bound = run.capacity.bound
-    if not run.capacity.observe(step, run.controller.coeff, run.controller.kl, new_loss) or was_bound:
-        return
-    notice(capacity_bound_line(run.controller, run.capacity, stopping=run.config.stop.on_capacity_bound))
+        ("capacity_bound" if run.replay is not None and run.replay.stop_requested else None)
 
 
 def _target_or_patience(run: Run, progress: Progress, metrics: dict) -> str | None:
@@ -415,25 +368,21 @@ def _target_or_patience(run: Run, progress: Progress, metrics: dict) -> str | No
 # ---------------------------------------------------------------- checkpoints
 
 def save_checkpoint_of(run: Run, progress: Progress) -> None:
-    """The complete state after `progress.step`: weights, optimizer, batch stream, replay pool."""
+    """The complete state after `progress.step`: weights, optimizer, batch stream, replay run and pool."""
     progress.loader = run.loader.state_dict()
-    keep_coefficient(run, progress)
     tensors = _optimizer_tensors(run.optimizer)
+    replay_run = {}
     if run.replay is not None:
-        state = run.replay.state_dict()
-        for key in ("generator", "pool", "mask", "hidden"):  # a self-replay pool's tensors
-            value = state.pop(key, None)
-            if value is not None:
-                tensors[f"replay.{key}"] = value
-        progress.replay = state
-    run.directory.save_checkpoint(progress.step, run.family.weights(run.model), tensors, asdict(progress))
-
-
-def keep_coefficient(run: Run, progress: Progress) -> None:
-    """The controller's and the capacity detector's states into `progress` (plain numbers: JSON
-    keeps them exactly, so a resumed run moves c as an uninterrupted one)."""
-    if run.controller is not None:
-        progress.coefficient, progress.capacity = run.controller.state_dict(), run.capacity.state_dict()
+        replay_run = run.replay.state_dict()
+        if run.replay.source is not None:
+            state = run.replay.source.state_dict()
+            for key in ("generator", "pool", "mask", "hidden"):  # a self-replay pool's tensors
+                value = state.pop(key, None)
+                if value is not None:
+                    tensors[f"replay.{key}"] = value
+            progress.replay = state
+    run.directory.save_checkpoint(progress.step, run.family.weights(run.model), tensors,
+                                  {**asdict(progress), **replay_run})
 
 
 def resume(run: Run) -> Progress | None:
@@ -445,12 +394,12 @@ def resume(run: Run) -> Progress | None:
             run.family.load_weights(run.model, checkpoint.weights)
             _load_optimizer(run.optimizer, checkpoint.tensors)
             run.loader.load_state_dict(progress.loader)
-            if run.controller is not None:
-                run.controller.load_state_dict(progress.coefficient)
-                run.capacity.load_state_dict(progress.capacity)
             if run.replay is not None:
-                run.replay.load_state_dict({**progress.replay, **{k.removeprefix("replay."): v for k, v in
-                                                                  checkpoint.tensors.items() if k.startswith("replay.")}})
+                run.replay.load_state_dict(checkpoint.progress)
+                run.replay.replay_seconds = progress.replay_seconds
+                if run.replay.source is not None:
+                    tensors = {k.removeprefix("replay."): v for k, v in checkpoint.tensors.items() if k.startswith("replay.")}
+                    run.replay.source.load_state_dict({**progress.replay, **tensors})
             run.directory.keep_metrics(progress.metric_lines)
         except Exception as e:  # any damage: a truncated file, garbage JSON, a missing tensor
             notice(f"checkpoint {folder.name} in {run.directory.path} is damaged ({type(e).__name__}: "
@@ -508,84 +457,87 @@ class StopRequest:
 
 def train(config: RunConfig, mode: str) -> dict:
     """Run `mode` ('pretrain' or 'finetune') as configured; returns the summary (also in summary.json).
+    Under torchrun every process runs this; the first (rank 0) writes the run directory.
 
     Raises TrainingDiverged (after writing the summary) when the loss or gradients stop being finite.
     """
     config = follow_defaults(config)
     validate(config, mode)
+    processes = start_processes(config, mode)
     data = load_data(config, mode)
-    directory = RunDirectory(config.out)
-    status = directory.open(to_dict(config), may_differ=_same_device)
+    directory = RunDirectory(config.out) if processes.main else FollowingDirectory(config.out)
+    status = processes.broadcast(directory.open(to_dict(config), may_differ=_same_device) if processes.main else None)
     if status == "finished":
         notice(f"{config.out} already holds this finished run: nothing to do")
         return _raise_if_diverged(directory.read_summary())
-    run = setup(with_drawn_pool(config, mode, data, directory), mode, data, directory)
+    run = setup(with_drawn_pool(config, mode, data, directory, processes), mode, data, directory, processes)
     progress = resume(run) if status == "resume" else None
-    if progress is None:
+    if processes.broadcast(progress is None):
         if status == "resume":  # every checkpoint was damaged: start over from fresh weights
-            directory.start_over()
-            run = setup(with_drawn_pool(config, mode, data, directory), mode, data, directory)
+            if processes.main:
+                directory.start_over()
+            processes.barrier()
+            run = setup(with_drawn_pool(config, mode, data, directory, processes), mode, data, directory, processes)
         progress = Progress()
-        save_config(config, directory.path / CONFIG_NAME)
-        run.family.save_start(directory, data.tokenizer)
+        if processes.main:
+            save_config(config, directory.path / CONFIG_NAME)
+            run.family.save_start(directory, data.tokenizer)
         directory.reset_metrics()
 
     wall_start = time.perf_counter()
-    if config.eval.lm_eval_tasks and progress.benchmark_before is None:
-        progress.benchmark_before = run.family.benchmark_scores(run.model, run.tokenizer, config.eval)
+    if run.replay is not None and run.replay.benchmark_before is None:
+        run.replay.benchmarks(run.model, run.tokenizer)  # π0's lm-eval scores (eval.lm_eval_tasks)
     if progress.start_metrics is None:
-        progress.start_metrics = measure(run)
+        progress.start_metrics = measure(run, progress.step)
         log_point(run, progress, progress.start_metrics)
     _loop(run, progress)
     return finish(run, progress, time.perf_counter() - wall_start)
 
 
-def with_drawn_pool(config: RunConfig, mode: str, data: Data, directory: RunDirectory) -> RunConfig:
+def with_drawn_pool(config: RunConfig, mode: str, data: Data, directory: RunDirectory,
+                    processes: Processes = Processes()) -> RunConfig:
     """`config` replaying the run's own pool pass after pass where replay.draw_once asks for one:
     drawn now into RUN_DIR/replay_pool, unless a finished one is there (a resumed run's); a drawing
-    that was killed midway is drawn again."""
-    from selfreplay.replay.store import HEADER_NAME
-    from selfreplay.training.families import replay_domains
-    from selfreplay.training.pools import sample_run_pool
-
+    that was killed midway is drawn again. Under many processes the first draws, the rest wait."""
     r = config.replay
     if mode != "finetune" or not r.draw_once:
         return config
     out = directory.path / POOL_NAME
-    if out.exists() and not (out / HEADER_NAME).is_file():
-        shutil.rmtree(out)
-    if not out.exists():
-        header = sample_run_pool(config, None if is_hf(config) else replay_domains(config, data), out)
-        notice(f"drew {header['rows']} replay samples once, into {out}, in {header['seconds']:.1f} s")
+    if processes.main:
+        if out.exists() and not (out / HEADER_NAME).is_file():
+            shutil.rmtree(out)
+        if not out.exists():
+            header = sample_run_pool(config, None if is_hf(config) else replay_domains(config, data), out)
+            notice(f"drew {header['rows']} replay samples once, into {out}, in {header['seconds']:.1f} s")
+    processes.barrier()
     return replace(config, replay=replace(r, pool=str(out), reuse=0))
 
 
 def _loop(run: Run, progress: Progress) -> None:
-    from tqdm.auto import tqdm
-
     config, s = run.config, run.config.stop
     last_checkpoint = time.monotonic()
-    bar = tqdm(total=run.total_steps, initial=progress.step, unit="step", disable=not config.log.progress,
+    bar = tqdm(total=run.total_steps, initial=progress.step, unit="step",
+               disable=not config.log.progress or not run.processes.main,
                desc=f"{run.mode} {run.directory.path.name}", dynamic_ncols=True)
     with StopRequest() as stop_request:
         while progress.stop_reason is None:
             if run.total_steps is not None and progress.step >= run.total_steps:
                 progress.stop_reason = "budget"
                 break
-            if s.wall_seconds is not None and progress.train_seconds >= s.wall_seconds:
+            if s.wall_seconds is not None and run.processes.broadcast(progress.train_seconds >= s.wall_seconds):
                 progress.stop_reason = "wall_seconds"
                 break
             train_step(run, progress)
             bar.update(1)
             at_end = run.total_steps is not None and progress.step >= run.total_steps
             if is_log_step(progress.step, run.log_every, config.log.growth) or at_end or progress.diverged:
-                log_point(run, progress, measure(run))
+                log_point(run, progress, measure(run, progress.step))
                 bar.set_postfix({"loss": f"{progress.last_line['train_loss']:.3f}",
                                  run.target_key: f"{progress.last_line.get(run.target_key, float('nan')):.3f}"})
                 every, seconds = config.log.checkpoint_every, config.log.checkpoint_seconds
                 due = (every and (progress.metric_lines - 1) % every == 0) or \
                       (seconds and time.monotonic() - last_checkpoint >= seconds)
-                if due and progress.stop_reason is None and not at_end:
+                if run.processes.broadcast(due) and progress.stop_reason is None and not at_end:
                     save_checkpoint_of(run, progress)
                     last_checkpoint = time.monotonic()
             if stop_request.requested and progress.stop_reason is None:
@@ -600,23 +552,23 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
     """The final log line (if the last step was not a log point), weights and summary.json;
     checkpoints are removed once the summary is in place."""
     if progress.last_line["step"] != progress.step:
-        log_point(run, progress, measure(run))
-    if progress.diverged is None:
+        log_point(run, progress, measure(run, progress.step))
+    if progress.diverged is None and run.processes.main:
         run.family.save_final(run.model, run.tokenizer, run.config, run.directory)
-    keep_coefficient(run, progress)
-    if run.controller is not None and (line := out_of_reach_line(run.controller, run.capacity, run.config.optim.lr)):
+    for line in run.replay.end_lines() if run.replay is not None else []:
         notice(line)
-    summary = _summary(run.config, run.mode, progress, wall_seconds, run.family.params(run.model, run.config))
+    summary = _summary(run, progress, wall_seconds)
     summary["peak_memory_mib"], summary["peak_memory_of"] = peak_memory_mib(run.device)
     if run.config.replay.draw_once:  # the drawing of the run's own pool, before its first step
-        from selfreplay.replay.store import read_header
-
         summary["replay_pool_seconds"] = read_header(Path(run.config.replay.pool))["seconds"]
-    if run.config.eval.lm_eval_tasks and progress.diverged is None:
-        after = run.family.benchmark_scores(run.model, run.tokenizer, run.config.eval)
-        summary["lm_eval"] = benchmark_table(progress.benchmark_before, after)
+    if run.replay is not None and run.config.eval.lm_eval_tasks and progress.diverged is None:
+        before = run.replay.benchmark_before
+        after = run.replay.benchmarks(run.model, run.tokenizer)
+        if after is not None:
+            summary["lm_eval"] = benchmark_table(before, after)
     run.directory.write_summary(summary)
     run.directory.clear_checkpoints()
+    run.processes.barrier()  # every process returns once the summary is in place
     return _raise_if_diverged(summary)
 
 
@@ -635,8 +587,9 @@ def _same_device(key: str, old, new) -> bool:
         return False
 
 
-def _summary(config: RunConfig, mode: str, progress: Progress, wall_seconds: float, params: tuple) -> dict:
-    first, last = progress.start_metrics, progress.last_line
+def _summary(run: Run, progress: Progress, wall_seconds: float) -> dict:
+    config, mode, first, last = run.config, run.mode, progress.start_metrics, progress.last_line
+    params = run.family.params(run.model, config)
     summary = {"mode": mode, "steps": progress.step, "tokens": progress.tokens,
                "epochs": last.get("epochs"), "train_seconds": progress.train_seconds, "wall_seconds": wall_seconds,
                "tokens_per_second": progress.tokens / progress.train_seconds if progress.train_seconds else None,
@@ -644,13 +597,13 @@ def _summary(config: RunConfig, mode: str, progress: Progress, wall_seconds: flo
                "stop_reason": progress.stop_reason or "budget", "diverged": progress.diverged,
                "time_to_target_seconds": progress.time_to_target_seconds,
                "time_to_target_steps": progress.time_to_target_steps,
-               "params": params[0], "non_embedding_params": params[1]}
+               "params": params[0], "non_embedding_params": params[1], "processes": run.processes.world_size}
     if mode == "finetune":
         summary.update({
             "method": config.replay.method, "source": config.replay.source, "coeff": config.replay.coeff,
-            "budget": config.replay.budget, "lora_rank": config.lora.rank, **_coefficient_summary(config, progress),
-            "old_loss_0": first.get("old_loss"), "old_loss": last.get("old_loss"),
-            "forgetting": last.get("old_loss", math.nan) - first.get("old_loss", math.nan),
+            "budget": config.replay.budget, "lora_rank": config.lora.rank, **run.replay.summary(),
+            "old_loss_0": run.measurements.old_loss_0, "old_loss": last.get("old_loss"),
+            "forgetting": last.get("forgetting", math.nan),
             "new_loss_0": first.get("new_loss"), "new_loss": last.get("new_loss"),
             "old_kl": last.get("old_kl"), "new_kl": last.get("new_kl"), "drift": last.get("drift"),
             "old_loss_second_half": last.get("old_loss_second_half"),
@@ -663,25 +616,15 @@ def _summary(config: RunConfig, mode: str, progress: Progress, wall_seconds: flo
     return summary
 
 
-def _coefficient_summary(config: RunConfig, progress: Progress) -> dict:
-    """c at the end (None without a replay term), whether and from which step the run was
-    capacity bound (None where c is fixed), and the self-replay samples' fidelity (None without)."""
-    r, auto = config.replay, progress.coefficient is not None
-    fixed = r.coeff if replay_method(r.method) is not NO_REPLAY else None
-    return {"replay_coeff_end": progress.coefficient["coeff"] if auto else fixed,
-            "replay_kl_end": progress.coefficient["kl"] if auto else None,  # the controller's average at the end
-            "capacity_bound": progress.capacity["since"] is not None if auto else None,
-            "capacity_bound_since": progress.capacity["since"] if auto else None,
-            "replay_fidelity": progress.fidelity}
-
-
 def run_from_cli(mode: str, config_path: str | None, overrides: list[str]) -> dict:
     config = resolve_config(mode, config_path, overrides)
     summary = train(config, mode)
+    if not Processes.of_environment().main:
+        return summary
     keys = ("old_loss_0", "old_loss", "forgetting", "new_loss", "old_kl", "replay_coeff_end", "capacity_bound",
             "capacity_bound_since", "steps", "tokens", "train_seconds", "tokens_per_second", "time_to_target_seconds",
             "stop_reason")
-    print(f"{mode} finished -> {config.out}")
+    print(f"{mode} finished -> {config.out}" + (f" ({summary['processes']} processes)" if summary.get("processes", 1) > 1 else ""))
     for key in keys:
         if key in summary and summary[key] is not None:
             value = summary[key]

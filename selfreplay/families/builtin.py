@@ -1,95 +1,20 @@
-"""Model families: what the training loop (`selfreplay.training.loop`) does differently for the
-built-in Transformer (here) and for a Hugging Face causal LM (init=hf:NAME_OR_PATH,
-`selfreplay.hf.family`). The loop, the objective (`selfreplay.objective.methods`), the replay pool
-(`selfreplay.replay.pool`), the measurements (`selfreplay.evaluation.validation`) and the log lines
-are shared; a family supplies only what depends on the model, as `Family` says.
-
-A model is anything with `hidden(tokens)` [B, t, D], `head.weight` [V, D], `parameters()`,
-`train()` and `eval()`: the Transformer itself, or selfreplay.model.hf.CausalLM.
-"""
+"""The built-in Transformer's family: selfreplay's own model, pretrained by `selfreplay pretrain`
+(init=RUN_DIR), its token files, its replay sampled from domain tokens."""
 
 from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from selfreplay.config import EvalConfig, RunConfig, build, is_hf, read_yaml, to_dict
+from selfreplay.config import RunConfig, to_dict
 from selfreplay.data.sequences import Data, SequenceStream, TokenSequences
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.validation import ValidationSet, weight_drift
+from selfreplay.families.base import read_init_run
 from selfreplay.objective.methods import replay_method
-from selfreplay.replay.samples import ReplaySamples
-from selfreplay.rundir import CONFIG_NAME, RunDirectory
 
-
-class ReplaySource(Protocol):
-    """Where replay batches come from: a pool of π0's samples, or the old domain's data."""
-
-    def next_batch(self) -> ReplaySamples: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-class Family(Protocol):
-    """What the loop asks of a model family."""
-
-    def load_data(self, config: RunConfig, mode: str) -> Data:
-        """The tokenizer and the rows of each domain, checked before anything is written."""
-
-    def load_models(self, config: RunConfig, mode: str, device,
-                    load_reference: bool = True) -> tuple[object, object | None, list]:
-        """(θ, π0 when finetuning and load_reference or None, θ's trainable parameters); keeps
-        `pi0_fingerprint`, π0's model_fingerprint, when replay.pool is set."""
-
-    def make_replay(self, config: RunConfig, reference, data: Data, device) -> ReplaySource | None:
-        """The replay source; with reference None (a run that holds no π0), the stored pool alone."""
-
-    def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict[str, ValidationSet]: ...
-
-    def drift(self, model, config: RunConfig) -> float | None:
-        """‖θ − θ0‖ / ‖θ0 − θinit‖, or None where θinit is unknown."""
-
-    def weights(self, model) -> dict[str, torch.Tensor]:
-        """What a checkpoint keeps of θ."""
-
-    def load_weights(self, model, weights: dict[str, torch.Tensor]) -> None: ...
-    def save_start(self, directory: RunDirectory, tokenizer) -> None: ...
-    def save_final(self, model, tokenizer, config: RunConfig, directory: RunDirectory) -> None: ...
-
-    def params(self, model, config: RunConfig) -> tuple[int, int | None]:
-        """(parameters, non-embedding parameters) for summary.json."""
-
-    def benchmark_scores(self, model, tokenizer, e: EvalConfig) -> dict[str, dict[str, float]]:
-        """lm-eval scores {task: {metric: value}} (eval.lm_eval_tasks)."""
-
-
-def family_of(config: RunConfig) -> Family:
-    """The family that runs `config`: Hugging Face for init=hf:..., the built-in Transformer otherwise."""
-    if is_hf(config):
-        from selfreplay.hf.family import (
-            HuggingFaceFamily,  # transformers is imported only when needed
-        )
-
-        return HuggingFaceFamily()
-    return BuiltinFamily()
-
-
-def read_init_run(run_dir: str) -> RunConfig:
-    """The settings of a finished pretraining run (π0), each checked for its type."""
-    path = Path(run_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise SelfReplayError(f"init run {run_dir} not found (no {CONFIG_NAME}): pretrain it first with selfreplay pretrain")
-    try:
-        return build(RunConfig, read_yaml(path))
-    except SelfReplayError as e:
-        raise SelfReplayError(f"the init run's {path}: {e}") from None
-
-
-# ---------------------------------------------------------------- the built-in Transformer
 
 class BuiltinFamily:
     """selfreplay's own Transformer, pretrained by `selfreplay pretrain` (init=RUN_DIR)."""
@@ -139,7 +64,8 @@ class BuiltinFamily:
         params = add_lora(model, config.lora.rank, config.lora.alpha) if config.lora.rank > 0 else list(model.parameters())
         return model, reference, params
 
-    def make_replay(self, config: RunConfig, reference, data: Data, device):
+    def make_replay(self, config: RunConfig, reference, data: Data, device, fingerprint: str | None = None,
+                    rank: int = 0, world_size: int = 1):
         """The replay source of a finetuning run, or None when its method replays nothing."""
         from selfreplay.replay.pool import RealReplay, self_replay_pool, stored_replay
         from selfreplay.replay.store import StoredPool
@@ -149,9 +75,9 @@ class BuiltinFamily:
             return None
         rows = r.batch_size if method.needs_replay else math.floor(r.fraction * config.optim.batch_size)
         if r.source == "self":
-            stored = StoredPool(r.pool, self.pi0_fingerprint, device) if r.pool is not None else None
+            stored = StoredPool(r.pool, fingerprint, device) if r.pool is not None else None
             if reference is None:
-                return stored_replay(stored, rows, device, config.seed)
+                return stored_replay(stored, rows, device, config.seed + rank, rank, world_size)
             sampler = decoding_model(reference, config.precision, device)
             return self_replay_pool(sampler, replay_domains(config, data), r, method.keeps_hidden, config.seed, rows,
                                     stored)
@@ -193,10 +119,6 @@ class BuiltinFamily:
 
     def params(self, model, config: RunConfig) -> tuple[int, int]:
         return config.model.params, config.model.non_embedding_params
-
-    def benchmark_scores(self, model, tokenizer, e: EvalConfig) -> dict[str, dict[str, float]]:
-        raise SelfReplayError("eval.lm_eval_tasks scores Hugging Face models: export the run with "
-                              "selfreplay export RUN --hf OUT, then finetune init=hf:OUT")
 
 
 def decoding_model(reference, precision: str, device: torch.device):

@@ -1,5 +1,6 @@
 """The Hugging Face model family: any `AutoModelForCausalLM` (init=hf:NAME_OR_PATH) trained by
-the same loop as the built-in Transformer (`selfreplay.training`)."""
+the same loop as the built-in Transformer (`selfreplay.training`), and replayed the same way
+under the Trainer (`selfreplay.hf.trainer`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from selfreplay.config import RunConfig
+from selfreplay.config import ReplayConfig, RunConfig
 from selfreplay.data.sequences import Data, TokenSequences
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.validation import ValidationSet
@@ -27,7 +28,6 @@ class HuggingFaceFamily:
         and the replay format (its chat template and prompts checked before anything is written)."""
         from selfreplay.data.text import holds_conversations, load_rows, pack_text
         from selfreplay.model.hf import load_tokenizer
-        from selfreplay.replay.hf_pool import replay_format
 
         tokenizer = load_tokenizer(model_name(config), config.model.trust_remote_code)
         T, d, r = config.model.T, config.data, config.replay
@@ -36,11 +36,9 @@ class HuggingFaceFamily:
                                   f"measured as plain text, give it {d.text_field!r} records")
         train = load_rows(d.train, tokenizer, T, d.text_field, d.chat_field)
         old = pack_text(d.old_text, tokenizer, T, d.text_field)
-        form = replay_format(tokenizer, r.chat, r.system, r.prompts, r.stop_at_eos) \
-            if replay_method(r.method).needs_replay else None
         return Data(tokenizer, row_sequences(train, tokenizer, T, d.val_sequences, d.seed, d.train),
                     measured_rows(row_sequences(old, tokenizer, T, 0, d.seed, d.old_text), d.val_sequences, d.seed),
-                    None, form)
+                    None, replay_form(tokenizer, r))
 
     def load_models(self, config: RunConfig, mode: str, device, load_reference: bool = True):
         from selfreplay.model.hf import CausalLM, frozen_reference, load_model
@@ -64,8 +62,9 @@ class HuggingFaceFamily:
         reference = frozen_reference(lm, getattr(torch, config.model.reference_dtype)) if load_reference else None
         return lm, reference, [p for p in model.parameters() if p.requires_grad]
 
-    def make_replay(self, config: RunConfig, reference, data: Data, device):
-        """π0's samples, from BOS or inside the chat template (replay.chat), as `load_data` set them up."""
+    def make_replay(self, config: RunConfig, reference, data: Data, device, fingerprint: str | None = None,
+                    rank: int = 0, world_size: int = 1):
+        """π0's samples, from BOS or inside the chat template (replay.chat), as `replay_form` set them up."""
         from selfreplay.replay.hf_pool import hf_replay_pool
         from selfreplay.replay.pool import stored_replay
         from selfreplay.replay.store import StoredPool
@@ -74,10 +73,10 @@ class HuggingFaceFamily:
         if not method.needs_replay:
             return None
         if reference is None:  # the run holds no π0: its stored pool, pass after pass
-            return stored_replay(StoredPool(config.replay.pool, self.pi0_fingerprint, device),
-                                 config.replay.batch_size, device, config.seed)
+            return stored_replay(StoredPool(config.replay.pool, fingerprint, device),
+                                 config.replay.batch_size, device, config.seed + rank, rank, world_size)
         return hf_replay_pool(reference, data.replay_format, config.replay, method.keeps_hidden, seed=config.seed,
-                              fingerprint=self.pi0_fingerprint)
+                              rank=rank, world_size=world_size, fingerprint=fingerprint)
 
     def validation_sets(self, config: RunConfig, mode: str, data: Data, reference) -> dict:
         sets = {"old": ValidationSet(torch.from_numpy(data.old.sequences), reference, batch_size=8)}
@@ -111,17 +110,20 @@ class HuggingFaceFamily:
         model.model.save_pretrained(directory.path)
         tokenizer.save_pretrained(directory.path)
 
-    def benchmark_scores(self, model, tokenizer, e) -> dict[str, dict[str, float]]:
-        """lm-eval scores of the model as it is now (eval.lm_eval_tasks), {task: {metric: value}}."""
-        from selfreplay.evaluation.benchmark_scores import benchmark_scores
-
-        tasks = [task.strip() for task in e.lm_eval_tasks.split(",") if task.strip()]
-        return benchmark_scores(model.model, tokenizer, tasks, e.lm_eval_limit, include_path=e.lm_eval_include_path)
-
     def params(self, model, config: RunConfig) -> tuple[int, None]:
         from selfreplay.model.hf import num_parameters
 
         return num_parameters(model), None
+
+
+def replay_form(tokenizer, replay: ReplayConfig):
+    """How π0's replay samples are drawn (from BOS, or inside the chat template: selfreplay.replay.hf_pool),
+    its chat template and prompts checked now; None where the method replays nothing."""
+    from selfreplay.replay.hf_pool import replay_format
+
+    if not replay_method(replay.method).needs_replay:
+        return None
+    return replay_format(tokenizer, replay.chat, replay.system, replay.prompts, replay.stop_at_eos)
 
 
 def measured_rows(old: TokenSequences, count: int, seed: int) -> TokenSequences:

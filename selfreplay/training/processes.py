@@ -1,0 +1,132 @@
+"""Many processes for one run, on PyTorch's own engine: `torchrun --nproc_per_node N -m selfreplay
+finetune ...` starts N copies of the command; each joins the process group torchrun describes
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) and trains through DistributedDataParallel.
+
+Every process reads the same global batch (and replay batch) and takes its own share of the rows,
+so N processes train on the rows one process would, and DDP averages their gradients: the weights,
+every measurement and every stop rule stay the same on all of them. The first process (rank 0)
+writes the run directory and says what there is to say; the others follow it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from selfreplay.config import RunConfig
+from selfreplay.errors import SelfReplayError
+from selfreplay.objective.methods import replay_method
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among those training one run (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def of_environment(cls) -> "Processes":
+        """As torchrun (or accelerate launch) set them: RANK, WORLD_SIZE, LOCAL_RANK."""
+        env = lambda name, default: int(os.environ.get(name, default))  # noqa: E731
+        return cls(env("RANK", 0), env("WORLD_SIZE", 1), env("LOCAL_RANK", 0))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def many(self) -> bool:
+        return self.world_size > 1
+
+    def device_of(self, device: torch.device) -> torch.device:
+        """This process's device: on CUDA the GPU of its local rank."""
+        if self.many and device.type == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def share(self, rows):
+        """This process's rows of a global batch (a tensor [B, ...] or ReplaySamples): the rank-th of
+        world_size equal, consecutive parts; None stays None."""
+        if not self.many or rows is None:
+            return rows
+        size = len(rows) // self.world_size
+        part = slice(self.rank * size, (self.rank + 1) * size)
+        return rows.rows(part) if hasattr(rows, "rows") else rows[part]
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over the processes of `values` (every process gets it)."""
+        if not self.many:
+            return values
+        values = values.detach().clone()
+        dist.all_reduce(values)
+        return values / self.world_size
+
+    def broadcast(self, value):
+        """Rank 0's `value` (any picklable object), on every process."""
+        if not self.many:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.many:
+            dist.barrier()
+
+    def trunk(self, model):
+        """`model.hidden` called through DistributedDataParallel, which averages the gradients of
+        every weight over the processes in backward (the head's too, used outside the call)."""
+        module = getattr(model, "model", model)  # a Hugging Face model inside CausalLM, or the Transformer
+        ids = [self.local_rank] if next(module.parameters()).device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(_Trunk(model, module), device_ids=ids)
+
+
+class _Trunk(nn.Module):
+    """`model.hidden` as a module's forward, for DDP to wrap; `module` holds the weights."""
+
+    def __init__(self, model, module: nn.Module):
+        super().__init__()
+        self.module_ = module
+        self._model = [model]  # not a submodule: its weights are module_'s
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._model[0].hidden(tokens)
+
+
+def start_processes(config: RunConfig, mode: str) -> Processes:
+    """This process's place, its process group joined under torchrun (gloo on CPU, NCCL on CUDA);
+    settings that cannot be shared out over the processes are refused in one line first."""
+    processes = Processes.of_environment()
+    if not processes.many:
+        return processes
+    check_shareable(config, mode, processes.world_size)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if config.device.startswith("cuda") else "gloo")
+    return processes
+
+
+def check_shareable(config: RunConfig, mode: str, world_size: int) -> None:
+    """The settings a run on `world_size` processes refuses, each in one line."""
+    r, method = config.replay, replay_method(config.replay.method)
+    draws = mode == "finetune" and r.source == "self" and (method.needs_replay or r.fraction > 0) \
+        and not r.draw_once and not (r.pool is not None and r.reuse == 0)
+    checks = [
+        (config.optim.batch_size % world_size,
+         f"optim.batch_size={config.optim.batch_size} does not split over {world_size} processes: "
+         f"set a multiple of {world_size}"),
+        (method.needs_replay and r.batch_size % world_size,
+         f"replay.batch_size={r.batch_size} does not split over {world_size} processes: set a multiple of {world_size}"),
+        (draws, f"on {world_size} processes replay is drawn once before training, into a pool: set "
+                "replay.draw_once=N (N samples), or replay.pool=DIR with replay.reuse=0"),
+        (config.compile, "compile=true runs in one process: drop it, or run without torchrun"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise SelfReplayError(message)
