@@ -618,8 +618,12 @@ def _summary(run: Run, progress: Progress, wall_seconds: float) -> dict:
 
 def run_from_cli(mode: str, config_path: str | None, overrides: list[str]) -> dict:
     config = resolve_config(mode, config_path, overrides)
-    summary = train(config, mode)
-    if not Processes.of_environment().main:
+    processes = Processes.of_environment()
+    try:
+        summary = train(config, mode)
+    finally:
+        processes.close()
+    if not processes.main:
         return summary
     keys = ("old_loss_0", "old_loss", "forgetting", "new_loss", "old_kl", "replay_coeff_end", "capacity_bound",
             "capacity_bound_since", "steps", "tokens", "train_seconds", "tokens_per_second", "time_to_target_seconds",

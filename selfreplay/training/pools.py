@@ -12,13 +12,19 @@ from pathlib import Path
 
 import torch
 
-from selfreplay.config import ReplayConfig, RunConfig
+from selfreplay.config import ReplayConfig, RunConfig, is_hf
+from selfreplay.data.tokenizer import load_tokenizer
 from selfreplay.errors import SelfReplayError
 from selfreplay.model.fingerprint import model_fingerprint
+from selfreplay.model.hf import CausalLM, load_causal_lm
+from selfreplay.model.transformer import Transformer
 from selfreplay.objective.losses import topk_targets
-from selfreplay.replay.pool import Draw
+from selfreplay.objective.methods import replay_method
+from selfreplay.replay.hf_pool import hf_draw, replay_format
+from selfreplay.replay.pool import Draw, builtin_draw
 from selfreplay.replay.samples import ReplaySamples
 from selfreplay.replay.store import PoolWriter
+from selfreplay.runtime import resolve_device
 
 
 def parse_targets(spec: str) -> tuple[str, int | None]:
@@ -62,11 +68,6 @@ def sample_builtin_pool(run_dir: str, out: str | Path, count: int, domain: str |
                         temperature: float = 1.0, seed: int = 0, batch_size: int = 128, device: str = "cpu") -> dict:
     """`selfreplay sample RUN --domain D --out POOL`: a pool of a pretrained run's model, its samples
     started at the domain named `domain`, or at each of the domain ids given in turn."""
-    from selfreplay.data.tokenizer import load_tokenizer
-    from selfreplay.model.transformer import Transformer
-    from selfreplay.replay.pool import builtin_draw
-    from selfreplay.runtime import resolve_device
-
     device = resolve_device(device)
     model = Transformer.from_pretrained(run_dir, device=device).eval()
     domain_id = load_tokenizer(Path(run_dir)).domain_id(domain) if isinstance(domain, str) else domain
@@ -83,9 +84,6 @@ def sample_hf_pool(init: str, out: str | Path, count: int, length: int, temperat
                    trust_remote_code: bool = False, targets: str = "none") -> dict:
     """`selfreplay sample init=hf:MODEL --out POOL`: a pool of a Hugging Face model, from BOS or
     inside its chat template (answering the user turns of `prompts`, a .txt or .jsonl file)."""
-    from selfreplay.model.hf import CausalLM, load_causal_lm
-    from selfreplay.replay.hf_pool import hf_draw, replay_format
-
     if length < 2:
         raise SelfReplayError(f"a pool needs --length >= 2, got {length}")
     name = init.removeprefix("hf:")
@@ -108,11 +106,6 @@ def sample_run_pool(config: RunConfig, domains: list[int] | None, out: Path) -> 
     as its replay settings say, with π0's hidden states where its method's KL needs them; π0 is
     loaded for the drawing alone. domains: the ids built-in samples start from in turn (None for
     init=hf:). Returns its pool.json."""
-    from selfreplay.config import is_hf
-    from selfreplay.objective.methods import replay_method
-
-    from selfreplay.runtime import resolve_device
-
     r, device = config.replay, str(resolve_device(config.device))
     targets = "hidden" if replay_method(r.method).keeps_hidden else "none"
     if is_hf(config):

@@ -80,6 +80,11 @@ class Processes:
         if self.many:
             dist.barrier()
 
+    def close(self) -> None:
+        """Leave the process group (left to exit, gloo's threads now and then abort the process)."""
+        if self.many and dist.is_initialized():
+            dist.destroy_process_group()
+
     def trunk(self, model):
         """`model.hidden` called through DistributedDataParallel, which averages the gradients of
         every weight over the processes in backward (the head's too, used outside the call)."""
