@@ -123,6 +123,12 @@ class ReplayConfig:
     system: str | None = setting(None, 'init=hf: a system turn that chat samples start with (needs replay.chat=true)')
     prompts: str | None = setting(None, 'init=hf: .txt or .jsonl (`prompt`) user turns; π0 writes only the answers')
 
+    def __post_init__(self) -> None:
+        """Each replay setting in its range (RANGES, CHOICES), and replay.coeff=auto's settings given
+        together: a ReplayConfig that exists is a valid one, whichever front end made it."""
+        check_keys(self, "replay.")
+        check_budget(self)
+
 
 @dataclass
 class LoraConfig:
@@ -383,11 +389,13 @@ AUTO_KEYS = ("replay.coeff",)  # the numeric keys that also take `auto`
 BUDGET_KEYS = ("budget", "coeff_start", "coeff_min", "coeff_max", "horizon")
 
 
-def check_ranges(config: RunConfig) -> None:
-    """Refuse any numeric value outside its range, any unknown choice, and replay.coeff=auto
-    without its budget (or a budget without auto), with one line."""
+def check_keys(config, prefix: str = "") -> None:
+    """Refuse, with one line, any numeric value of `config` (the RunConfig, or its section named by
+    `prefix`, e.g. "replay.") outside its range, and any unknown choice."""
     for key, allowed in RANGES.items():
-        value = get_key(config, key)
+        if not key.startswith(prefix):
+            continue
+        value = get_key(config, key.removeprefix(prefix))
         if isinstance(value, str):  # a key typed float | str: a number, or auto
             if key in AUTO_KEYS and value == AUTO:
                 continue
@@ -395,16 +403,20 @@ def check_ranges(config: RunConfig) -> None:
         if value is not None and value not in allowed:
             raise SelfReplayError(f"{key} must be {allowed}, got {value}")
     for key, options in CHOICES.items():
-        value = get_key(config, key)
-        if value not in options:
-            raise SelfReplayError(f"unknown {key} {value!r}: choose one of {', '.join(options)}")
-    check_budget(config)
+        if key.startswith(prefix) and get_key(config, key.removeprefix(prefix)) not in options:
+            raise SelfReplayError(f"unknown {key} {get_key(config, key.removeprefix(prefix))!r}: "
+                                  f"choose one of {', '.join(options)}")
 
 
-def check_budget(config: RunConfig) -> None:
+def check_ranges(config: RunConfig) -> None:
+    """Refuse any numeric value outside its range and any unknown choice, with one line (the replay
+    section checked itself when it was made)."""
+    check_keys(config)
+
+
+def check_budget(r: ReplayConfig) -> None:
     """replay.coeff=auto's settings, each refused with one line: a budget is required with auto and
     refused without it, as are c's bounds and horizon; c starts within its bounds."""
-    r = config.replay
     if r.coeff == AUTO:
         if r.budget is None:
             raise SelfReplayError("replay.coeff=auto holds the replay KL at a budget: set replay.budget (nats per "
@@ -413,15 +425,11 @@ def check_budget(config: RunConfig) -> None:
             raise SelfReplayError(f"replay.coeff_start={r.coeff_start:g} is outside [replay.coeff_min, replay.coeff_max]"
                                   f" = [{r.coeff_min:g}, {r.coeff_max:g}]: start c within its bounds")
         return
-    defaults = ReplayConfig()
-    given = [f"replay.{k}" for k in BUDGET_KEYS if getattr(r, k) != getattr(defaults, k)]
+    given = [f"replay.{f.name}" for f in dataclasses.fields(r) if f.name in BUDGET_KEYS and getattr(r, f.name) != f.default]
     if given:
         raise SelfReplayError(f"{', '.join(given)} belong{'s' if len(given) == 1 else ''} to replay.coeff=auto (c held "
                               f"to a budget), and replay.coeff={r.coeff:g} is fixed: set replay.coeff=auto, or drop "
                               f"{'it' if len(given) == 1 else 'them'}")
-    if config.stop.on_capacity_bound:
-        raise SelfReplayError("stop.on_capacity_bound stops a run whose replay.coeff=auto can no longer hold its "
-                              "budget: set replay.coeff=auto and replay.budget, or drop stop.on_capacity_bound")
 
 
 HF_PREFIX = "hf:"  # init=hf:NAME_OR_PATH finetunes a Hugging Face model

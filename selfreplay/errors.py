@@ -1,5 +1,7 @@
 """The one exception type that the command line turns into a one-line message."""
 
+import difflib
+
 
 class SelfReplayError(Exception):
     """Bad input or configuration: the message says what was wrong and what to do.
@@ -10,8 +12,6 @@ class SelfReplayError(Exception):
 
 def did_you_mean(word: str, options, cutoff: float = 0.5) -> str:
     """"; did you mean 'X'?" for the option closest to `word`, or "" when none is close."""
-    import difflib
-
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=cutoff)
     return f"; did you mean '{close[0]}'?" if close else ""
 

@@ -24,7 +24,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
+import yaml
 
 from selfreplay.errors import SelfReplayError
 
@@ -140,8 +142,6 @@ class RunDirectory:
     def _changed(self, config: dict, allowed) -> list[tuple[str, object, object]] | None:
         """Settings that differ from the saved config.yaml and are not allowed to; None when
         there is no readable config.yaml."""
-        import yaml
-
         try:
             saved = yaml.safe_load((self.path / CONFIG_NAME).read_text())
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
@@ -186,14 +186,12 @@ class RunDirectory:
                         progress: dict) -> None:
         """Write ckpt-STEP/ under a temporary name, rename it, point checkpoint.json at it, and
         keep only the newest KEEP_CHECKPOINTS."""
-        from safetensors.torch import save_file
-
         name = f"ckpt-{step:08d}"
         folder, staging = self.path / name, self.path / f".{name}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(staging / WEIGHTS_NAME))
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(staging / "state.safetensors"))
+        for part, file in ((weights, WEIGHTS_NAME), (tensors, "state.safetensors")):
+            safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in part.items()}, str(staging / file))
         (staging / "progress.json").write_text(json.dumps(progress, allow_nan=False))
         for path in staging.iterdir():
             public(path)
@@ -205,13 +203,11 @@ class RunDirectory:
 
     def read_checkpoint(self, folder: Path, device) -> Checkpoint:
         """One checkpoint, read whole; raises on a damaged one."""
-        from safetensors.torch import load_file
-
         progress = json.loads((folder / "progress.json").read_text())
         if not isinstance(progress, dict) or not isinstance(progress.get("step"), int):
             raise ValueError("progress.json does not describe a step")
-        return Checkpoint(folder, load_file(str(folder / WEIGHTS_NAME), device=str(device)),
-                          load_file(str(folder / "state.safetensors")), progress)
+        return Checkpoint(folder, safetensors.torch.load_file(str(folder / WEIGHTS_NAME), device=str(device)),
+                          safetensors.torch.load_file(str(folder / "state.safetensors")), progress)
 
     def clear_checkpoints(self) -> None:
         (self.path / CHECKPOINT_POINTER).unlink(missing_ok=True)

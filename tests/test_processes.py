@@ -14,7 +14,8 @@ pytest.importorskip("transformers")
 
 from conftest import sentences, write_jsonl  # noqa: E402
 from selfreplay.errors import SelfReplayError  # noqa: E402
-from selfreplay.training.processes import Processes, check_shareable  # noqa: E402
+from selfreplay.training.processes import Processes  # noqa: E402
+from selfreplay.training.validate import validate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Two processes sum the same rows' gradients in another order (each its half, then gloo's average),
@@ -128,7 +129,7 @@ def test_settings_that_do_not_split_over_processes_are_refused_in_one_line(taugh
 
     config = resolve_config("finetune", None, [*_settings(taught_llama_dir, tmp_path, tmp_path / "r"), override])
     with pytest.raises(SelfReplayError, match=message) as e:
-        check_shareable(config, "finetune", 2)
+        validate(config, "finetune", processes=2)
     assert "\n" not in str(e.value)
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from selfreplay.config import check_output_dir
+from selfreplay.data.synth import write_corpus
+from selfreplay.data.tokenizer import TOKENIZER_FILE, load_tokenizer, train_tokenizer
+from selfreplay.data.tokens import write_token_file
 from selfreplay.errors import SelfReplayError
 
 CORPUS_HELP = "corpus: .jsonl, .jsonl.gz, .txt or hf:NAME[:CONFIG[:SPLIT]]"
@@ -48,11 +53,6 @@ def register(sub) -> None:
 
 
 def tokenizer_train(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from selfreplay.config import check_output_dir
-    from selfreplay.data.tokenizer import TOKENIZER_FILE, train_tokenizer
-
     check_output_dir(args.out, "--out")
     if (Path(args.out) / TOKENIZER_FILE).exists():
         raise SelfReplayError(f"{args.out} already holds a tokenizer, and token files made with it would stop "
@@ -64,9 +64,6 @@ def tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def tokenize(args: argparse.Namespace) -> None:
-    from selfreplay.data.tokenizer import load_tokenizer
-    from selfreplay.data.tokens import write_token_file
-
     tok = load_tokenizer(args.tokenizer)
     meta = write_token_file(args.corpus, tok, domain=args.domain, out=args.out,
                             max_tokens=args.max_tokens, text_field=args.text_field)
@@ -76,8 +73,6 @@ def tokenize(args: argparse.Namespace) -> None:
 
 
 def synth(args: argparse.Namespace) -> None:
-    from selfreplay.data.synth import write_corpus
-
     paths = write_corpus(args.out, num_words=args.words, seed=args.seed)
     for language, path in paths.items():
         print(f"{language}: {path}")

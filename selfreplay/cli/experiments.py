@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from selfreplay.cli.train import add_settings, settings
+from selfreplay.experiments.continual import continual_cli
+from selfreplay.experiments.demo import run_demo
 
 
 def register(sub) -> None:
@@ -32,12 +34,8 @@ def register(sub) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-    from selfreplay.experiments.demo import run_demo
-
     run_demo(out_dir=args.out, scale=args.scale, seed=args.seed)
 
 
 def continual(args: argparse.Namespace) -> None:
-    from selfreplay.experiments.continual import continual_cli
-
     continual_cli(*settings(args))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from selfreplay.model.export import export_hf
+
 
 def register(sub) -> None:
     """Add `export` to `sub` (the top parser's subparsers)."""
@@ -18,6 +20,4 @@ def register(sub) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-    from selfreplay.model.export import export_hf
-
     print(f"{args.run_dir} -> {export_hf(args.run_dir, args.hf, args.domain)} (a transformers model directory)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from selfreplay.errors import SelfReplayError
+from selfreplay.replay.sampling import sample_cli
+from selfreplay.training.pools import parse_targets, sample_builtin_pool, sample_hf_pool
 
 
 def register(sub) -> None:
@@ -46,8 +48,6 @@ def sample(args: argparse.Namespace) -> None:
         return
     if args.domain is None:
         raise SelfReplayError("give --domain, the domain a sample starts from")
-    from selfreplay.replay.sampling import sample_cli
-
     sample_cli(source, domain=args.domain, num_samples=args.n, length=args.length,
                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                seed=args.seed, device=args.device)
@@ -55,12 +55,6 @@ def sample(args: argparse.Namespace) -> None:
 
 def write_pool(source: str, args: argparse.Namespace) -> None:
     """A replay pool of π0's samples and its targets, drawn once and replayed by runs (replay.pool=DIR)."""
-    from selfreplay.training.pools import (
-        parse_targets,
-        sample_builtin_pool,
-        sample_hf_pool,
-    )
-
     parse_targets(args.targets)  # a misspelt kind is refused before a model is loaded
     if source.startswith("hf:"):
         if args.length is None:

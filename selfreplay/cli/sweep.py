@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from selfreplay.experiments.report import write_report
+from selfreplay.experiments.reproduce import reproduce as run_all
+from selfreplay.experiments.sweep import sweep_cli
+
 
 def register(sub) -> None:
     """Add `sweep`, `report` and `reproduce` to `sub` (the top parser's subparsers)."""
@@ -59,19 +63,13 @@ def add_reproduce(sub) -> None:
 
 
 def sweep(args: argparse.Namespace) -> None:
-    from selfreplay.experiments.sweep import sweep_cli
-
     sweep_cli(args.sweep_file, args.overrides, args.out, args.workers, args.launcher, args.cluster)
 
 
 def report(args: argparse.Namespace) -> None:
-    from selfreplay.experiments.report import write_report
-
     print(f"report -> {write_report(args.directory)}")
 
 
 def reproduce(args: argparse.Namespace) -> None:
-    from selfreplay.experiments.reproduce import reproduce as run_all
-
     only = [name for name in args.only.split(",") if name] if args.only else None
     run_all(args.profile, args.out, args.experiments, only, args.overrides, args.workers)

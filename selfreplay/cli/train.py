@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from selfreplay.training.loop import run_from_cli
+
 
 def register(sub) -> None:
     """Add `pretrain` and `finetune` to `sub` (the top parser's subparsers)."""
@@ -31,12 +33,8 @@ def settings(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    from selfreplay.training.loop import run_from_cli
-
     run_from_cli("pretrain", *settings(args))
 
 
 def finetune(args: argparse.Namespace) -> None:
-    from selfreplay.training.loop import run_from_cli
-
     run_from_cli("finetune", *settings(args))

@@ -18,6 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from selfreplay.data.corpus import iter_batches
 from selfreplay.errors import SelfReplayError, one_line
+from selfreplay.rundir import write_atomic
 
 NUM_DOMAIN_SLOTS = 8
 EOS_ID = NUM_DOMAIN_SLOTS
@@ -87,8 +88,6 @@ class Tokenizer:
 
     def save(self, directory: str | Path) -> Path:
         """Write `directory/tokenizer.json`; returns its path."""
-        from selfreplay.rundir import write_atomic
-
         path = Path(directory) / TOKENIZER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, lambda tmp: self._tok.save(str(tmp)))  # a kill leaves no half-written tokenizer

@@ -49,6 +49,13 @@ from selfreplay.config import (
     read_yaml,
     to_dict,
 )
+from selfreplay.data.tokenizer import (
+    NUM_BYTES,
+    NUM_SPECIAL,
+    load_tokenizer,
+    train_tokenizer,
+)
+from selfreplay.data.tokens import read_token_meta, write_token_file
 from selfreplay.errors import SelfReplayError
 from selfreplay.model.transformer import ModelConfig, Transformer
 from selfreplay.objective.methods import NO_REPLAY, REPLAY_METHODS, replay_method
@@ -62,6 +69,7 @@ from selfreplay.rundir import (
     write_atomic,
 )
 from selfreplay.runtime import resolve_device
+from selfreplay.training.loop import TrainingDiverged, resolve_config, train
 
 MODULUS = 97
 
@@ -170,9 +178,6 @@ def examples(task: str, n: int, seed: int) -> list[tuple[str, str]]:
 def write_task_files(names: list[str], out: Path, train_examples: int, seed: int):
     """A character-level tokenizer with one domain (task token) per task, and a token file per
     task of `train_examples` documents "question=answer"; (tokenizer, {task: token file})."""
-    from selfreplay.data.tokenizer import NUM_BYTES, NUM_SPECIAL, train_tokenizer
-    from selfreplay.data.tokens import write_token_file
-
     out.mkdir(parents=True, exist_ok=True)
     texts = {}
     for name in names:
@@ -301,9 +306,6 @@ def open_continual_dir(out: Path, settings: dict) -> bool:
 
 def task_data(config: ContinualConfig, out: Path):
     """(tokenizer, {task: token file}) in OUT/data, written once: into a staging folder renamed when complete."""
-    from selfreplay.data.tokenizer import load_tokenizer
-    from selfreplay.data.tokens import read_token_meta
-
     data, names, t = out / "data", config.task_names, config.tasks
     if not data.is_dir():
         staging = out / ".data.tmp"
@@ -323,8 +325,6 @@ def task_data(config: ContinualConfig, out: Path):
 def train_continual(config: ContinualConfig) -> dict:
     """Train the tasks in order, each a `train()` run under `out`; after each, measure accuracy on all
     of them. Returns the summary (also in OUT/summary.json). The same command resumes a killed run."""
-    from selfreplay.training.loop import TrainingDiverged, resolve_config, train
-
     out, names = Path(config.out).resolve(), config.task_names
     directory = RunDirectory(out)  # for its strict-JSON summary
     if open_continual_dir(out, to_dict(replace(config, out=str(out)))):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfreplay.data.synth import LANGUAGES, write_corpus
 from selfreplay.data.tokenizer import TOKENIZER_FILE, load_tokenizer, train_tokenizer
 from selfreplay.data.tokens import metadata_path, write_token_file
 
@@ -38,8 +39,6 @@ def pair_token_files(old_text: str | Path, new_text: str | Path, out_dir: str | 
 
 def synthetic_token_files(out_dir: str | Path, num_words: int, vocab_size: int, seed: int = 0) -> CorpusFiles:
     """The built-in synthetic two-language corpus (`selfreplay synth`) as an old/new pair of token files."""
-    from selfreplay.data.synth import LANGUAGES, write_corpus
-
     out = Path(out_dir)
     texts = {language: out / "text" / f"{language}.jsonl" for language in LANGUAGES}
     if not all(p.is_file() for p in texts.values()) or not (out / "tokenizer" / TOKENIZER_FILE).is_file():

@@ -11,7 +11,16 @@ import json
 import time
 from pathlib import Path
 
+from selfreplay.data.synth import LANGUAGES
+from selfreplay.data.tokens import read_token_meta
 from selfreplay.errors import SelfReplayError
+from selfreplay.experiments.compare import (
+    finetune_methods,
+    format_table,
+    plot_old_vs_new,
+)
+from selfreplay.experiments.corpora import synthetic_token_files
+from selfreplay.training.loop import resolve_config, train
 
 # Sizes per scale. small finishes in minutes on a 2-core CPU; large is a bigger model and corpus.
 SCALES = {
@@ -25,16 +34,6 @@ SCALES = {
 
 
 def run_demo(out_dir: str | Path = "demo_runs", scale: str = "small", seed: int = 0) -> list[dict]:
-    from selfreplay.data.synth import LANGUAGES
-    from selfreplay.data.tokens import read_token_meta
-    from selfreplay.experiments.compare import (
-        finetune_methods,
-        format_table,
-        plot_old_vs_new,
-    )
-    from selfreplay.experiments.corpora import synthetic_token_files
-    from selfreplay.training.loop import resolve_config, train
-
     if scale not in SCALES:
         raise SelfReplayError(f"unknown demo scale {scale!r}: choose {', '.join(SCALES)}")
     s = SCALES[scale]

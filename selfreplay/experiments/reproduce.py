@@ -18,7 +18,11 @@ import time
 from pathlib import Path
 
 from selfreplay.errors import SelfReplayError, did_you_mean
+from selfreplay.experiments.figures import markdown_table
 from selfreplay.experiments.packaged import packaged_sweeps
+from selfreplay.experiments.report import render, report_directory
+from selfreplay.experiments.sweep import check_sweep, run_sweep
+from selfreplay.experiments.sweep.launch import choose_workers
 from selfreplay.rundir import write_atomic
 
 
@@ -58,8 +62,6 @@ def overrides_for(name: str, overrides: list[str]) -> list[str]:
 
 
 def _preface(profile: str, overrides: list[str], timings: list[list]) -> str:
-    from selfreplay.experiments.figures import markdown_table
-
     return (f"Profile `{profile}`; overrides: {' '.join(overrides) or 'none'}. Each experiment's own "
             f"report is in its folder (`NAME/report.md`).\n\n"
             "Wall time is this command's; the runs' time adds up each run's own wall time, however many "
@@ -80,10 +82,6 @@ def reproduce(profile: str = "small", out: str | Path = "reproduce", experiments
               only: list[str] | None = None, overrides: list[str] | None = None, workers: int | None = None,
               say=print) -> Path:
     """Run the experiments' sweeps with `profile`, write each one's report and OUT/report.md."""
-    from selfreplay.experiments.report import render, report_directory
-    from selfreplay.experiments.sweep import check_sweep, run_sweep
-    from selfreplay.experiments.sweep.launch import choose_workers
-
     workers = choose_workers(workers)
     out = Path(out).resolve()
     files = experiment_files(Path(experiments) if experiments else None, only)

@@ -10,10 +10,16 @@ import torch
 
 from selfreplay.config import RunConfig, to_dict
 from selfreplay.data.sequences import Data, SequenceStream, TokenSequences
+from selfreplay.data.tokenizer import load_tokenizer
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.validation import ValidationSet, weight_drift
 from selfreplay.families.base import read_init_run
+from selfreplay.model.fingerprint import model_fingerprint
+from selfreplay.model.lora import add_lora, effective_weights, merge_lora
+from selfreplay.model.transformer import Transformer, save_checkpoint
 from selfreplay.objective.methods import replay_method
+from selfreplay.replay.pool import RealReplay, self_replay_pool, stored_replay
+from selfreplay.replay.store import StoredPool
 
 
 class BuiltinFamily:
@@ -21,8 +27,6 @@ class BuiltinFamily:
 
     def load_data(self, config: RunConfig, mode: str) -> Data:
         """The tokenizer and token files, each checked against the model's vocabulary."""
-        from selfreplay.data.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(config.data.tokenizer or config.init)
         if tokenizer.vocab_size > config.model.V:
             raise SelfReplayError(f"the tokenizer has {tokenizer.vocab_size} ids but model.V={config.model.V}: "
@@ -45,10 +49,6 @@ class BuiltinFamily:
         """θ (fresh, or the init run's weights, with LoRA adapters when lora.rank > 0), the frozen
         π0 when finetuning (and load_reference), and the trainable parameters; keeps θ0 and θinit
         for `drift`."""
-        from selfreplay.model.fingerprint import model_fingerprint
-        from selfreplay.model.lora import add_lora
-        from selfreplay.model.transformer import Transformer
-
         if mode != "finetune":
             model = Transformer(config.model)
             model.reset_parameters(torch.Generator().manual_seed(config.seed))
@@ -67,9 +67,6 @@ class BuiltinFamily:
     def make_replay(self, config: RunConfig, reference, data: Data, device, fingerprint: str | None = None,
                     rank: int = 0, world_size: int = 1):
         """The replay source of a finetuning run, or None when its method replays nothing."""
-        from selfreplay.replay.pool import RealReplay, self_replay_pool, stored_replay
-        from selfreplay.replay.store import StoredPool
-
         r, method = config.replay, replay_method(config.replay.method)
         if not method.needs_replay and r.fraction == 0:
             return None
@@ -94,8 +91,6 @@ class BuiltinFamily:
         return sets
 
     def drift(self, model, config: RunConfig) -> float | None:
-        from selfreplay.model.lora import effective_weights
-
         weights = effective_weights(model) if config.lora.rank > 0 else model.state_dict()
         return weight_drift(weights, self.start_state, self.init_state)
 
@@ -110,9 +105,6 @@ class BuiltinFamily:
 
     def save_final(self, model, tokenizer, config: RunConfig, directory) -> None:
         """weights.safetensors (LoRA adapters merged) and config.yaml."""
-        from selfreplay.model.lora import merge_lora
-        from selfreplay.model.transformer import save_checkpoint
-
         if config.lora.rank > 0:
             merge_lora(model)
         save_checkpoint(model, directory.path, to_dict(config))

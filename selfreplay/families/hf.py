@@ -11,10 +11,29 @@ import torch
 
 from selfreplay.config import ReplayConfig, RunConfig
 from selfreplay.data.sequences import Data, TokenSequences
+from selfreplay.data.text import (
+    holds_conversations,
+    label_mask,
+    load_rows,
+    pack_text,
+    pad_batch,
+    pad_id,
+)
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.validation import ValidationSet
 from selfreplay.model.fingerprint import model_fingerprint
+from selfreplay.model.hf import (
+    CausalLM,
+    frozen_reference,
+    load_model,
+    load_tokenizer,
+    num_parameters,
+    with_adapters,
+)
 from selfreplay.objective.methods import replay_method
+from selfreplay.replay.hf_pool import hf_replay_pool, replay_format
+from selfreplay.replay.pool import stored_replay
+from selfreplay.replay.store import StoredPool
 from selfreplay.rundir import notice
 
 
@@ -26,9 +45,6 @@ class HuggingFaceFamily:
         """The model's tokenizer; data.train as conversations (a row each, only the assistant's
         tokens counting) or packed text, data.old_text as packed text, in rows of model.T tokens;
         and the replay format (its chat template and prompts checked before anything is written)."""
-        from selfreplay.data.text import holds_conversations, load_rows, pack_text
-        from selfreplay.model.hf import load_tokenizer
-
         tokenizer = load_tokenizer(model_name(config), config.model.trust_remote_code)
         T, d, r = config.model.T, config.data, config.replay
         if holds_conversations(d.old_text, d.chat_field):
@@ -41,16 +57,12 @@ class HuggingFaceFamily:
                     None, replay_form(tokenizer, r))
 
     def load_models(self, config: RunConfig, mode: str, device, load_reference: bool = True):
-        from selfreplay.model.hf import CausalLM, frozen_reference, load_model
-
         # float32 weights, as the built-in model's: precision=bf16 runs the matmuls under autocast
         model = load_model(model_name(config), torch.float32, device, config.model.trust_remote_code)
         # π0 as loaded, what a stored pool must have been drawn by (hashed only when a pool is replayed)
         self.pi0_fingerprint = model_fingerprint(model) if config.replay.pool is not None else None
         if config.lora.rank > 0:
             from peft import LoraConfig
-
-            from selfreplay.model.hf import with_adapters
 
             alpha = config.lora.alpha if config.lora.alpha is not None else config.lora.rank
             with torch.random.fork_rng():  # the adapters' random init, from the run's seed alone
@@ -65,10 +77,6 @@ class HuggingFaceFamily:
     def make_replay(self, config: RunConfig, reference, data: Data, device, fingerprint: str | None = None,
                     rank: int = 0, world_size: int = 1):
         """π0's samples, from BOS or inside the chat template (replay.chat), as `replay_form` set them up."""
-        from selfreplay.replay.hf_pool import hf_replay_pool
-        from selfreplay.replay.pool import stored_replay
-        from selfreplay.replay.store import StoredPool
-
         method = replay_method(config.replay.method)
         if not method.needs_replay:
             return None
@@ -111,16 +119,12 @@ class HuggingFaceFamily:
         tokenizer.save_pretrained(directory.path)
 
     def params(self, model, config: RunConfig) -> tuple[int, None]:
-        from selfreplay.model.hf import num_parameters
-
         return num_parameters(model), None
 
 
 def replay_form(tokenizer, replay: ReplayConfig):
     """How π0's replay samples are drawn (from BOS, or inside the chat template: selfreplay.replay.hf_pool),
     its chat template and prompts checked now; None where the method replays nothing."""
-    from selfreplay.replay.hf_pool import replay_format
-
     if not replay_method(replay.method).needs_replay:
         return None
     return replay_format(tokenizer, replay.chat, replay.system, replay.prompts, replay.stop_at_eos)
@@ -143,8 +147,6 @@ def model_name(config: RunConfig) -> str:
 def row_sequences(rows: list[dict], tokenizer, T: int, val_sequences: int, seed: int, name: str) -> TokenSequences:
     """Rows {"input_ids", "labels"} right-padded to T, with the mask of the labels that count
     (None when every token counts, as in packed text)."""
-    from selfreplay.data.text import label_mask, pad_batch, pad_id
-
     batch = pad_batch(rows, pad_id(tokenizer), width=T)
     mask = label_mask(batch["labels"])
     return TokenSequences.from_rows(batch["input_ids"].numpy(), val_sequences, seed, name=name,

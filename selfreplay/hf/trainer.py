@@ -35,10 +35,11 @@ from selfreplay.evaluation.validation import ValidationSet
 from selfreplay.families.hf import HuggingFaceFamily, replay_form
 from selfreplay.model.fingerprint import model_fingerprint
 from selfreplay.model.hf import CausalLM, frozen_reference, load_causal_lm, with_adapters
-from selfreplay.objective.methods import NO_REPLAY, check_budgeted, replay_method
+from selfreplay.objective.methods import NO_REPLAY, replay_method
 from selfreplay.objective.reference import ReferenceUse, reference_use
 from selfreplay.rundir import notice, write_atomic
 from selfreplay.training.replay_run import ReplayRun, start_replay_run
+from selfreplay.training.validate import TRAINER, validate
 
 # ReplayConfig's settings that only the command line's loop takes (the rest are replay_X here); the
 # Trainer replays a pool drawn beforehand (`selfreplay sample`) with replay_pool and replay_reuse=0
@@ -110,10 +111,8 @@ class SelfReplayTrainer(Trainer):
                  processing_class=None, peft_config=None, ref_model=None, old_eval_dataset=None, **kwargs):
         args = args or SelfReplayConfig(output_dir="selfreplay-output")
         config = args.run_config()
-        method = replay_method(config.replay.method, key="replay_method")
-        check_budgeted(method, config.replay)
-        if (config.replay.system is not None or config.replay.prompts) and not config.replay.chat:
-            raise SelfReplayError("replay_system and replay_prompts shape chat samples: set replay_chat=True")
+        validate(config, "finetune", TRAINER)  # the command line's rules that bind the Trainer too
+        method = replay_method(config.replay.method)
         if isinstance(model, str):
             model, tokenizer = load_causal_lm(model)
             processing_class = processing_class or tokenizer

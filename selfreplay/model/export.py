@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
+from tokenizers import Tokenizer as RustTokenizer
 
 from selfreplay.data.tokenizer import (
     EOS_TOKEN,
@@ -26,6 +28,7 @@ from selfreplay.data.tokenizer import (
     domain_token,
     load_tokenizer,
 )
+from selfreplay.data.tokens import read_token_meta
 from selfreplay.errors import SelfReplayError
 from selfreplay.model.transformer import ModelConfig, Transformer
 
@@ -68,7 +71,6 @@ def apertus_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 def export_hf(run_dir: str | Path, out: str | Path, domain: str | None = None) -> Path:
     """Write the run's model and tokenizer to `out` as a transformers model directory.
     domain: the domain whose token becomes BOS (default: the domain the run trained on)."""
-    from tokenizers import Tokenizer as RustTokenizer
     from transformers import ApertusForCausalLM, PreTrainedTokenizerFast
 
     run_dir, out = Path(run_dir), Path(out)
@@ -91,10 +93,6 @@ def export_hf(run_dir: str | Path, out: str | Path, domain: str | None = None) -
 
 def _trained_domain(run_dir: Path) -> int:
     """The domain id of the run's training token file (slot 0 when that file is gone)."""
-    import yaml
-
-    from selfreplay.data.tokens import read_token_meta
-
     train = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data", {}).get("train")
     try:
         return read_token_meta(train).domain_id if train else 0

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from selfreplay.config import ModelConfig, build
@@ -287,8 +289,6 @@ class Transformer(nn.Module):
 
 
 def save_checkpoint(model: nn.Module, run_dir: str | Path, extra_config: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -315,9 +315,6 @@ def load_model_config(run_dir: str | Path) -> ModelConfig:
 
 
 def load_weights(run_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(run_dir) / WEIGHTS_NAME
     if not path.is_file():
         raise SelfReplayError(f"{run_dir} has no {WEIGHTS_NAME}: the run did not finish saving, or this is not a run directory")

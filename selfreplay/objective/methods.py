@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from selfreplay.config import AUTO, ReplayConfig
 from selfreplay.errors import SelfReplayError, did_you_mean
 from selfreplay.objective.losses import (
     head_kl_divergence,
@@ -136,20 +135,6 @@ def stacked(new: torch.Tensor, replay: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- the replay KL a budget holds
-
-def check_budgeted(method: ReplayMethod, replay: ReplayConfig) -> None:
-    """Refuse, in one line, replay.coeff=auto where the run has no term to weigh or cannot measure
-    what the budget holds (docs/method.md, "The replay coefficient held to a budget")."""
-    if replay.coeff != AUTO:
-        return
-    if method is NO_REPLAY:
-        raise SelfReplayError("replay.coeff=auto moves the weight of a replay term, and replay.method=none has "
-                              "none: set replay.method=kl (or ntp, kl_new)")
-    if method is REPLAY_NTP and replay.pool is not None and replay.reuse == 0:
-        raise SelfReplayError("replay.coeff=auto with replay.method=ntp holds the rise of θ's next-token loss over "
-                              "π0's on the replay rows, and a run replaying replay.pool with replay.reuse=0 holds no "
-                              "π0 to measure it: set replay.method=kl, or replay.reuse >= 1")
-
 
 def budgeted_divergence(method: ReplayMethod, term: torch.Tensor, reference,
                         replay: ReplaySamples | None) -> torch.Tensor:

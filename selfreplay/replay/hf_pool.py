@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from selfreplay.config import ReplayConfig
+from selfreplay.data.text import iter_field
 from selfreplay.errors import SelfReplayError
 from selfreplay.model.hf import CausalLM
 from selfreplay.replay.hf_sampling import (
@@ -60,8 +61,6 @@ def replay_format(tokenizer, chat: bool = False, system: str | None = None, prom
 
 def read_prompts(path: str) -> list[str]:
     """User prompts: the lines of a .txt file, or the `prompt` field of a .jsonl file."""
-    from selfreplay.data.text import iter_field
-
     if str(path).endswith(".txt"):
         if not Path(path).is_file():
             raise SelfReplayError(f"prompts file not found: {path}")

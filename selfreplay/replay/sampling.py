@@ -7,12 +7,16 @@ fixed length, deterministic given a seed, under `torch.inference_mode`.
 from __future__ import annotations
 
 import functools
+import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from selfreplay.data.tokenizer import load_tokenizer
 from selfreplay.errors import SelfReplayError
 from selfreplay.model.transformer import KVCache, Transformer, rotation_matrices
+from selfreplay.runtime import resolve_device
 
 
 def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -73,8 +77,6 @@ def below(u: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 def check_sampling(num_samples: int, length: int, T: int, temperature: float, top_k: int | None,
                    top_p: float | None) -> None:
     """Refuse sampling settings outside their ranges, with one line each."""
-    import math
-
     checks = [
         (num_samples < 1, f"the number of samples must be at least 1, got {num_samples}"),
         (not 1 <= length <= T, f"sample length must be between 1 and the model's T={T}, got {length}"),
@@ -153,11 +155,6 @@ def compiled_decode_step():
 def sample_cli(run_dir: str, domain: str, num_samples: int, length: int | None, temperature: float,
                top_k: int | None, top_p: float | None, seed: int, device: str) -> None:
     """`selfreplay sample`: print decoded samples, one block each, EOS shown as a line of its own."""
-    from pathlib import Path
-
-    from selfreplay.data.tokenizer import load_tokenizer
-    from selfreplay.runtime import resolve_device
-
     if seed < 0:
         raise SelfReplayError(f"--seed must be >= 0, got {seed}")
     model = Transformer.from_pretrained(run_dir, device=resolve_device(device)).eval()

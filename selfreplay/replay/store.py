@@ -36,6 +36,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from safetensors.torch import save
 
 from selfreplay.errors import SelfReplayError
 from selfreplay.replay.samples import ReplaySamples, TopKTargets
@@ -147,8 +148,6 @@ class PoolWriter:
         return {name: _widened(part.detach().to("cpu", copy=True), self.width) for name, part in parts.items()}
 
     def _write_shard(self, parts: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save
-
         data = save({name: part.contiguous() for name, part in parts.items()})
         name = SHARD_NAME.format(len(self.shards))
         write_atomic(self.out / name, lambda p: p.write_bytes(data))

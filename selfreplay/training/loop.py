@@ -462,8 +462,8 @@ def train(config: RunConfig, mode: str) -> dict:
     Raises TrainingDiverged (after writing the summary) when the loss or gradients stop being finite.
     """
     config = follow_defaults(config)
-    validate(config, mode)
-    processes = start_processes(config, mode)
+    validate(config, mode, processes=Processes.of_environment().world_size)
+    processes = start_processes(config)
     data = load_data(config, mode)
     directory = RunDirectory(config.out) if processes.main else FollowingDirectory(config.out)
     status = processes.broadcast(directory.open(to_dict(config), may_differ=_same_device) if processes.main else None)

@@ -18,8 +18,6 @@ import torch.distributed as dist
 from torch import nn
 
 from selfreplay.config import RunConfig
-from selfreplay.errors import SelfReplayError
-from selfreplay.objective.methods import replay_method
 
 
 @dataclass(frozen=True)
@@ -105,33 +103,12 @@ class _Trunk(nn.Module):
         return self._model[0].hidden(tokens)
 
 
-def start_processes(config: RunConfig, mode: str) -> Processes:
+def start_processes(config: RunConfig) -> Processes:
     """This process's place, its process group joined under torchrun (gloo on CPU, NCCL on CUDA);
-    settings that cannot be shared out over the processes are refused in one line first."""
+    the settings that cannot be shared out over the processes were refused before (training.validate)."""
     processes = Processes.of_environment()
     if not processes.many:
         return processes
-    check_shareable(config, mode, processes.world_size)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if config.device.startswith("cuda") else "gloo")
     return processes
-
-
-def check_shareable(config: RunConfig, mode: str, world_size: int) -> None:
-    """The settings a run on `world_size` processes refuses, each in one line."""
-    r, method = config.replay, replay_method(config.replay.method)
-    draws = mode == "finetune" and r.source == "self" and (method.needs_replay or r.fraction > 0) \
-        and not r.draw_once and not (r.pool is not None and r.reuse == 0)
-    checks = [
-        (config.optim.batch_size % world_size,
-         f"optim.batch_size={config.optim.batch_size} does not split over {world_size} processes: "
-         f"set a multiple of {world_size}"),
-        (method.needs_replay and r.batch_size % world_size,
-         f"replay.batch_size={r.batch_size} does not split over {world_size} processes: set a multiple of {world_size}"),
-        (draws, f"on {world_size} processes replay is drawn once before training, into a pool: set "
-                "replay.draw_once=N (N samples), or replay.pool=DIR with replay.reuse=0"),
-        (config.compile, "compile=true runs in one process: drop it, or run without torchrun"),
-    ]
-    for failed, message in checks:
-        if failed:
-            raise SelfReplayError(message)

@@ -24,6 +24,7 @@ import torch
 
 from selfreplay.config import RunConfig
 from selfreplay.data.sequences import Data
+from selfreplay.evaluation.benchmark_scores import benchmark_scores
 from selfreplay.evaluation.fidelity import first_draw_fidelity, hf_sample_format
 from selfreplay.evaluation.validation import Measurements, ValidationSet, standing_for_reference
 from selfreplay.families import Family, ReplaySource
@@ -130,8 +131,6 @@ class ReplayRun:
         tasks = tasks or [t.strip() for t in (self.config.eval.lm_eval_tasks or "").split(",") if t.strip()]
         if not tasks or not self.main_process:
             return None
-        from selfreplay.evaluation.benchmark_scores import benchmark_scores  # lm-eval: optional
-
         e = self.config.eval
         scores = benchmark_scores(getattr(model, "model", model), tokenizer, tasks, e.lm_eval_limit, batch_size,
                                   e.lm_eval_include_path)

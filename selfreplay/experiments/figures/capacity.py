@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfreplay.experiments.compare import read_curve
 from selfreplay.experiments.figures.common import (
     Figure,
     Finding,
@@ -245,8 +246,6 @@ def least_forgetting_by_budget(trajectories: list) -> dict[float, float]:
 
 
 def plot_frontier(frontier: list[tuple[float, float, float]], trajectories: list, path: Path) -> Path:
-    from selfreplay.experiments.compare import read_curve
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ax.plot([p[1] for p in frontier], [p[0] for p in frontier], "k.-", label="pretrained mixes (frontier)")

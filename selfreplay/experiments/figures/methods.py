@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selfreplay.experiments.compare import plot_old_vs_new
 from selfreplay.experiments.figures.common import (
     Figure,
     Finding,
@@ -49,8 +50,6 @@ def methods_reproduced(done: list) -> bool | None:
 
 
 def plot_methods(done: list, path: Path) -> Path:
-    from selfreplay.experiments.compare import plot_old_vs_new
-
     rows = [{"method": method_label(r), "run_dir": str(r.run_dir), "old_loss_0": r.summary.get("old_loss_0")}
             for r in done]
     plot_old_vs_new(rows, path, title="Old-domain loss along finetuning, per method")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from selfreplay.experiments.compare import read_curve
 from selfreplay.experiments.figures.common import Figure, fmt, pyplot, save
 
 
 def pretraining_figure(run, out: Path) -> Figure:
     """Validation loss against training tokens (log x) of a pretraining run."""
-    from selfreplay.experiments.compare import read_curve
-
     curve = [p for p in read_curve(run.run_dir) if p.get("old_loss") is not None and p["tokens"] > 0]
     path = plot_pretraining(curve, out / "pretraining.png")
     s = run.summary

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import yaml
 
+from selfreplay.config import read_yaml
+from selfreplay.data.tokenizer import load_tokenizer
 from selfreplay.errors import SelfReplayError
+from selfreplay.experiments.corpora import synthetic_token_files
 from selfreplay.experiments.packaged import sweep_path
 from selfreplay.experiments.sweep.launch import choose_workers, make_launcher, run_stage
 from selfreplay.experiments.sweep.plan import Run, expand, prepare_stage
@@ -28,8 +31,6 @@ DATA_VARS = ("old", "new", "tokenizer")
 
 def _synthetic_corpus(corpus: dict, sweep_dir: Path) -> dict:
     """old, new and tokenizer of the built-in synthetic corpus under SWEEP_DIR/corpus, made once."""
-    from selfreplay.experiments.corpora import synthetic_token_files
-
     check_fields(corpus, CORPUS_FIELDS, "corpus")
     sizes = {k: number(corpus.get(k, default)) for k, default in CORPUS_DEFAULTS.items()}
     if not all(isinstance(v, int) for v in sizes.values()):
@@ -49,8 +50,6 @@ def corpus_vars(corpus: dict | None, given: dict, sweep_dir: Path) -> dict:
         chosen = _synthetic_corpus(corpus, sweep_dir)
     if not chosen:
         return {}
-    from selfreplay.data.tokenizer import load_tokenizer
-
     chosen = {n: str(Path(v).resolve()) for n, v in chosen.items()}
     return {**chosen, "vocab": load_tokenizer(chosen["tokenizer"]).vocab_size}
 
@@ -60,8 +59,6 @@ def check_sweep(path: str | Path, overrides: list[str], sweep_dir: Path) -> tupl
 
     `path` is a sweep file or a packaged experiment's name.
     """
-    from selfreplay.config import read_yaml
-
     path = sweep_path(path)
     document = read_yaml(path)
     check_fields(document, SWEEP_FIELDS, f"sweep file {path}")

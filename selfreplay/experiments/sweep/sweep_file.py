@@ -6,7 +6,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from selfreplay.config import RunConfig, all_keys
 from selfreplay.errors import SelfReplayError
+from selfreplay.experiments.continual import ContinualConfig
+from selfreplay.experiments.figures import FIGURES
 from selfreplay.experiments.sweep.values import (
     check_fields,
     dotted,
@@ -65,9 +68,6 @@ class Sweep:
 
 def mode_keys() -> dict[str, list[str]]:
     """The dotted settings each mode accepts."""
-    from selfreplay.config import RunConfig, all_keys
-    from selfreplay.experiments.continual import ContinualConfig
-
     run = all_keys(RunConfig)
     return {"pretrain": run, "finetune": run, "continual": all_keys(ContinualConfig)}
 
@@ -181,8 +181,6 @@ def parse_inits(raw, where: str) -> list[InitSpec]:
 
 def check_report(report: list, stage_names: list[str]) -> None:
     """Each report entry names a known figure and stages of this sweep."""
-    from selfreplay.experiments.figures import FIGURES
-
     if not isinstance(report, list):
         raise SelfReplayError("report: must be a list of figures ({figure: KIND, stage: STAGE})")
     for i, entry in enumerate(report):
