@@ -19,15 +19,16 @@ from pathlib import Path
 from selfreplay.experiments.compare import finetune_methods, format_table, plot_old_vs_new, read_curve
 from selfreplay.data.tokenizer import train_tokenizer
 from selfreplay.data.tokens import write_token_file
-from selfreplay.training.loop import resolve_config, train
+from selfreplay.config import RunConfig, merge
+from selfreplay.training.loop import train
 
-MODEL = ["model.D=128", "model.L=4", "model.H=32", "model.T=128", "model.V=4096"]
+MODEL = dict(D=128, L=4, H=32, T=128, V=4096)
 METHODS = {
-    "none": ["replay.method=none"],
-    "self-kl": ["replay.method=kl", "replay.source=self", "replay.coeff=10"],
-    "real-kl": ["replay.method=kl", "replay.source=real", "replay.coeff=10"],
-    "self-ntp": ["replay.method=ntp", "replay.source=self", "replay.coeff=10"],
-    "lora-r16": ["replay.method=none", "lora.rank=16"],
+    "none": {"replay": {"method": "none"}},
+    "self-kl": {"replay": {"method": "kl", "source": "self", "coeff": 10}},
+    "real-kl": {"replay": {"method": "kl", "source": "real", "coeff": 10}},
+    "self-ntp": {"replay": {"method": "ntp", "source": "self", "coeff": 10}},
+    "lora-r16": {"replay": {"method": "none"}, "lora": {"rank": 16}},
 }
 
 
@@ -58,16 +59,17 @@ def main() -> None:
 
     pretrained = out / "pretrain-en"
     if not (pretrained / "summary.json").exists():
-        train(resolve_config("pretrain", None, [
-            f"out={pretrained}", f"data.tokenizer={out / 'tokenizer'}", f"data.train={data['en']}", *MODEL,
-            f"optim.lr={args.pretrain_lr}", "optim.schedule=cosine", f"stop.tokens={int(args.pretrain_tokens)}",
-            "log.every_tokens=131072"]), "pretrain")
+        train(RunConfig().updated(out=str(pretrained), model=MODEL,
+                                  data={"tokenizer": str(out / "tokenizer"), "train": str(data["en"])},
+                                  optim={"lr": args.pretrain_lr, "schedule": "cosine"},
+                                  stop={"tokens": int(args.pretrain_tokens)}, log={"every_tokens": 131072}), "pretrain")
     pre = json.loads((pretrained / "summary.json").read_text())
     print(f"pretrained on en: {pre['tokens']:,} tokens, loss {pre['old_loss']:.3f}, {pre['tokens_per_second']:,.0f} tokens/s")
 
-    common = [f"optim.lr={args.finetune_lr}", "optim.warmup_steps=20", f"stop.tokens={int(args.finetune_tokens)}",
-              "log.every_tokens=32768"]
-    probe = finetune_methods(str(pretrained), str(data["es"]), {"probe-none": ["replay.method=none", "stop.patience=3"]},
+    common = {"optim": {"lr": args.finetune_lr, "warmup_steps": 20}, "stop": {"tokens": int(args.finetune_tokens)},
+              "log": {"every_tokens": 32768}}
+    probe = finetune_methods(str(pretrained), str(data["es"]),
+                             {"probe-none": {"replay": {"method": "none"}, "stop": {"patience": 3}}},
                              out / "finetune", common)[0]
     best = min(p["new_loss"] for p in read_curve(probe["run_dir"]))
     target = round(best + args.margin, 3)
@@ -75,7 +77,7 @@ def main() -> None:
 
     methods = {m: METHODS[m] for m in args.methods.split(",")}
     rows = finetune_methods(str(pretrained), str(data["es"]), methods, out / "finetune",
-                            [*common, f"stop.target_loss={target}"])
+                            merge(common, {"stop": {"target_loss": target}}))
     plain = next((r for r in rows if r["method"] == "none"), None)
     for row in rows:
         if plain and plain["forgetting"] > 0:

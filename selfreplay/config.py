@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from selfreplay.errors import SelfReplayError, did_you_mean
-from selfreplay.rundir import notice, write_atomic
+from selfreplay.rundir import CONFIG_NAME, notice, write_atomic
 
 REPLAY_SOURCES = ("self", "real")
 AUTO = "auto"  # replay.coeff=auto: c is held to replay.budget (docs/method.md, "The replay coefficient held to a budget")
@@ -179,6 +179,53 @@ class RunConfig:
     stop: StopConfig = field(default_factory=StopConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def updated(self, **settings) -> "RunConfig":
+        """These settings with `settings` set, in Python values by section, each checked as a YAML
+        file's: config.updated(seed=1, optim={"lr": 1e-3}, replay={"method": "kl"}); paths made absolute."""
+        return absolute_paths(build(RunConfig, merge(to_dict(self), settings)))
+
+    @classmethod
+    def finetune_from(cls, run_dir: str | Path, **settings) -> "RunConfig":
+        """The settings that finetune the pretrained run `run_dir` (init=run_dir): its model's shape and
+        its data (the old domain, the split's seed, the validation rows) as the base, then `settings`
+        as in `updated`. The command line's `selfreplay finetune init=RUN_DIR ...` builds the same."""
+        base = finetune_base(read_init_run(run_dir))
+        return absolute_paths(build(cls, merge(merge(base, {"init": str(run_dir)}), settings)))
+
+
+def read_init_run(run_dir: str | Path) -> RunConfig:
+    """The settings of a finished pretraining run (π0), each checked for its type."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise SelfReplayError(f"init run {run_dir} not found (no {CONFIG_NAME}): pretrain it first with selfreplay pretrain")
+    try:
+        return build(RunConfig, read_yaml(path))
+    except SelfReplayError as e:
+        raise SelfReplayError(f"the init run's {path}: {e}") from None
+
+
+def finetune_base(init: RunConfig) -> dict:
+    """What a finetuning run takes from its pretrained run `init`: the model's shape, the old domain
+    (init's training data), the split's seed and the validation rows."""
+    return {"model": vars(init.model), "data": {"old": init.data.train, "seed": init.data.seed,
+                                                "val_sequences": init.data.val_sequences}}
+
+
+def absolute_paths(config: RunConfig) -> RunConfig:
+    """`config` with every file and directory setting absolute (a hub id or hf:NAME left as it is),
+    so a run's config.yaml names the same files from any directory."""
+    absolute = lambda p: str(Path(p).resolve()) if p and not p.startswith("hf:") else p  # noqa: E731
+    r, d = config.replay, config.data
+    data = dataclasses.replace(d, tokenizer=absolute(d.tokenizer), train=absolute(d.train), mix=absolute(d.mix),
+                               old=absolute(d.old), old_text=absolute(d.old_text))
+    init = absolute(config.init)
+    if is_hf(config) and Path(config.init.removeprefix("hf:")).expanduser().is_dir():  # a local model
+        init = "hf:" + str(Path(config.init.removeprefix("hf:")).expanduser().resolve())
+    return dataclasses.replace(
+        config, out=absolute(config.out), init=init, data=data,
+        replay=dataclasses.replace(r, pool=absolute(r.pool), prompts=absolute(r.prompts)),
+        eval=dataclasses.replace(config.eval, lm_eval_include_path=absolute(config.eval.lm_eval_include_path)))
 
 
 def all_keys(cls: type, prefix: str = "") -> list[str]:
@@ -392,20 +439,24 @@ BUDGET_KEYS = ("budget", "coeff_start", "coeff_min", "coeff_max", "horizon")
 def check_keys(config, prefix: str = "") -> None:
     """Refuse, with one line, any numeric value of `config` (the RunConfig, or its section named by
     `prefix`, e.g. "replay.") outside its range, and any unknown choice."""
-    for key, allowed in RANGES.items():
-        if not key.startswith(prefix):
-            continue
-        value = get_key(config, key.removeprefix(prefix))
-        if isinstance(value, str):  # a key typed float | str: a number, or auto
-            if key in AUTO_KEYS and value == AUTO:
-                continue
-            raise SelfReplayError(f"{key} must be {allowed} or {AUTO}, got {value!r}")
-        if value is not None and value not in allowed:
-            raise SelfReplayError(f"{key} must be {allowed}, got {value}")
-    for key, options in CHOICES.items():
-        if key.startswith(prefix) and get_key(config, key.removeprefix(prefix)) not in options:
-            raise SelfReplayError(f"unknown {key} {get_key(config, key.removeprefix(prefix))!r}: "
-                                  f"choose one of {', '.join(options)}")
+    for key in [*RANGES, *CHOICES]:
+        if key.startswith(prefix):
+            check_value(key, get_key(config, key.removeprefix(prefix)))
+
+
+def check_value(key: str, value) -> None:
+    """Refuse, with one line, a value of the dotted `key` outside its range (RANGES) or its choices (CHOICES)."""
+    if key in CHOICES:
+        if value not in CHOICES[key]:
+            raise SelfReplayError(f"unknown {key} {value!r}: choose one of {', '.join(CHOICES[key])}")
+        return
+    allowed = RANGES[key]
+    if isinstance(value, str):  # a key typed float | str: a number, or auto
+        if key in AUTO_KEYS and value == AUTO:
+            return
+        raise SelfReplayError(f"{key} must be {allowed} or {AUTO}, got {value!r}")
+    if value is not None and value not in allowed:
+        raise SelfReplayError(f"{key} must be {allowed}, got {value}")
 
 
 def check_ranges(config: RunConfig) -> None:

@@ -214,3 +214,28 @@ def test_coeff_auto_and_its_budget_load_and_save_back_as_written(tmp_path):
     path.write_text("replay:\n  coeff: null\n")
     with pytest.raises(SelfReplayError, match="'replay.coeff' must be float or str, got None"):
         load_config(path)
+
+
+def test_typed_settings_build_what_the_command_line_builds(corpus, pretrained, tmp_path, monkeypatch):
+    """The experiments' typed settings (RunConfig.finetune_from, RunConfig.updated) are the command
+    line's: the same init run's shape and data as the base, the same checks, paths made absolute."""
+    from dataclasses import replace
+
+    from conftest import finetune_overrides
+    from selfreplay.training.loop import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    given = finetune_overrides(corpus, pretrained, "ft", "replay.method=kl", "replay.coeff=3")
+    typed = RunConfig.finetune_from(
+        pretrained, out="ft", data={"train": str(corpus["new"])},
+        optim={"lr": 3e-3, "batch_size": 8, "warmup_steps": 2}, replay={"method": "kl", "coeff": 3, "batch_size": 4,
+                                                                      "buffer": 2},
+        stop={"tokens": 2048}, log={"every_tokens": 512, "progress": False})
+    from_strings = resolve_config("finetune", None, given)
+    assert replace(typed, replay=replace(typed.replay, length=from_strings.replay.length)) == from_strings
+    assert typed.out == str(tmp_path / "ft") and typed.model == from_strings.model
+    assert typed.updated(seed=3, replay={"coeff": 5}).replay.coeff == 5.0
+    with pytest.raises(SelfReplayError, match="replay.temperature must be > 0"):
+        typed.updated(replay={"temperature": 0})
+    with pytest.raises(SelfReplayError, match="unknown config key 'optim.learning_rate'"):
+        typed.updated(optim={"learning_rate": 1.0})

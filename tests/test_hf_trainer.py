@@ -170,24 +170,50 @@ def test_gpt2_tied_head_trains_while_pi0_keeps_a_frozen_copy(tiny_gpt2_dir, tmp_
 
 
 def test_the_trainers_replay_settings_are_the_command_lines_replay_config(tmp_path):
-    """One schema: each replay_X of SelfReplayConfig is ReplayConfig's X, of the same type, checked by
-    the same ranges; the settings only the built-in loop takes are named, not forgotten."""
+    """One schema: each replay_X of SelfReplayConfig is ReplayConfig's X, of the same type and help,
+    checked by the same ranges; those of the built-in model's family are refused in one line."""
     import dataclasses
     import typing
 
     from selfreplay.config import ReplayConfig
     from selfreplay.errors import SelfReplayError
-    from selfreplay.hf.trainer import BUILTIN_ONLY
 
     trainer_hints, config_hints = typing.get_type_hints(SelfReplayConfig), typing.get_type_hints(ReplayConfig)
-    trainer_keys = {f.name.removeprefix("replay_") for f in dataclasses.fields(SelfReplayConfig)
-                    if f.name.startswith("replay_")}
-    assert trainer_keys == set(config_hints) - set(BUILTIN_ONLY)
-    assert all(trainer_hints[f"replay_{key}"] == config_hints[key] for key in trainer_keys)
+    trainer_fields = {f.name.removeprefix("replay_"): f for f in dataclasses.fields(SelfReplayConfig)
+                      if f.name.startswith("replay_")}
+    assert set(trainer_fields) == set(config_hints)
+    assert all(trainer_hints[f"replay_{key}"] == config_hints[key] for key in trainer_fields)
+    assert all(trainer_fields[f.name].metadata["help"] == f.metadata["help"] for f in dataclasses.fields(ReplayConfig))
     replay = _args(tmp_path, replay_method="kl_new", replay_coeff=3.0, replay_length=None, max_length=24).replay_config()
     assert (replay.method, replay.coeff, replay.length, replay.batch_size) == ("kl_new", 3.0, 24, 3)
     with pytest.raises(SelfReplayError, match=r"replay.temperature must be > 0, got 0.0"):
         _args(tmp_path, replay_temperature=0.0).replay_config()
+    for setting, value in (("fraction", 0.5), ("domains", "en"), ("compile", True), ("source", "real")):
+        with pytest.raises(SelfReplayError, match="built-in model") as error:
+            SelfReplayTrainer("unused", _args(tmp_path, **{f"replay_{setting}": value}))
+        assert "\n" not in str(error.value)
+    with pytest.raises(SelfReplayError, match="replay.system and replay.prompts shape chat samples"):
+        SelfReplayTrainer("unused", _args(tmp_path, replay_system="You are helpful."))
+
+
+def test_a_trainer_draws_its_pool_once_and_replays_it_without_a_copy_of_pi0(taught_llama_dir, tmp_path):
+    """replay_draw_once=N: π0 draws N samples once into OUTPUT_DIR/replay_pool before the first step;
+    the Trainer keeps π0's head alone, and a second Trainer on the same output_dir replays that pool."""
+    from selfreplay.objective.reference import ReferenceHead
+    from selfreplay.replay.store import read_header
+
+    model, tokenizer = load_causal_lm(taught_llama_dir)
+    trainer = SelfReplayTrainer(model, _args(tmp_path, replay_draw_once=6), train_dataset=_spanish(),
+                                processing_class=tokenizer)
+    pool = tmp_path / "out" / "replay_pool"
+    header = read_header(pool)
+    assert header["rows"] == 6 and header["targets"] == "hidden"
+    assert isinstance(trainer.reference, ReferenceHead)
+    trainer.train()
+    assert trainer.replay_fidelity["samples"] == 3  # the first batch of the stored pool, judged
+    model, tokenizer = load_causal_lm(taught_llama_dir)
+    SelfReplayTrainer(model, _args(tmp_path, replay_draw_once=6), train_dataset=_spanish(), processing_class=tokenizer)
+    assert read_header(pool) == header  # not drawn again
 
 
 def test_kl_on_the_new_batch_trains_through_the_trainer_and_an_unknown_method_is_one_line(taught_llama_dir, tmp_path):

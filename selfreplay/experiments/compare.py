@@ -5,29 +5,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selfreplay.training.loop import METRICS_NAME, resolve_config, train
+from selfreplay.config import RunConfig, merge
+from selfreplay.training.loop import METRICS_NAME, train
 
 COLUMNS = (("method", "{}"), ("old_loss_0", "{:.3f}"), ("old_loss", "{:.3f}"), ("forgetting", "{:+.3f}"),
            ("new_loss", "{:.3f}"), ("time_to_target_seconds", "{:.1f}"), ("time_to_target_steps", "{}"),
            ("tokens_per_second", "{:,.0f}"), ("stop_reason", "{}"))
 
 
-def finetune_methods(init: str, new_tokens: str, methods: dict[str, list[str]], out_dir: str | Path,
-                     common: list[str]) -> list[dict]:
-    """Run `finetune` once per method (label -> overrides) from the pretrained run `init`.
+def finetune_methods(init: str, new_tokens: str, methods: dict[str, dict], out_dir: str | Path,
+                     common: dict) -> list[dict]:
+    """Run `finetune` once per method (label -> settings by section, e.g. {"replay": {"method": "kl"}})
+    from the pretrained run `init`.
 
-    Every run gets `common` overrides (the target loss and budget, say); a run directory that
+    Every run gets the `common` settings (the target loss and budget, say); a run directory that
     already holds a finished run is read rather than run again.
     """
     rows = []
-    for label, overrides in methods.items():
+    for label, settings in methods.items():
         out = Path(out_dir) / label
         summary_path = out / "summary.json"
         if summary_path.exists():
             summary = json.loads(summary_path.read_text())
         else:
-            config = resolve_config("finetune", None, [f"init={init}", f"data.train={new_tokens}", f"out={out}",
-                                                       *common, *overrides])
+            config = RunConfig.finetune_from(init, **merge(merge(common, settings),
+                                                           {"out": str(out), "data": {"train": str(new_tokens)}}))
             summary = train(config, "finetune")
         rows.append({**summary, "method": label, "run_dir": str(out)})
     return rows

@@ -37,13 +37,12 @@ import torch
 import yaml
 
 from selfreplay.config import (
-    DataConfig,
-    LogConfig,
     OptimConfig,
     ReplayConfig,
     RunConfig,
     build,
-    check_ranges,
+    check_keys,
+    check_value,
     merge,
     parse_overrides,
     read_yaml,
@@ -69,7 +68,7 @@ from selfreplay.rundir import (
     write_atomic,
 )
 from selfreplay.runtime import resolve_device
-from selfreplay.training.loop import TrainingDiverged, resolve_config, train
+from selfreplay.training.loop import TrainingDiverged, train
 
 MODULUS = 97
 
@@ -159,10 +158,13 @@ def load_continual_config(path: str | None, overrides: list[str]) -> ContinualCo
         if failed:
             raise SelfReplayError(message)
     # the settings the task runs share, checked before anything is written
-    check_ranges(RunConfig(seed=config.seed, model=config.model, optim=config.optim, replay=config.replay,
-                           data=DataConfig(val_sequences=t.val_sequences),
-                           log=LogConfig(checkpoint_every=config.log.checkpoint_every,
-                                         checkpoint_seconds=config.log.checkpoint_seconds)))
+    # (the replay section checked itself when it was made)
+    check_keys(config.model, "model.")
+    check_keys(config.optim, "optim.")
+    for key, value in (("seed", config.seed), ("data.val_sequences", t.val_sequences),
+                       ("log.checkpoint_every", config.log.checkpoint_every),
+                       ("log.checkpoint_seconds", config.log.checkpoint_seconds)):
+        check_value(key, value)
     resolve_device(config.device)
     return config
 
@@ -249,32 +251,26 @@ def run_name(names: list[str], i: int) -> str:
     return f"{i + 1}-{names[i]}"
 
 
-def task_run(config: ContinualConfig, out: Path, i: int, files: dict[str, Path]) -> tuple[str, list[str]]:
-    """(mode, overrides) of task i's run in OUT/<i+1>-<task>: task 0 pretrains a fresh model; task i > 0
+def task_run(config: ContinualConfig, out: Path, i: int, files: dict[str, Path]) -> tuple[str, RunConfig]:
+    """(mode, settings) of task i's run in OUT/<i+1>-<task>: task 0 pretrains a fresh model; task i > 0
     finetunes the run of task i-1 (π0 = the model as task i starts), its old domain task i-1 and, with
     replay, self-replay started at every earlier task's token."""
     names, t, o = config.task_names, config.tasks, config.optim
     tokens_per_step = o.batch_size * config.model.T
     settings = {
-        "out": out / run_name(names, i), "seed": config.seed, "device": config.device,
-        "data.tokenizer": out / "data" / "tokenizer", "data.train": files[names[i]],
-        "data.val_sequences": t.val_sequences, "data.seed": config.seed,
-        **{f"optim.{key}": value for key, value in vars(o).items()},
-        "stop.tokens": t.steps * tokens_per_step,
-        "log.every_tokens": config.log.every_steps * tokens_per_step,
-        "log.checkpoint_every": config.log.checkpoint_every, "log.checkpoint_seconds": config.log.checkpoint_seconds,
-        "log.progress": config.log.progress,
+        "out": str(out / run_name(names, i)), "seed": config.seed, "device": config.device,
+        "data": {"tokenizer": str(out / "data" / "tokenizer"), "train": str(files[names[i]]),
+                 "val_sequences": t.val_sequences, "seed": config.seed},
+        "optim": vars(o), "stop": {"tokens": t.steps * tokens_per_step},
+        "log": {"every_tokens": config.log.every_steps * tokens_per_step, "checkpoint_every": config.log.checkpoint_every,
+                "checkpoint_seconds": config.log.checkpoint_seconds, "progress": config.log.progress},
     }
     if i == 0:
-        mode = "pretrain"
-        settings.update({f"model.{key}": value for key, value in vars(config.model).items()})
-    else:
-        mode = "finetune"
-        settings.update({"init": out / run_name(names, i - 1), "data.old": files[names[i - 1]]})
-        if replay_method(config.replay.method).needs_replay or config.replay.fraction > 0:
-            settings.update({f"replay.{key}": value for key, value in vars(config.replay).items()})
-            settings["replay.domains"] = ",".join(names[:i])
-    return mode, [f"{key}={value}" for key, value in settings.items()]
+        return "pretrain", RunConfig().updated(**settings, model=vars(config.model))
+    settings["data"]["old"] = str(files[names[i - 1]])
+    if replay_method(config.replay.method).needs_replay or config.replay.fraction > 0:
+        settings["replay"] = {**vars(config.replay), "domains": ",".join(names[:i])}
+    return "finetune", RunConfig.finetune_from(out / run_name(names, i - 1), **settings)
 
 
 def open_continual_dir(out: Path, settings: dict) -> bool:
@@ -335,8 +331,7 @@ def train_continual(config: ContinualConfig) -> dict:
     device = resolve_device(config.device)
     matrix, coeffs, seconds = [], [], 0.0
     for i, name in enumerate(names):
-        mode, overrides = task_run(config, out, i, files)
-        run_config = resolve_config(mode, None, overrides)
+        mode, run_config = task_run(config, out, i, files)
         try:
             task_summary = train(run_config, mode)
         except TrainingDiverged as e:

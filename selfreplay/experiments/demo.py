@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from selfreplay.config import RunConfig
 from selfreplay.data.synth import LANGUAGES
 from selfreplay.data.tokens import read_token_meta
 from selfreplay.errors import SelfReplayError
@@ -20,14 +21,14 @@ from selfreplay.experiments.compare import (
     plot_old_vs_new,
 )
 from selfreplay.experiments.corpora import synthetic_token_files
-from selfreplay.training.loop import resolve_config, train
+from selfreplay.training.loop import train
 
 # Sizes per scale. small finishes in minutes on a 2-core CPU; large is a bigger model and corpus.
 SCALES = {
-    "small": dict(words=300_000, vocab=2048, model=["model.D=128", "model.L=4", "model.H=32", "model.T=128"],
+    "small": dict(words=300_000, vocab=2048, model=dict(D=128, L=4, H=32, T=128),
                   pretrain_tokens=800_000, pretrain_lr=3e-3, finetune_lr=3e-3, target=4.0,
                   finetune_tokens=400_000, log_tokens=24_576, val_sequences=128),
-    "large": dict(words=3_000_000, vocab=4096, model=["model.D=256", "model.L=6", "model.H=64", "model.T=256"],
+    "large": dict(words=3_000_000, vocab=4096, model=dict(D=256, L=6, H=64, T=256),
                   pretrain_tokens=20_000_000, pretrain_lr=2e-3, finetune_lr=1e-3, target=None,
                   finetune_tokens=4_000_000, log_tokens=262_144, val_sequences=256),
 }
@@ -51,26 +52,24 @@ def run_demo(out_dir: str | Path = "demo_runs", scale: str = "small", seed: int 
     # pretrain on A
     pretrained = out / "pretrain"
     if not (pretrained / "summary.json").exists():
-        config = resolve_config("pretrain", None, [
-            f"out={pretrained}", f"data.tokenizer={tokenizer_dir}", f"data.train={tokens[old]}",
-            f"model.V={s['vocab']}", *s["model"], f"optim.lr={s['pretrain_lr']}", "optim.schedule=cosine",
-            f"stop.tokens={s['pretrain_tokens']}", f"log.every_tokens={s['log_tokens'] * 4}", f"seed={seed}",
-            f"data.val_sequences={s['val_sequences']}"])
+        config = RunConfig().updated(
+            out=str(pretrained), seed=seed, model={**s["model"], "V": s["vocab"]},
+            data={"tokenizer": str(tokenizer_dir), "train": str(tokens[old]), "val_sequences": s["val_sequences"]},
+            optim={"lr": s["pretrain_lr"], "schedule": "cosine"}, stop={"tokens": s["pretrain_tokens"]},
+            log={"every_tokens": s["log_tokens"] * 4})
         train(config, "pretrain")
     pretrain_summary = json.loads((pretrained / "summary.json").read_text())
     print(f"pretrained on {old}: validation loss {pretrain_summary['old_loss']:.3f}")
 
     # finetune on B three ways, to the same target
     target = s["target"]
-    common = [f"optim.lr={s['finetune_lr']}", "optim.warmup_steps=20", f"stop.tokens={s['finetune_tokens']}",
-              f"data.val_sequences={s['val_sequences']}",
-              f"log.every_tokens={s['log_tokens']}", f"seed={seed}"]
-    if target is not None:
-        common.append(f"stop.target_loss={target}")
+    common = {"seed": seed, "optim": {"lr": s["finetune_lr"], "warmup_steps": 20},
+              "stop": {"tokens": s["finetune_tokens"], "target_loss": target},
+              "data": {"val_sequences": s["val_sequences"]}, "log": {"every_tokens": s["log_tokens"]}}
     methods = {
-        "plain": ["replay.method=none"],
-        "self-kl": ["replay.method=kl", "replay.source=self", "replay.coeff=10"],
-        "real-kl": ["replay.method=kl", "replay.source=real", "replay.coeff=10"],
+        "plain": {"replay": {"method": "none"}},
+        "self-kl": {"replay": {"method": "kl", "source": "self", "coeff": 10}},
+        "real-kl": {"replay": {"method": "kl", "source": "real", "coeff": 10}},
     }
     rows = finetune_methods(str(pretrained), str(tokens[new]), methods, out / "finetune", common)
     print()

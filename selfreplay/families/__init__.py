@@ -5,11 +5,13 @@ the objective, the replay pool and the measurements are shared."""
 from __future__ import annotations
 
 from selfreplay.config import RunConfig, is_hf
-from selfreplay.families.base import Family, ReplaySource, read_init_run
+from selfreplay.families.base import Family, ReplaySource
 from selfreplay.families.builtin import BuiltinFamily
-from selfreplay.families.hf import HuggingFaceFamily  # transformers itself is imported only when a model is loaded
+from selfreplay.families.hf import (
+    HuggingFaceFamily,  # transformers itself is imported only when a model is loaded
+)
 
-__all__ = ["Family", "ReplaySource", "family_of", "read_init_run"]
+__all__ = ["Family", "ReplaySource", "family_of"]
 
 
 def family_of(config: RunConfig) -> Family:

@@ -10,17 +10,15 @@ A model is anything with `hidden(tokens)` [B, t, D], `head.weight` [V, D], `para
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from selfreplay.config import RunConfig, build, read_yaml
+from selfreplay.config import RunConfig
 from selfreplay.data.sequences import Data
-from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.validation import ValidationSet
 from selfreplay.replay.samples import ReplaySamples
-from selfreplay.rundir import CONFIG_NAME, RunDirectory
+from selfreplay.rundir import RunDirectory
 
 
 class ReplaySource(Protocol):
@@ -62,14 +60,3 @@ class Family(Protocol):
 
     def params(self, model, config: RunConfig) -> tuple[int, int | None]:
         """(parameters, non-embedding parameters) for summary.json."""
-
-
-def read_init_run(run_dir: str) -> RunConfig:
-    """The settings of a finished pretraining run (π0), each checked for its type."""
-    path = Path(run_dir) / CONFIG_NAME
-    if not path.is_file():
-        raise SelfReplayError(f"init run {run_dir} not found (no {CONFIG_NAME}): pretrain it first with selfreplay pretrain")
-    try:
-        return build(RunConfig, read_yaml(path))
-    except SelfReplayError as e:
-        raise SelfReplayError(f"the init run's {path}: {e}") from None

@@ -8,12 +8,11 @@ import math
 
 import torch
 
-from selfreplay.config import RunConfig, to_dict
+from selfreplay.config import RunConfig, read_init_run, to_dict
 from selfreplay.data.sequences import Data, SequenceStream, TokenSequences
 from selfreplay.data.tokenizer import load_tokenizer
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.validation import ValidationSet, weight_drift
-from selfreplay.families.base import read_init_run
 from selfreplay.model.fingerprint import model_fingerprint
 from selfreplay.model.lora import add_lora, effective_weights, merge_lora
 from selfreplay.model.transformer import Transformer, save_checkpoint

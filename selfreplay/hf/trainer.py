@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -31,20 +32,18 @@ from selfreplay.data.sequences import Data
 from selfreplay.data.text import label_mask, pad_batch, pad_id, rows_from_dataset
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
-from selfreplay.evaluation.validation import ValidationSet
+from selfreplay.evaluation.validation import ValidationSet, standing_for_reference
 from selfreplay.families.hf import HuggingFaceFamily, replay_form
 from selfreplay.model.fingerprint import model_fingerprint
 from selfreplay.model.hf import CausalLM, frozen_reference, load_causal_lm, with_adapters
 from selfreplay.objective.methods import NO_REPLAY, replay_method
 from selfreplay.objective.reference import ReferenceUse, reference_use
-from selfreplay.rundir import notice, write_atomic
+from selfreplay.replay.store import HEADER_NAME
+from selfreplay.rundir import POOL_NAME, notice, write_atomic
+from selfreplay.training.pools import draw_hf_pool
 from selfreplay.training.replay_run import ReplayRun, start_replay_run
 from selfreplay.training.validate import TRAINER, validate
 
-# ReplayConfig's settings that only the command line's loop takes (the rest are replay_X here); the
-# Trainer replays a pool drawn beforehand (`selfreplay sample`) with replay_pool and replay_reuse=0
-# instead of draw_once
-BUILTIN_ONLY = ("source", "fraction", "domains", "compile", "draw_once")
 # Where the Trainer's default differs from the command line's, and why: a SelfReplayTrainer exists
 # to replay (the command line's `none` also serves pretraining), 8 rows per device per step
 TRAINER_DEFAULTS = {"method": "kl", "batch_size": 8}
@@ -53,12 +52,12 @@ LEGACY_COEFFICIENT_NAME = "replay_coefficient.json"  # what checkpoints of the l
 
 
 def _replay_fields() -> list[tuple[str, type, dataclasses.Field]]:
-    """replay_X for each ReplayConfig field X (less BUILTIN_ONLY): its type, default and help."""
+    """replay_X for each ReplayConfig field X: its type, default and help. Those of the built-in
+    model's family (fraction, source=real, domains, compile) are refused in one line (training.validate)."""
     fields = []
     for f in dataclasses.fields(ReplayConfig):
-        if f.name not in BUILTIN_ONLY:
-            default = TRAINER_DEFAULTS.get(f.name, f.default)
-            fields.append((f"replay_{f.name}", f.type, field(default=default, metadata=dict(f.metadata))))
+        default = TRAINER_DEFAULTS.get(f.name, f.default)
+        fields.append((f"replay_{f.name}", f.type, field(default=default, metadata=dict(f.metadata))))
     return fields
 
 
@@ -82,8 +81,7 @@ class _TrainerSettings(TrainingArguments):
 
     def run_config(self) -> RunConfig:
         """The run's settings as the command line's RunConfig, checked by the same rules."""
-        values = {f.name: getattr(self, f"replay_{f.name}") for f in dataclasses.fields(ReplayConfig)
-                  if f.name not in BUILTIN_ONLY}
+        values = {f.name: getattr(self, f"replay_{f.name}") for f in dataclasses.fields(ReplayConfig)}
         replay = ReplayConfig(**values)
         replay = dataclasses.replace(replay, length=replay.length or self.max_length)
         config = RunConfig(seed=self.seed, replay=replay, optim=OptimConfig(lr=self.learning_rate),
@@ -132,7 +130,10 @@ class SelfReplayTrainer(Trainer):
                          **kwargs)
         self.model_accepts_loss_kwargs = False  # compute_loss returns a mean: Trainer scales it for accumulation
         self.lm = CausalLM(self.model)
-        fingerprint = model_fingerprint(self.model) if config.replay.pool is not None else None  # π0's, as loaded
+        fingerprint = model_fingerprint(self.model) if config.replay.pool is not None or config.replay.draw_once \
+            else None  # π0's, as loaded
+        if config.replay.draw_once:
+            config = self._with_drawn_pool(config, replay_form(tokenizer, config.replay), fingerprint)
         reference = None
         if ref_model is not None:
             reference = CausalLM(ref_model.eval().requires_grad_(False))
@@ -148,6 +149,23 @@ class SelfReplayTrainer(Trainer):
         if self.controller is not None:
             self._logged["replay_kl"] = []
         self.add_callback(_ReplayRunCallback(self))
+
+    def _with_drawn_pool(self, config: RunConfig, form, fingerprint: str) -> RunConfig:
+        """replay_draw_once: π0 (the model before its first step) draws its pool once, on the main
+        process, into OUTPUT_DIR/replay_pool (unless a finished one is there: a resumed run's), and
+        the run replays it pass after pass, holding no copy of π0 (objective.reference)."""
+        r, out = config.replay, Path(self.args.output_dir) / POOL_NAME
+        if self.is_world_process_zero():
+            if out.exists() and not (out / HEADER_NAME).is_file():
+                shutil.rmtree(out)  # a drawing killed midway
+            if not out.exists():
+                targets = "hidden" if replay_method(r.method).keeps_hidden else "none"
+                with standing_for_reference(self.lm):
+                    header = draw_hf_pool(self.lm, form, out, r.draw_once, r, self.args.seed, targets,
+                                          getattr(self.model, "name_or_path", ""), fingerprint)
+                notice(f"drew {header['rows']} replay samples once, into {out}, in {header['seconds']:.1f} s")
+        self.accelerator.wait_for_everyone()
+        return dataclasses.replace(config, replay=dataclasses.replace(r, pool=str(out), reuse=0))
 
     # ------------------------------------------------------------ the replay run, as tests and users read it
 

@@ -25,16 +25,18 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-
 from tqdm.auto import tqdm
 
 from selfreplay.config import (
     RunConfig,
+    absolute_paths,
     build,
+    finetune_base,
     follow_defaults,
     is_hf,
     merge,
     parse_overrides,
+    read_init_run,
     read_yaml,
     renamed_settings,
     save_config,
@@ -44,14 +46,20 @@ from selfreplay.data.sequences import BatchLoader, Data, SequenceStream
 from selfreplay.errors import SelfReplayError
 from selfreplay.evaluation.benchmark_scores import benchmark_table
 from selfreplay.evaluation.validation import Measurements, compute_multiplier
-from selfreplay.families import Family, family_of, read_init_run
+from selfreplay.families import Family, family_of
 from selfreplay.families.builtin import replay_domains
 from selfreplay.families.hf import fit_to_context
 from selfreplay.model.transformer import CONFIG_NAME, ModelConfig
 from selfreplay.objective.methods import NO_REPLAY, replay_method, training_loss
 from selfreplay.objective.reference import ReferenceUse, reference_use
 from selfreplay.replay.store import HEADER_NAME, read_header
-from selfreplay.rundir import METRICS_NAME, POOL_NAME, FollowingDirectory, RunDirectory, notice
+from selfreplay.rundir import (
+    METRICS_NAME,
+    POOL_NAME,
+    FollowingDirectory,
+    RunDirectory,
+    notice,
+)
 from selfreplay.runtime import autocast, peak_memory_mib, resolve_device
 from selfreplay.training.pools import sample_run_pool
 from selfreplay.training.processes import Processes, start_processes
@@ -77,27 +85,12 @@ def resolve_config(mode: str, path: str | None, overrides: list[str] | None) -> 
         if config.model != ModelConfig() and config.model != init.model:
             raise SelfReplayError(f"model.* settings differ from the init run {config.init}: "
                                   "a finetuned model keeps its pretrained shape, drop the model.* overrides")
-        base = {"model": vars(init.model), "data": {"old": init.data.train, "seed": init.data.seed,
-                                                    "val_sequences": init.data.val_sequences}}
-        config = build(RunConfig, merge(base, given))
+        config = build(RunConfig, merge(finetune_base(init), given))
     if is_hf(config) and mode == "finetune" and config.init != "hf:":
         config = fit_to_context(config, t_given="T" in (given.get("model") or {}))
     config = follow_defaults(config)
     validate(config, mode)
-    return _absolute_paths(config)
-
-
-def _absolute_paths(config: RunConfig) -> RunConfig:
-    absolute = lambda p: str(Path(p).resolve()) if p and not p.startswith("hf:") else p  # noqa: E731
-    data = replace(config.data, tokenizer=absolute(config.data.tokenizer), train=absolute(config.data.train),
-                   mix=absolute(config.data.mix), old=absolute(config.data.old), old_text=absolute(config.data.old_text))
-    init = absolute(config.init)
-    if is_hf(config) and Path(config.init.removeprefix("hf:")).expanduser().is_dir():  # a local model
-        init = "hf:" + str(Path(config.init.removeprefix("hf:")).expanduser().resolve())
-    return replace(config, out=absolute(config.out), init=init, data=data,
-                   replay=replace(config.replay, pool=absolute(config.replay.pool),
-                                  prompts=absolute(config.replay.prompts)),
-                   eval=replace(config.eval, lm_eval_include_path=absolute(config.eval.lm_eval_include_path)))
+    return absolute_paths(config)
 
 
 def learning_rate(step: int, config: RunConfig, total_steps: int | None) -> float:

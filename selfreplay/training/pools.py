@@ -89,16 +89,24 @@ def sample_hf_pool(init: str, out: str | Path, count: int, length: int, temperat
     name = init.removeprefix("hf:")
     # float32, as a run loads it: the pool's fingerprint is then the run's π0's whatever the checkpoint's dtype
     model, tokenizer = load_causal_lm(name, torch.float32, device=device, trust_remote_code=trust_remote_code)
-    lm = CausalLM(model.eval())
     chat = chat or system is not None or prompts is not None
+    replay = ReplayConfig(length=length, temperature=temperature, top_p=top_p, decode_batch=batch_size, chat=chat,
+                          system=system, prompts=prompts, stop_at_eos=stop_at_eos)
     form = replay_format(tokenizer, chat, system, prompts, stop_at_eos)
-    replay = ReplayConfig(length=length, temperature=temperature, top_p=top_p, decode_batch=batch_size)
+    return draw_hf_pool(CausalLM(model.eval()), form, out, count, replay, seed, targets, name, model_fingerprint(model))
+
+
+def draw_hf_pool(lm: CausalLM, form, out: str | Path, count: int, replay: ReplayConfig, seed: int, targets: str,
+                 name: str, fingerprint: str) -> dict:
+    """A pool of `count` samples of the Hugging Face model `lm` (π0: the model before its first step),
+    drawn as `replay` and `form` say, with π0's `targets`, into `out`; returns its pool.json."""
     draw = hf_draw(lm, form, replay, keep_hidden=parse_targets(targets)[0] != "none")
-    meta = {"model": name, "format": "chat" if chat else "base", "system": system, "prompts": prompts,
-            "stop_at_eos": stop_at_eos or chat, "temperature": temperature, "top_p": top_p, "length": length,
-            "pad_id": form.pad, "targets": targets}
-    return draw_pool(out, draw, count, batch_size, targets, lm.head.weight, model_fingerprint(model), meta, seed,
-                     model.device)
+    meta = {"model": name, "format": "chat" if replay.chat else "base", "system": replay.system,
+            "prompts": replay.prompts, "stop_at_eos": replay.stop_at_eos or replay.chat,
+            "temperature": replay.temperature, "top_p": replay.top_p, "length": replay.length, "pad_id": form.pad,
+            "targets": targets}
+    return draw_pool(out, draw, count, replay.decode_batch, targets, lm.head.weight, fingerprint, meta, seed,
+                     lm.head.weight.device)
 
 
 def sample_run_pool(config: RunConfig, domains: list[int] | None, out: Path) -> dict:

@@ -79,17 +79,23 @@ RULES: list[Rule] = [
     Rule(lambda s: is_hf(s.config) and (s.config.data.old or s.config.data.mix),
          f"{HF} takes text files: drop data.old and data.mix (use data.old_text)"),
     Rule(lambda s: is_hf(s.config) and s.config.data.tokenizer, f"{HF} uses the model's own tokenizer: drop data.tokenizer"),
-    Rule(lambda s: is_hf(s.config) and s.config.replay.fraction > 0,
-         f"{HF} replays through a replay term: drop replay.fraction (mixing rows into the batch)"),
-    Rule(lambda s: is_hf(s.config) and s.config.replay.source != "self", f"{HF} replays samples of π0: replay.source=self"),
-    Rule(lambda s: is_hf(s.config) and s.config.replay.domains, f"{HF} samples replay from BOS: drop replay.domains"),
+    Rule(lambda s: s.hf and s.config.replay.fraction > 0,
+         "a Hugging Face model replays through a replay term (replay.fraction mixes replay rows into the built-in "
+         "model's batches, selfreplay finetune init=RUN_DIR): drop replay.fraction", BOTH),
+    Rule(lambda s: s.hf and s.config.replay.source != "self",
+         "a Hugging Face model replays samples of π0 (real replay reads the built-in model's token files, "
+         "selfreplay finetune init=RUN_DIR): replay.source=self", BOTH),
+    Rule(lambda s: s.hf and s.config.replay.domains,
+         "a Hugging Face model samples replay from BOS or inside its chat template (replay.domains names the built-in "
+         "model's domain tokens, selfreplay finetune init=RUN_DIR): drop replay.domains", BOTH),
     Rule(lambda s: s.hf and (s.config.replay.system is not None or s.config.replay.prompts) and not s.config.replay.chat,
          "replay.system and replay.prompts shape chat samples: set replay.chat=true", BOTH),
     Rule(lambda s: is_hf(s.config) and s.config.stop.tokens_per_param is not None,
          f"{HF}: set stop.tokens or stop.epochs, not stop.tokens_per_param"),
     Rule(lambda s: is_hf(s.config) and s.config.compile, f"{HF} runs eagerly: set compile=false"),
-    Rule(lambda s: is_hf(s.config) and s.config.replay.compile,
-         f"{HF} samples with the model's own generation code: set replay.compile=false"),
+    Rule(lambda s: s.hf and s.config.replay.compile,
+         "a Hugging Face model samples with its own generation code (replay.compile fuses the built-in model's "
+         "decoding step, selfreplay finetune init=RUN_DIR): set replay.compile=false", BOTH),
     Rule(lambda s: is_hf(s.config) and s.config.model.reference_dtype != "float32" and s.config.lora.rank > 0,
          "with LoRA π0 is the model with its adapters disabled, not a copy: drop model.reference_dtype"),
     Rule(lambda s: is_hf(s.config) and _model_shape(s.config),
@@ -116,11 +122,12 @@ RULES: list[Rule] = [
     Rule(lambda s: s.config.replay.pool is not None and s.config.replay.source != "self",
          "replay.pool holds π0's own samples: set replay.source=self"),
     Rule(lambda s: s.config.replay.draw_once and s.config.replay.pool is not None,
-         "replay.draw_once draws the run's own pool: drop replay.pool, or replay.draw_once to replay the pool given"),
+         "replay.draw_once draws the run's own pool: drop replay.pool, or replay.draw_once to replay the pool given",
+         BOTH),
     Rule(lambda s: s.config.replay.draw_once and (s.config.replay.source != "self" or
                                                   (not s.method.needs_replay and s.config.replay.fraction == 0)),
          "replay.draw_once draws self-replay samples: it needs replay.source=self and a method that replays "
-         "(replay.method=kl or ntp) or replay.fraction > 0"),
+         "(replay.method=kl or ntp) or replay.fraction > 0", BOTH),
     Rule(lambda s: s.config.replay.fraction > 0 and s.method.needs_replay,
          lambda s: f"replay.fraction mixes replay rows into the new batch; replay.method={s.method.name} draws a batch "
                    "of its own: set one of the two"),
