@@ -88,7 +88,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import itertools
 import json
 import math
 import os
@@ -106,6 +105,7 @@ REPO = HERE.parent
 RESULTS = HERE / "results"
 sys.path[:0] = [str(REPO), str(HERE)]  # selfreplay from this checkout; hf_real_text beside this script
 import hf_real_text  # its data, English split, pretraining and export
+from selfreplay.experiments.measures import at_new_loss
 
 DATA = hf_real_text.DATA
 NEW_TEXT = DATA / "es.jsonl"
@@ -670,18 +670,6 @@ def print_finetune(part: dict) -> None:
 
 
 # ---------------------------------------------------------------- part 2: finetuning with a KL to the base model
-
-def at_new_loss(curve: list[dict], target: float) -> dict | None:
-    """Forgetting and train_seconds where the logged curve first reaches new_loss = target,
-    interpolated linearly in new_loss between the two log points around it; None if it never does."""
-    for before, after in itertools.pairwise(curve):
-        if before["new_loss"] <= target:
-            return {"forgetting": before["forgetting"], "train_seconds": before["train_seconds"]}
-        if after["new_loss"] <= target:
-            share = (before["new_loss"] - target) / (before["new_loss"] - after["new_loss"])
-            return {key: before[key] + share * (after[key] - before[key]) for key in ("forgetting", "train_seconds")}
-    return None
-
 
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,

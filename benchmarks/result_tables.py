@@ -21,7 +21,6 @@ of every benchmark; see tests/test_packaging.py.)
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import re
 import statistics
@@ -30,6 +29,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout, as benchmarks are
+
+from selfreplay.experiments.measures import at_new_loss  # noqa: E402 (the same reading as benchmarks/peers.py)
 # The Markdown files that may hold generated tables, relative to the repository root.
 FILES = ("README.md", "docs/results.md", "docs/performance.md", "docs/huggingface.md")
 MARKER = re.compile(r"^<!-- (/?)table:([A-Za-z0-9_.-]+) -->$")
@@ -232,18 +234,6 @@ KL_METHODS = {"none": "plain finetuning", "kl": "self-replay KL, c = 10", "kl_c1
               "kl_new_c1": "KL on the task batch, c = 1", "kl_new_c10": "KL on the task batch, c = 10",
               "trl_sdft": "TRL SDFT"}
 SELF_REPLAY_COEFF = {"kl": "10", "kl_c100": "100"}
-
-
-def at_new_loss(curve: list[dict], target: float) -> dict | None:
-    """Forgetting and train_seconds where a logged curve first reaches new_loss = target, as
-    benchmarks/peers.py reads them (linear between the two log points around it)."""
-    for before, after in itertools.pairwise(curve):
-        if before["new_loss"] <= target:
-            return {"forgetting": before["forgetting"], "train_seconds": before["train_seconds"]}
-        if after["new_loss"] <= target:
-            share = (before["new_loss"] - target) / (before["new_loss"] - after["new_loss"])
-            return {key: before[key] + share * (after[key] - before[key]) for key in ("forgetting", "train_seconds")}
-    return None
 
 
 def peers_kl_finetune(load: Results) -> list[str]:

@@ -6,7 +6,20 @@ they can be checked on hand-made cases and recomputed for any sweep.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+
+
+def at_new_loss(curve: list[dict], target: float) -> dict | None:
+    """Forgetting and train_seconds where a logged curve first reaches new_loss = target,
+    interpolated linearly in new_loss between the two log points around it; None if it never does."""
+    for before, after in itertools.pairwise(curve):
+        if before["new_loss"] <= target:
+            return {"forgetting": before["forgetting"], "train_seconds": before["train_seconds"]}
+        if after["new_loss"] <= target:
+            share = (before["new_loss"] - target) / (before["new_loss"] - after["new_loss"])
+            return {key: before[key] + share * (after[key] - before[key]) for key in ("forgetting", "train_seconds")}
+    return None
 
 
 def time_to_target(curve: list[dict], target: float, key: str = "new_loss") -> tuple[float, int] | None:
