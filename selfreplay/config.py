@@ -41,6 +41,7 @@ class ModelConfig:
     V: int = 4096  # vocabulary size
     rope_base: float = 10000.0
     trust_remote_code: bool = False  # init=hf: run the model repository's own code (only for a model you trust)
+    gguf_file: str | None = None  # init=hf:DIR: the GGUF file in DIR to load (or give init=hf:FILE.gguf)
     reference_dtype: str = "float32"  # init=hf, full finetuning: dtype of π0's frozen copy (bfloat16 halves it)
 
     def __post_init__(self) -> None:
@@ -220,7 +221,7 @@ def absolute_paths(config: RunConfig) -> RunConfig:
     data = dataclasses.replace(d, tokenizer=absolute(d.tokenizer), train=absolute(d.train), mix=absolute(d.mix),
                                old=absolute(d.old), old_text=absolute(d.old_text))
     init = absolute(config.init)
-    if is_hf(config) and Path(config.init.removeprefix("hf:")).expanduser().is_dir():  # a local model
+    if is_hf(config) and Path(config.init.removeprefix("hf:")).expanduser().exists():  # a local model or GGUF file
         init = "hf:" + str(Path(config.init.removeprefix("hf:")).expanduser().resolve())
     return dataclasses.replace(
         config, out=absolute(config.out), init=init, data=data,

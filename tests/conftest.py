@@ -208,3 +208,62 @@ def taught_llama_dir(hf_tokenizer, tiny_llama_dir, tmp_path_factory):
         optimizer.zero_grad()
     torch.set_num_threads(threads)
     return _save_hf(model, hf_tokenizer, tmp_path_factory.mktemp("taught_llama"))
+
+
+def write_gguf(model, tokenizer, path) -> str:
+    """A Llama and its byte-level BPE tokenizer written as a float32 GGUF file (what llama.cpp's
+    converter writes, without quantization): the tokens, merges and chat template as GGUF keys, each
+    weight under its GGUF name, q and k with their rotary halves interleaved as GGUF keeps them."""
+    import gguf
+    import numpy as np
+
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_vocab_size(c.vocab_size)
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    tokens = sorted(state["model"]["vocab"], key=state["model"]["vocab"].get)
+    specials = set(tokenizer.all_special_tokens) | {"<|im_start|>", "<|im_end|>"}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]])
+    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+
+    def interleaved(weight, heads):  # [h·2·d/2, D]: each head's two rotary halves -> pairs
+        rows = weight.shape[0]
+        return weight.reshape(heads, 2, rows // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+    for name, tensor in model.state_dict().items():
+        weight = tensor.float().numpy()
+        if name.endswith("q_proj.weight"):
+            weight = interleaved(weight, c.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            weight = interleaved(weight, c.num_key_value_heads)
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), np.ascontiguousarray(weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama (and its tokenizer) as a float32 GGUF file, in a folder of its own."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_llama_dir)
+    return write_gguf(model, tokenizer, tmp_path_factory.mktemp("gguf") / "tiny-llama.F32.gguf")

@@ -5,6 +5,7 @@ under the Trainer (`selfreplay.hf.trainer`)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from selfreplay.model.hf import (
     CausalLM,
     frozen_reference,
     load_model,
+    load_model_config,
     load_tokenizer,
     num_parameters,
     with_adapters,
@@ -141,7 +143,9 @@ def measured_rows(old: TokenSequences, count: int, seed: int) -> TokenSequences:
 
 
 def model_name(config: RunConfig) -> str:
-    return config.init.removeprefix("hf:")
+    """The model init=hf: names: a directory, a hub id or a GGUF file (model.gguf_file: one in the directory)."""
+    name = config.init.removeprefix("hf:")
+    return str(Path(name) / config.model.gguf_file) if config.model.gguf_file else name
 
 
 def row_sequences(rows: list[dict], tokenizer, T: int, val_sequences: int, seed: int, name: str) -> TokenSequences:
@@ -156,11 +160,9 @@ def row_sequences(rows: list[dict], tokenizer, T: int, val_sequences: int, seed:
 def fit_to_context(config: RunConfig, t_given: bool) -> RunConfig:
     """`config` with model.T no longer than the model's context: cut to it, with a notice, where
     model.T was left at its default; one line where the user asked for more."""
-    from transformers import AutoConfig
-
     try:
-        model_config = AutoConfig.from_pretrained(model_name(config), trust_remote_code=config.model.trust_remote_code)
-    except (OSError, ValueError):
+        model_config = load_model_config(model_name(config), config.model.trust_remote_code)
+    except (OSError, ValueError, SelfReplayError):
         return config  # loading the model says what is wrong, in its own words
     context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     if context is None or config.model.T <= context:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from selfreplay.errors import SelfReplayError, one_line
+from selfreplay.rundir import notice
 
 _NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep: project no position onto the vocabulary
 # config attributes of models whose logits are not hidden @ head.T (Gemma 2/3, Cohere, Granite)
@@ -37,29 +38,88 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype | str | None = None, de
 
 def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
                trust_remote_code: bool = False) -> nn.Module:
-    """The AutoModelForCausalLM of a local directory or a hub id (dtype None: the checkpoint's own)."""
+    """The AutoModelForCausalLM of a local directory, a hub id or a GGUF file (dtype None: the
+    checkpoint's own; a GGUF file's weights are dequantized to float32)."""
     from transformers import AutoModelForCausalLM
 
     name = _checked_name(name_or_path)
+    gguf = gguf_file(name)
+    if gguf is not None:
+        return _dequantized(gguf, dtype).to(device)
     with _one_line_errors(name):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or "auto", trust_remote_code=trust_remote_code)
     return model.to(device)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The tokenizer of a local model directory or a hub id."""
+    """The tokenizer of a local model directory, a hub id or a GGUF file (its chat template included)."""
     from transformers import AutoTokenizer
 
     name = _checked_name(name_or_path)
+    gguf = gguf_file(name)
     with _one_line_errors(name):
+        if gguf is not None:
+            return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
 
 
+def load_model_config(name_or_path: str, trust_remote_code: bool = False):
+    """The transformers config of a local directory, a hub id or a GGUF file."""
+    from transformers import AutoConfig
+
+    gguf = gguf_file(_checked_name(name_or_path))
+    if gguf is not None:
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def gguf_file(name: str) -> Path | None:
+    """The GGUF file that `name` names (a path ending in .gguf, as llama.cpp and Ollama keep models),
+    checked to be one; None for a model directory or a hub id."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() != ".gguf":
+        return None
+    from gguf import GGUFReader  # the hf extra: pip install selfreplay[hf]
+
+    try:
+        reader = GGUFReader(path)
+        architecture = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    except Exception as e:  # a bad magic number, a truncated file, a missing key: one line, whatever the cause
+        raise SelfReplayError(f"{name} is not a readable GGUF file ({one_line(e)}): give a whole .gguf file, "
+                              "as llama.cpp or Ollama keep them") from None
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise SelfReplayError(f"{name} holds a {architecture} model, which transformers cannot load from GGUF: "
+                              f"use a model directory, or a GGUF of {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}")
+    return path
+
+
+def _dequantized(path: Path, dtype) -> nn.Module:
+    """The model of a GGUF file as a plain transformers model (built from its config, given the
+    dequantized weights), so that save_pretrained writes a safetensors directory of it."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    with _one_line_errors(str(path)):
+        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    config = copy.deepcopy(quantized.config)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(quantized.state_dict())
+    kinds = sorted({tensor.tensor_type.name for tensor in GGUFReader(path).tensors})
+    notice(f"{path.name}: GGUF weights ({', '.join(kinds)}) dequantized to {str(dtype).removeprefix('torch.')}; "
+           "a finetuned model is saved as a safetensors directory")
+    return model.eval()
+
+
 def _checked_name(name_or_path: str) -> str:
-    """The name as transformers takes it; a path that names no directory is refused."""
+    """The name as transformers takes it; a path that names no directory (or GGUF file) is refused."""
     name = str(name_or_path)
     looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
-    if looks_local and not Path(name).expanduser().is_dir():
+    path = Path(name).expanduser()
+    if looks_local and not (path.is_dir() or (path.suffix.lower() == ".gguf" and path.is_file())):
         raise SelfReplayError(f"model directory not found: {name}")
     return name
 

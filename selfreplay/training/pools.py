@@ -15,6 +15,7 @@ import torch
 from selfreplay.config import ReplayConfig, RunConfig, is_hf
 from selfreplay.data.tokenizer import load_tokenizer
 from selfreplay.errors import SelfReplayError
+from selfreplay.families.hf import model_name
 from selfreplay.model.fingerprint import model_fingerprint
 from selfreplay.model.hf import CausalLM, load_causal_lm
 from selfreplay.model.transformer import Transformer
@@ -117,7 +118,7 @@ def sample_run_pool(config: RunConfig, domains: list[int] | None, out: Path) -> 
     r, device = config.replay, str(resolve_device(config.device))
     targets = "hidden" if replay_method(r.method).keeps_hidden else "none"
     if is_hf(config):
-        return sample_hf_pool(config.init, out, r.draw_once, r.length, r.temperature, r.top_p, config.seed, r.chat,
+        return sample_hf_pool(model_name(config), out, r.draw_once, r.length, r.temperature, r.top_p, config.seed, r.chat,
                               r.system, r.prompts, r.stop_at_eos, r.decode_batch, device,
                               config.model.trust_remote_code, targets)
     return sample_builtin_pool(config.init, out, r.draw_once, domains, targets, r.temperature, config.seed,

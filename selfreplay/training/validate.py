@@ -60,7 +60,8 @@ class Rule:
 def _model_shape(c: RunConfig) -> list[str]:
     """The model.* shape settings given for an init=hf: model, which brings its own."""
     return [f"model.{f.name}" for f in dataclasses.fields(c.model)
-            if f.name not in ("T", "trust_remote_code", "reference_dtype") and getattr(c.model, f.name) != f.default]
+            if f.name not in ("T", "trust_remote_code", "reference_dtype", "gguf_file")
+            and getattr(c.model, f.name) != f.default]
 
 
 HF = "init=hf:"
@@ -102,6 +103,8 @@ RULES: list[Rule] = [
          lambda s: f"{HF} takes its shape from the model: drop {', '.join(_model_shape(s.config))} "
                    "(model.T sets the sequence length)"),
     # the built-in model
+    Rule(lambda s: s.config.model.gguf_file and not is_hf(s.config),
+         "model.gguf_file names a GGUF file in an init=hf: directory: drop it for a built-in model"),
     Rule(lambda s: s.config.model.reference_dtype != "float32" and not is_hf(s.config),
          "model.reference_dtype sets the dtype of an init=hf: model's frozen copy: drop it for a built-in model"),
     Rule(lambda s: s.config.eval.lm_eval_tasks and not is_hf(s.config),
