@@ -162,6 +162,8 @@ class EvalConfig:
     lm_eval_tasks: str | None = None  # init=hf: comma-separated lm-eval tasks scored before and after finetuning (pip install lm-eval)
     lm_eval_limit: int | None = None  # documents per lm-eval task (null: every one)
     lm_eval_include_path: str | None = None  # a folder of lm-eval task YAML files of your own
+    prompts: str | None = None  # init=hf: held-out user prompts (.txt a line each, or .jsonl `prompt`), never replayed: chat_kl, answer_agreement
+    answer_tokens: int = 64  # eval.prompts: the longest answer π0 and θ write to a prompt, in tokens
 
 
 @dataclass
@@ -419,7 +421,7 @@ RANGES = {
     "stop.tokens": AT_LEAST_1, "stop.tokens_per_param": ABOVE_0, "stop.epochs": ABOVE_0,
     "stop.target_loss": AT_LEAST_0, "stop.wall_seconds": ABOVE_0, "stop.patience": AT_LEAST_1,
     "log.every_tokens": AT_LEAST_1, "log.growth": AT_LEAST_1, "log.checkpoint_every": AT_LEAST_0, "log.checkpoint_seconds": AT_LEAST_0,
-    "eval.lm_eval_limit": AT_LEAST_1,
+    "eval.lm_eval_limit": AT_LEAST_1, "eval.answer_tokens": AT_LEAST_1,
 }
 CHOICES = {"replay.source": REPLAY_SOURCES, "optim.schedule": SCHEDULES,
            "precision": PRECISIONS, "model.reference_dtype": ("float32", "bfloat16")}

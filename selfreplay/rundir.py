@@ -33,7 +33,9 @@ from selfreplay.errors import SelfReplayError
 CONFIG_NAME, METRICS_NAME, SUMMARY_NAME = "config.yaml", "metrics.jsonl", "summary.json"
 WEIGHTS_NAME, TOKENIZER_NAME, CHECKPOINT_POINTER = "weights.safetensors", "tokenizer.json", "checkpoint.json"
 POOL_NAME = "replay_pool"  # the pool a run draws before its first step (replay.draw_once)
-RUN_FILES = {CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, TOKENIZER_NAME, CHECKPOINT_POINTER, POOL_NAME}
+ANSWERS_NAME = "answers.jsonl"  # eval.prompts: each held-out prompt with π0's answer and θ's at the end
+RUN_FILES = {CONFIG_NAME, METRICS_NAME, SUMMARY_NAME, WEIGHTS_NAME, TOKENIZER_NAME, CHECKPOINT_POINTER, POOL_NAME,
+             ANSWERS_NAME}
 KEEP_CHECKPOINTS = 2  # the newest, and one to fall back on if the newest is damaged
 # Settings that may change when a run resumes: they change neither what is trained nor how.
 RESUMABLE = ("log.progress", "log.checkpoint_every", "log.checkpoint_seconds")

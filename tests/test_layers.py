@@ -26,6 +26,7 @@ OPTIONAL = {
     "transformers": "the hf extra",
     "peft": "the hf extra",
     "datasets": "the hf extra",
+    "gguf": "the hf extra (init=hf:FILE.gguf)",
     "lm_eval": "the eval extra (lm-eval)",
     "submitit": "the cluster extra",
     "matplotlib": "a base dependency, but only the figures draw: they choose the Agg backend before pyplot loads",

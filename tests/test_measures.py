@@ -44,3 +44,15 @@ def test_compute_ratio_is_none_when_a_side_missed_the_target():
 def test_rises_allows_a_tolerance():
     assert rises([0.0, 0.01, 0.05, 0.2]) and not rises([0.0, 0.05, 0.01])
     assert rises([0.0, 0.05, 0.045], tolerance=0.01)
+
+
+def test_interpolate_at_reads_a_curve_where_its_key_first_falls_to_a_value():
+    from selfreplay.experiments.measures import interpolate_at
+
+    curve = [{"new_loss": 4.0, "chat_kl": 0.0, "train_seconds": 0.0},
+             {"new_loss": 3.0, "chat_kl": 0.2, "train_seconds": 10.0},
+             {"new_loss": 2.0, "chat_kl": 0.4, "train_seconds": 20.0}]
+    assert interpolate_at(curve, "new_loss", 3.5, ("chat_kl", "train_seconds")) == pytest.approx(
+        {"chat_kl": 0.1, "train_seconds": 5.0})
+    assert interpolate_at(curve, "new_loss", 4.0, ("chat_kl",)) == {"chat_kl": 0.0}
+    assert interpolate_at(curve, "new_loss", 1.0, ("chat_kl",)) is None

@@ -13,12 +13,18 @@ from dataclasses import dataclass
 def at_new_loss(curve: list[dict], target: float) -> dict | None:
     """Forgetting and train_seconds where a logged curve first reaches new_loss = target,
     interpolated linearly in new_loss between the two log points around it; None if it never does."""
+    return interpolate_at(curve, "new_loss", target, ("forgetting", "train_seconds"))
+
+
+def interpolate_at(curve: list[dict], key: str, value: float, read: tuple[str, ...]) -> dict | None:
+    """The `read` values where a logged curve's `key` first falls to `value`, linear in `key` between
+    the two log points around it (a point already at or below it is read as it is); None if it never does."""
     for before, after in itertools.pairwise(curve):
-        if before["new_loss"] <= target:
-            return {"forgetting": before["forgetting"], "train_seconds": before["train_seconds"]}
-        if after["new_loss"] <= target:
-            share = (before["new_loss"] - target) / (before["new_loss"] - after["new_loss"])
-            return {key: before[key] + share * (after[key] - before[key]) for key in ("forgetting", "train_seconds")}
+        if before[key] <= value:
+            return {name: before[name] for name in read}
+        if after[key] <= value:
+            share = (before[key] - value) / (before[key] - after[key])
+            return {name: before[name] + share * (after[name] - before[name]) for name in read}
     return None
 
 

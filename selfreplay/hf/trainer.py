@@ -39,7 +39,7 @@ from selfreplay.model.hf import CausalLM, frozen_reference, load_causal_lm, with
 from selfreplay.objective.methods import NO_REPLAY, replay_method
 from selfreplay.objective.reference import ReferenceUse, reference_use
 from selfreplay.replay.store import HEADER_NAME
-from selfreplay.rundir import POOL_NAME, notice, write_atomic
+from selfreplay.rundir import ANSWERS_NAME, POOL_NAME, notice, write_atomic
 from selfreplay.training.pools import draw_hf_pool
 from selfreplay.training.replay_run import ReplayRun, start_replay_run
 from selfreplay.training.validate import TRAINER, validate
@@ -72,6 +72,9 @@ class _TrainerSettings(TrainingArguments):
     lm_eval_tasks: list[str] | None = field(default=None, metadata={"help": "lm-eval tasks scored before and after"})
     lm_eval_limit: int | None = field(default=None, metadata={"help": "documents per lm-eval task"})
     lm_eval_include_path: str | None = field(default=None, metadata={"help": "folder of lm-eval task YAML files"})
+    eval_prompts: str | None = field(default=None, metadata={"help": "held-out user prompts (.txt, .jsonl `prompt`), "
+                                                                     "never replayed: chat_kl, answer_agreement"})
+    eval_answer_tokens: int = field(default=64, metadata={"help": "eval_prompts: the longest answer, in tokens"})
     remove_unused_columns: bool = False  # rows are already input_ids and labels
 
     def replay_config(self) -> ReplayConfig:
@@ -88,7 +91,8 @@ class _TrainerSettings(TrainingArguments):
                            stop=StopConfig(on_capacity_bound=self.stop_on_capacity_bound),
                            model=ModelConfig(T=self.max_length),
                            eval=EvalConfig(",".join(self.lm_eval_tasks) if self.lm_eval_tasks else None,
-                                           self.lm_eval_limit, self.lm_eval_include_path))
+                                           self.lm_eval_limit, self.lm_eval_include_path, self.eval_prompts,
+                                           self.eval_answer_tokens))
         check_ranges(config)
         return config
 
@@ -123,8 +127,8 @@ class SelfReplayTrainer(Trainer):
         evals = rows_from_dataset(eval_dataset, tokenizer, T, name="eval_dataset") if eval_dataset is not None else None
         old_rows = rows_from_dataset(old_eval_dataset, tokenizer, T,
                                      name="old_eval_dataset") if old_eval_dataset is not None else None
-        if evals is None and old_rows is not None:
-            evals = {}  # old-domain measurement alone: Trainer wants some eval_dataset to schedule evaluation
+        if evals is None and (old_rows is not None or args.eval_prompts):
+            evals = {}  # old-domain or chat measurement alone: Trainer wants some eval_dataset to schedule evaluation
         super().__init__(model=model, args=args, train_dataset=rows, eval_dataset=evals,
                          processing_class=tokenizer, data_collator=partial(pad_batch, pad_id=pad_id(tokenizer)),
                          **kwargs)
@@ -207,6 +211,10 @@ class SelfReplayTrainer(Trainer):
         output = super().train(*args, **kwargs)
         for line in self.replay_run.end_lines() if self.is_world_process_zero() else []:
             notice(line)
+        if self.replay_run.prompts is not None and self.is_world_process_zero():  # θ's answers, side by side with π0's
+            agreement = self.replay_run.answer_agreement(self.lm, self.processing_class,
+                                                         Path(self.args.output_dir) / ANSWERS_NAME)
+            self.log({**{f"{k}_0": v for k, v in self.replay_run.agreement_0.items()}, **agreement})
         if tasks:
             after = self._benchmark_scores()
             self.benchmark_scores = {"before": before, "after": after}
@@ -290,9 +298,9 @@ class SelfReplayTrainer(Trainer):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix) \
             if eval_dataset is not None or self.eval_dataset else {}
         if self.replay_run.measurements.sets:
-            old = self.measure_old()
-            self.log({f"{metric_key_prefix}_{k}": v for k, v in old.items()})
-            metrics.update({f"{metric_key_prefix}_{k}": v for k, v in old.items()})
+            measured = self.replay_run.measure(self.lm, self.state.global_step)
+            self.log({f"{metric_key_prefix}_{k}": v for k, v in measured.items()})
+            metrics.update({f"{metric_key_prefix}_{k}": v for k, v in measured.items()})
         return metrics
 
     def measure_old(self) -> dict[str, float]:
@@ -310,8 +318,9 @@ def _old_sets(old_rows: list[dict] | None, reference) -> dict[str, ValidationSet
 
 
 class _ReplayRunCallback(TrainerCallback):
-    """The replay run's hooks in the Trainer's loop: old_loss_0 before the first step (where old-domain
-    rows are given), and c moved once per optimizer step (after it, before any checkpoint)."""
+    """The replay run's hooks in the Trainer's loop: old_loss_0 and the answers' agreement before the
+    first step (where old-domain rows or prompts are given), and c moved once per optimizer step
+    (after it, before any checkpoint)."""
 
     def __init__(self, trainer: SelfReplayTrainer):
         self.trainer = trainer
@@ -320,6 +329,8 @@ class _ReplayRunCallback(TrainerCallback):
         run = self.trainer.replay_run
         if state.global_step == 0 and run.measurements.sets and run.measurements.old_loss_0 is None:
             run.measure(self.trainer.lm, 0)
+        if state.global_step == 0 and run.agreement_0 is None:
+            run.answer_agreement(self.trainer.lm)  # eval_prompts: θ's answers before its first step
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.step_done()

@@ -54,6 +54,7 @@ from selfreplay.objective.methods import NO_REPLAY, replay_method, training_loss
 from selfreplay.objective.reference import ReferenceUse, reference_use
 from selfreplay.replay.store import HEADER_NAME, read_header
 from selfreplay.rundir import (
+    ANSWERS_NAME,
     METRICS_NAME,
     POOL_NAME,
     FollowingDirectory,
@@ -483,6 +484,8 @@ def train(config: RunConfig, mode: str) -> dict:
     if progress.start_metrics is None:
         progress.start_metrics = measure(run, progress.step)
         log_point(run, progress, progress.start_metrics)
+        if run.replay is not None:
+            run.replay.answer_agreement(run.model)  # eval.prompts: θ's answers before its first step
     _loop(run, progress)
     return finish(run, progress, time.perf_counter() - wall_start)
 
@@ -554,6 +557,8 @@ def finish(run: Run, progress: Progress, wall_seconds: float) -> dict:
     summary["peak_memory_mib"], summary["peak_memory_of"] = peak_memory_mib(run.device)
     if run.config.replay.draw_once:  # the drawing of the run's own pool, before its first step
         summary["replay_pool_seconds"] = read_header(Path(run.config.replay.pool))["seconds"]
+    if run.replay is not None and progress.diverged is None:  # eval.prompts: θ's answers at the end, side by side
+        summary.update(run.replay.answer_agreement(run.model, run.tokenizer, run.directory.path / ANSWERS_NAME))
     if run.replay is not None and run.config.eval.lm_eval_tasks and progress.diverged is None:
         before = run.replay.benchmark_before
         after = run.replay.benchmarks(run.model, run.tokenizer)
@@ -599,6 +604,7 @@ def _summary(run: Run, progress: Progress, wall_seconds: float) -> dict:
             "forgetting": last.get("forgetting", math.nan),
             "new_loss_0": first.get("new_loss"), "new_loss": last.get("new_loss"),
             "old_kl": last.get("old_kl"), "new_kl": last.get("new_kl"), "drift": last.get("drift"),
+            "chat_kl": last.get("chat_kl"), "chat_loss": last.get("chat_loss"),
             "old_loss_second_half": last.get("old_loss_second_half"),
             "new_loss_second_half": last.get("new_loss_second_half"),
             "compute_multiplier": compute_multiplier(Path(config.init) / METRICS_NAME, last["old_loss"])
@@ -618,7 +624,8 @@ def run_from_cli(mode: str, config_path: str | None, overrides: list[str]) -> di
         processes.close()
     if not processes.main:
         return summary
-    keys = ("old_loss_0", "old_loss", "forgetting", "new_loss", "old_kl", "replay_coeff_end", "capacity_bound",
+    keys = ("old_loss_0", "old_loss", "forgetting", "new_loss", "old_kl", "chat_kl", "answer_agreement_0",
+            "answer_agreement", "answers_identical", "replay_coeff_end", "capacity_bound",
             "capacity_bound_since", "steps", "tokens", "train_seconds", "tokens_per_second", "time_to_target_seconds",
             "stop_reason")
     print(f"{mode} finished -> {config.out}" + (f" ({summary['processes']} processes)" if summary.get("processes", 1) > 1 else ""))

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from selfreplay.config import RunConfig
 from selfreplay.data.sequences import Data
+from selfreplay.evaluation.answers import HeldOutPrompts, held_out_prompts
 from selfreplay.evaluation.benchmark_scores import benchmark_scores
 from selfreplay.evaluation.fidelity import first_draw_fidelity, hf_sample_format
 from selfreplay.evaluation.validation import Measurements, ValidationSet, standing_for_reference
@@ -41,7 +43,7 @@ from selfreplay.replay.samples import ReplaySamples
 from selfreplay.rundir import notice
 
 # what a replay run keeps in a checkpoint (plain numbers: JSON keeps them exactly)
-STATE_KEYS = ("coefficient", "capacity", "fidelity", "old_loss_0", "benchmark_before")
+STATE_KEYS = ("coefficient", "capacity", "fidelity", "old_loss_0", "benchmark_before", "agreement_0")
 
 
 @dataclass
@@ -61,6 +63,8 @@ class ReplayRun:
     main_process: bool = True  # the process that says things (one line, not one per rank)
     fidelity: dict | None = None  # π0's first draw, judged at the first step (evaluation.fidelity)
     benchmark_before: dict | None = None  # lm-eval scores of π0 {task: {metric: value}}
+    prompts: HeldOutPrompts | None = None  # eval.prompts: the held-out prompts and π0's answers to them
+    agreement_0: dict | None = None  # eval.prompts: θ's answers against π0's before the first step
     replay_seconds: float = 0.0  # drawing and reading replay batches
     fidelity_seconds: float = 0.0  # judging the first draw: a measurement, not training
 
@@ -138,6 +142,19 @@ class ReplayRun:
             self.benchmark_before = scores
         return scores
 
+    def answer_agreement(self, model, tokenizer=None, side_by_side: Path | None = None) -> dict:
+        """eval.prompts: answer_agreement and answers_identical of θ (`model`) now ({} without prompts,
+        or off the main process); the first call's are kept as agreement_0. With `side_by_side`,
+        the prompts with π0's and θ's answers are written there (evaluation.answers.ANSWERS_NAME)."""
+        if self.prompts is None or not self.main_process:
+            return {}
+        agreement, answers = self.prompts.agreement(model)
+        if self.agreement_0 is None:
+            self.agreement_0 = agreement
+        if side_by_side is not None:
+            self.prompts.write_side_by_side(side_by_side, tokenizer, answers)
+        return agreement
+
     # ------------------------------------------------------------ the end of a run
 
     def end_lines(self) -> list[str]:
@@ -157,7 +174,8 @@ class ReplayRun:
                 "replay_kl_end": self.controller.kl if auto else None,  # the controller's average at the end
                 "capacity_bound": self.capacity.since is not None if auto else None,
                 "capacity_bound_since": self.capacity.since if auto else None,
-                "replay_fidelity": self.fidelity}
+                "replay_fidelity": self.fidelity,
+                **{f"{key}_0": value for key, value in (self.agreement_0 or {}).items()}}
 
     # ------------------------------------------------------------ checkpoints
 
@@ -167,7 +185,7 @@ class ReplayRun:
         return {"coefficient": self.controller.state_dict() if auto else None,
                 "capacity": self.capacity.state_dict() if auto else None,
                 "fidelity": self.fidelity, "old_loss_0": self.measurements.old_loss_0,
-                "benchmark_before": self.benchmark_before}
+                "benchmark_before": self.benchmark_before, "agreement_0": self.agreement_0}
 
     def load_state_dict(self, state: dict) -> None:
         if self.controller is not None:
@@ -175,6 +193,7 @@ class ReplayRun:
             self.capacity.load_state_dict(state["capacity"])
         self.fidelity = state.get("fidelity")
         self.benchmark_before = state.get("benchmark_before")
+        self.agreement_0 = state.get("agreement_0")
         if state.get("old_loss_0") is not None:
             self.measurements.old_loss_0 = state["old_loss_0"]
 
@@ -190,17 +209,20 @@ def start_replay_run(config: RunConfig, family: Family, data: Data, model, refer
     Trainer); main_process (default: rank 0) says what there is to say."""
     method = replay_method(config.replay.method)
     source = family.make_replay(config, reference, data, device, fingerprint, rank, world_size)
+    e = config.eval
     if reference is None:
         reference = kept_of_reference(model, reference_use(method, config.replay))
         with standing_for_reference(model):
-            sets = validation_sets(model)
+            prompts = held_out_prompts(e.prompts, data.tokenizer, model, e.answer_tokens) if e.prompts else None
+            sets = {**validation_sets(model), **({"chat": prompts.validation_set(model)} if prompts else {})}
             for validation_set in sets.values():
                 validation_set.keep_without_reference(reference)
     else:
-        sets = validation_sets(reference)
+        prompts = held_out_prompts(e.prompts, data.tokenizer, reference, e.answer_tokens) if e.prompts else None
+        sets = {**validation_sets(reference), **({"chat": prompts.validation_set(reference)} if prompts else {})}
     controller, capacity = coefficient_of(config.replay)
     return ReplayRun(config, method, reference, source, Measurements(sets), sample_format(config, data), controller,
-                     capacity, sep, rank == 0 if main_process is None else main_process)
+                     capacity, sep, rank == 0 if main_process is None else main_process, prompts=prompts)
 
 
 def sample_format(config: RunConfig, data: Data) -> tuple[int | None, int, bool] | None:

