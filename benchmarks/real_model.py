@@ -70,7 +70,8 @@ def finetune(model: Path, files: dict[str, Path], out: Path, settings: list[str]
     if (out / "summary.json").is_file():
         return
     command = ["selfreplay", "finetune", f"init=hf:{model}", f"out={out}", f"data.train={files['new']}",
-               f"data.old_text={files['old']}", f"eval.prompts={files['prompts']}", f"seed={seed}", *COMMON, *settings]
+               f"data.old_text={files['old']}", f"eval.prompts={files['prompts']}", f"seed={seed}",
+               f"data.seed={seed}", *COMMON, *settings]  # seed alone moves only the replay draws: the data order too
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True)
 
