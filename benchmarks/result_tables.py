@@ -441,28 +441,27 @@ def regenerate(text: str, load: Results, where: str = "") -> tuple[str, list[str
     return "\n".join(out), changed
 
 
-def check(root: Path = ROOT, results: Path | None = None) -> list[str]:
-    """One line for each generated table that differs from its JSON; an empty list when all agree."""
-    load, problems = loader(results or root / "benchmarks" / "results"), []
+def regenerated(root: Path = ROOT, results: Path | None = None):
+    """(file name, path, its text with every table regenerated, the tables that changed) of each
+    Markdown file in FILES that exists."""
+    load = loader(results or root / "benchmarks" / "results")
     for name in FILES:
         path = root / name
-        if not path.exists():
-            continue
-        _, changed = regenerate(path.read_text(encoding="utf-8"), load, name)
-        for table in changed:
-            problems.append(f"{name}: table {table} differs from benchmarks/results/"
-                            f"{', '.join(TABLES[table][0])} (python benchmarks/result_tables.py rewrites it)")
-    return problems
+        if path.exists():
+            yield (name, path, *regenerate(path.read_text(encoding="utf-8"), load, name))
+
+
+def check(root: Path = ROOT, results: Path | None = None) -> list[str]:
+    """One line for each generated table that differs from its JSON; an empty list when all agree."""
+    return [f"{name}: table {table} differs from benchmarks/results/{', '.join(TABLES[table][0])} "
+            "(python benchmarks/result_tables.py rewrites it)"
+            for name, _, _, changed in regenerated(root, results) for table in changed]
 
 
 def rewrite(root: Path = ROOT, results: Path | None = None) -> list[str]:
     """Rewrite the generated tables in place; the `file: table` names that changed."""
-    load, rewritten = loader(results or root / "benchmarks" / "results"), []
-    for name in FILES:
-        path = root / name
-        if not path.exists():
-            continue
-        new, changed = regenerate(path.read_text(encoding="utf-8"), load, name)
+    rewritten = []
+    for name, path, new, changed in regenerated(root, results):
         if changed:
             path.write_text(new, encoding="utf-8")
             rewritten += [f"{name}: {table}" for table in changed]

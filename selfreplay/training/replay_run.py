@@ -209,17 +209,15 @@ def start_replay_run(config: RunConfig, family: Family, data: Data, model, refer
     Trainer); main_process (default: rank 0) says what there is to say."""
     method = replay_method(config.replay.method)
     source = family.make_replay(config, reference, data, device, fingerprint, rank, world_size)
-    e = config.eval
-    if reference is None:
-        reference = kept_of_reference(model, reference_use(method, config.replay))
-        with standing_for_reference(model):
-            prompts = held_out_prompts(e.prompts, data.tokenizer, model, e.answer_tokens) if e.prompts else None
-            sets = {**validation_sets(model), **({"chat": prompts.validation_set(model)} if prompts else {})}
+    e, held = config.eval, reference is None
+    pi0 = model if held else reference  # θ stands for π0 before its first step where the run holds no π0
+    with standing_for_reference(model):
+        prompts = held_out_prompts(e.prompts, data.tokenizer, pi0, e.answer_tokens) if e.prompts else None
+        sets = {**validation_sets(pi0), **({"chat": prompts.validation_set(pi0)} if prompts else {})}
+        if held:
+            reference = kept_of_reference(model, reference_use(method, config.replay))
             for validation_set in sets.values():
                 validation_set.keep_without_reference(reference)
-    else:
-        prompts = held_out_prompts(e.prompts, data.tokenizer, reference, e.answer_tokens) if e.prompts else None
-        sets = {**validation_sets(reference), **({"chat": prompts.validation_set(reference)} if prompts else {})}
     controller, capacity = coefficient_of(config.replay)
     return ReplayRun(config, method, reference, source, Measurements(sets), sample_format(config, data), controller,
                      capacity, sep, rank == 0 if main_process is None else main_process, prompts=prompts)
