@@ -15,7 +15,7 @@ from selfreplay.experiments.packaged import packaged_sweeps, sweep_path
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "selfreplay" / "experiments" / "sweeps"
-EXPERIMENTS = ("method_comparison", "capacity", "learning_rate", "continual")
+EXPERIMENTS = ("method_comparison", "capacity", "grid", "learning_rate", "continual")
 
 
 @pytest.fixture(scope="module")

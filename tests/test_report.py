@@ -3,15 +3,18 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
 from selfreplay.cli import main
 from selfreplay.config import RunConfig, merge, to_dict
+from selfreplay.errors import SelfReplayError
 from selfreplay.experiments.continual import ContinualConfig
+from selfreplay.experiments.figures.grid import grid_figure, grid_runs, grid_summary, matrix
 from selfreplay.experiments.report import write_report
-from selfreplay.experiments.sweep import expand_all, parse_sweep
+from selfreplay.experiments.sweep import Run, expand_all, parse_sweep
 
 SWEEP = {
     "description": "Every figure, from hand-made runs.",
@@ -196,3 +199,67 @@ def test_a_capacity_claim_read_on_held_runs_puts_the_bound_runs_at_the_hard_end(
     assert size_holds is reproduced
     if reproduced:
         assert "+0.004, +0.006, capacity bound; no replay +1.000" in text
+
+
+# ---------------------------------------------------------------- the capacity grid
+
+def grid_run(cell, method, forgetting, multiplier=0.9, reached=True, steps=100):
+    """A hand-made finetuning run from the pretrained cell (width, tokens/param): method none, kl or auto."""
+    width, tpp = cell
+    init = Run("cells", "pretrain", Path(f"cells/D={width},tpp={tpp}"), {"model.D": width, "stop.tokens_per_param": tpp})
+    replay = {"none": {"replay.method": "none"}, "kl": {"replay.method": "kl", "replay.coeff": 10},
+              "auto": {"replay.method": "kl", "replay.coeff": "auto", "replay.budget": 0.1}}[method]
+    run = Run("finetune", "finetune", Path(f"finetune/D={width},tpp={tpp},{method}"),
+              {"replay.source": "self", **replay}, init, status="done")
+    run.summary = {"forgetting": forgetting, "compute_multiplier": multiplier, "steps": steps,
+                   "stop_reason": "target_loss" if reached else "budget"}
+    return run
+
+
+def paper_like_grid(widths=(16, 32), budgets=(3, 30, 300)):
+    """No replay forgets more the longer a cell was pretrained, KL c=10 little; the auto run at (32, 300)
+    missed the target. Returned in a shuffled order: the selection must not depend on it."""
+    runs = []
+    for i, w in enumerate(widths):
+        for j, b in enumerate(budgets):
+            runs += [grid_run((w, b), "none", 0.5 + j - 0.1 * i, multiplier=0.6, steps=80),
+                     grid_run((w, b), "kl", 0.01 * j, multiplier=0.9, steps=100),
+                     grid_run((w, b), "auto", 0.05, multiplier=0.95, reached=(w, b) != (32, 300), steps=160)]
+    return runs[::-1]
+
+
+def test_the_grid_figure_puts_each_run_in_its_cell_and_method():
+    grid = grid_runs(paper_like_grid())
+    assert grid.widths == [16, 32] and grid.budgets == [3.0, 30.0, 300.0]
+    assert list(grid.methods) == ["no replay", "self-KL c=10", "self-KL B=0.1"]  # no replay first
+    rounded = lambda m: [[round(v, 3) for v in row] for row in m]  # noqa: E731
+    assert rounded(matrix(grid, "no replay", "forgetting")) == [[0.5, 1.5, 2.5], [0.4, 1.4, 2.4]]
+    assert rounded(matrix(grid, "self-KL c=10", "forgetting")) == [[0.0, 0.01, 0.02], [0.0, 0.01, 0.02]]
+    assert matrix(grid, "self-KL B=0.1", "compute_multiplier")[1] == [0.95, 0.95, None]  # missed: no value there
+
+
+def test_the_grid_finding_needs_rising_rows_and_replay_under_no_replay_in_every_cell():
+    text, holds = grid_summary(grid_runs(paper_like_grid()))
+    assert holds is True
+    assert "rises with tokens per parameter along 2 of 2 width rows (D=16: +0.50, +1.50, +2.50; D=32:" in text
+    assert "self-KL c=10: forgets less than no replay in 6 of 6 cells" in text
+    assert "self-KL B=0.1: forgets less than no replay in 5 of 5 cells" in text and "1 of 6 cells missed" in text
+    assert "no-replay multiplier 0.60 to 0.60" in text and "multiplier 0.90 to 0.90, >= 0.85 in 6 of 6" in text
+
+    falls = [r for r in paper_like_grid() if (r.value("replay.method"), r.init.settings["model.D"]) != ("none", 32)]
+    falls += [grid_run((32, 3), "none", 3.0), grid_run((32, 30), "none", 1.4), grid_run((32, 300), "none", 2.4)]
+    text, holds = grid_summary(grid_runs(falls))
+    assert holds is False and "along 1 of 2 width rows" in text and "D=32: +3.00, +1.40, +2.40 (not monotone)" in text
+
+    above = [r for r in paper_like_grid() if not (r.value("replay.coeff") == 10 and r.init.settings["model.D"] == 16)]
+    above += [grid_run((16, 3), "kl", 0.0), grid_run((16, 30), "kl", 2.0), grid_run((16, 300), "kl", 0.0)]
+    text, holds = grid_summary(grid_runs(above))
+    assert holds is False and "self-KL c=10: forgets less than no replay in 5 of 6 cells" in text
+
+
+def test_the_grid_figure_draws_two_heatmaps_a_method_and_refuses_two_runs_in_one_cell(tmp_path):
+    figure = grid_figure({"figure": "grid", "stage": "finetune"}, paper_like_grid(), tmp_path)
+    assert figure.path.stat().st_size > 10_000 and figure.finding.reproduced is True
+    assert "| 32 | 300 | +2.400 | 0.60 | 80 | 1.00 | +0.020 | 0.90 | 100 | 0.80 | +0.050 (missed) | - | - | - |" in figure.table
+    with pytest.raises(SelfReplayError, match="two self-KL c=10 runs start from width 16 at 3 tokens/param"):
+        grid_figure({"figure": "grid", "stage": "finetune"}, paper_like_grid() + [grid_run((16, 3), "kl", 0.0)], tmp_path)

@@ -43,7 +43,7 @@ def test_the_packaged_experiments_are_found_and_checked(tmp_path):
     from selfreplay.experiments.sweep import check_sweep
 
     files = experiment_files()
-    assert {"method_comparison", "capacity", "learning_rate", "continual"} <= set(files)
+    assert {"method_comparison", "capacity", "grid", "learning_rate", "continual"} <= set(files)
     for name, path in files.items():
         for profile in ("small", "paper"):
             check_sweep(path, [f"profile={profile}"], tmp_path / name)  # every stage, var and figure resolves
