@@ -12,6 +12,9 @@ import torch
 import yaml
 
 from selfreplay.errors import SelfReplayError
+from selfreplay.model.transformer import Transformer
+from selfreplay.replay import pool
+from selfreplay.training.replay_run import ReplayRun
 from selfreplay.experiments.continual import (TASKS, Exam, accuracy, average_accuracy, backward_transfer, examples,
                                               load_continual_config, retention, train_continual, write_task_files)
 
@@ -147,6 +150,49 @@ def test_each_task_finetunes_the_previous_tasks_run_with_replay_of_every_earlier
         train_continual(load_continual_config(None, [f"out={tmp_path / 'other'}", *TINY]))
     with pytest.raises(SelfReplayError, match="too few for tasks.val_sequences=64 plus training"):
         train_continual(load_continual_config(None, [f"out={tmp_path / 'small'}", *TINY, "tasks.val_sequences=64"]))
+
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["ntp", "kl"])
+def test_replay_is_sampled_from_the_snapshot_at_the_tasks_start_not_the_model_being_trained(
+        tmp_path, monkeypatch, one_thread, method):
+    """Every replay draw of task i decodes with the weights task i-1 ended with, while θ, the model
+    trained on task i, has moved away from them: a draw from θ would fail the first assertion."""
+    draws, trained = [], []
+    real_sample, real_next = pool.sample, ReplayRun.next_replay
+
+    def sample(model, first_tokens, *args, **kwargs):
+        draws.append((len(trained), first_tokens.tolist(), weights(model)))  # at which step of the run, from which ids
+        return real_sample(model, first_tokens, *args, **kwargs)
+
+    def next_replay(self, step, model):
+        trained.append(weights(model))  # θ as this step starts
+        return real_next(self, step, model)
+
+    monkeypatch.setattr(pool, "sample", sample)
+    monkeypatch.setattr(ReplayRun, "next_replay", next_replay)
+    out = tmp_path / "run"
+    settings = [f"out={out}", *TINY, "tasks.steps=4", f"replay.method={method}", "replay.buffer=1",
+                "replay.decode_batch=3", "optim.lr=1e-2"]
+    train_continual(load_continual_config(None, settings))
+
+    assert len(draws) == len(trained) == 8  # tasks 2 and 3: one pool of 3 samples drawn at each of 4 steps
+    for task, (snapshot_run, ids) in enumerate([("1-reversal", [0]), ("2-sorting", [0, 1])], start=1):
+        snapshot = weights(Transformer.from_pretrained(out / snapshot_run))
+        for step in range(4):
+            at, first, drawn = draws[4 * (task - 1) + step]
+            theta = trained[at - 1]  # θ at the step whose batch this draw fills
+            assert same(drawn, snapshot), f"task {task + 1}, step {step}: replay not drawn from {snapshot_run}"
+            assert step == 0 or not same(theta, snapshot), "θ should have moved from the snapshot by now"
+            assert sorted(set(first)) == ids  # started at every earlier task's token, and only those
 
 
 # Runs the CLI with the second task's run SIGKILLed right after its second checkpoint.
