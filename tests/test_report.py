@@ -222,7 +222,7 @@ def paper_like_grid(widths=(16, 32), budgets=(3, 30, 300)):
     runs = []
     for i, w in enumerate(widths):
         for j, b in enumerate(budgets):
-            runs += [grid_run((w, b), "none", 0.5 + j - 0.1 * i, multiplier=0.6, steps=80),
+            runs += [grid_run((w, b), "none", 0.5 + j ** 2 - 0.1 * i, multiplier=0.6, steps=80),
                      grid_run((w, b), "kl", 0.01 * j, multiplier=0.9, steps=100),
                      grid_run((w, b), "auto", 0.05, multiplier=0.95, reached=(w, b) != (32, 300), steps=160)]
     return runs[::-1]
@@ -233,7 +233,7 @@ def test_the_grid_figure_puts_each_run_in_its_cell_and_method():
     assert grid.widths == [16, 32] and grid.budgets == [3.0, 30.0, 300.0]
     assert list(grid.methods) == ["no replay", "self-KL c=10", "self-KL B=0.1"]  # no replay first
     rounded = lambda m: [[round(v, 3) for v in row] for row in m]  # noqa: E731
-    assert rounded(matrix(grid, "no replay", "forgetting")) == [[0.5, 1.5, 2.5], [0.4, 1.4, 2.4]]
+    assert rounded(matrix(grid, "no replay", "forgetting")) == [[0.5, 1.5, 4.5], [0.4, 1.4, 4.4]]
     assert rounded(matrix(grid, "self-KL c=10", "forgetting")) == [[0.0, 0.01, 0.02], [0.0, 0.01, 0.02]]
     assert matrix(grid, "self-KL B=0.1", "compute_multiplier")[1] == [0.95, 0.95, None]  # missed: no value there
 
@@ -241,7 +241,8 @@ def test_the_grid_figure_puts_each_run_in_its_cell_and_method():
 def test_the_grid_finding_needs_rising_rows_and_replay_under_no_replay_in_every_cell():
     text, holds = grid_summary(grid_runs(paper_like_grid()))
     assert holds is True
-    assert "rises with tokens per parameter along 2 of 2 width rows (D=16: +0.50, +1.50, +2.50; D=32:" in text
+    assert "rises with tokens per parameter along 2 of 2 width rows (D=16: +0.50, +1.50, +4.50; D=32:" in text
+    assert "it rises most from 30 to 300 tokens/param (+3.00 nats, mean over widths)" in text
     assert "self-KL c=10: forgets less than no replay in 6 of 6 cells" in text
     assert "self-KL B=0.1: forgets less than no replay in 5 of 5 cells" in text and "1 of 6 cells missed" in text
     assert "no-replay multiplier 0.60 to 0.60" in text and "multiplier 0.90 to 0.90, >= 0.85 in 6 of 6" in text
@@ -260,6 +261,6 @@ def test_the_grid_finding_needs_rising_rows_and_replay_under_no_replay_in_every_
 def test_the_grid_figure_draws_two_heatmaps_a_method_and_refuses_two_runs_in_one_cell(tmp_path):
     figure = grid_figure({"figure": "grid", "stage": "finetune"}, paper_like_grid(), tmp_path)
     assert figure.path.stat().st_size > 10_000 and figure.finding.reproduced is True
-    assert "| 32 | 300 | +2.400 | 0.60 | 80 | 1.00 | +0.020 | 0.90 | 100 | 0.80 | +0.050 (missed) | - | - | - |" in figure.table
+    assert "| 32 | 300 | +4.400 | 0.60 | 80 | 1.00 | +0.020 | 0.90 | 100 | 0.80 | +0.050 (missed) | - | - | - |" in figure.table
     with pytest.raises(SelfReplayError, match="two self-KL c=10 runs start from width 16 at 3 tokens/param"):
         grid_figure({"figure": "grid", "stage": "finetune"}, paper_like_grid() + [grid_run((16, 3), "kl", 0.0)], tmp_path)

@@ -116,36 +116,60 @@ def span(values: list[float], spec: str) -> str:
     return f"{spec.format(min(values))} to {spec.format(max(values))}" if values else "no cell reached the target"
 
 
+def steepest_rise(grid: Grid, forgot: list[list]) -> str:
+    """Between which adjacent pretraining lengths no-replay forgetting rises most, averaged over the width rows."""
+    steps = []
+    for j, (shorter, longer) in enumerate(zip(grid.budgets, grid.budgets[1:])):
+        rises_here = [row[j + 1] - row[j] for row in forgot if row[j] is not None and row[j + 1] is not None]
+        if rises_here:
+            steps.append((sum(rises_here) / len(rises_here), shorter, longer))
+    if not steps:
+        return "no two adjacent lengths to compare"
+    rise, shorter, longer = max(steps)
+    return f"it rises most from {shorter:g} to {longer:g} tokens/param ({rise:+.2f} nats, mean over widths)"
+
+
+def plain_sentence(grid: Grid, none: str) -> tuple[str, list[bool]]:
+    """What no replay did along each width row, and whether each row with two or more cells at the target rose."""
+    forgot = matrix(grid, none, "forgetting")
+    rows = [(w, row_rise(row), [v for v in row if v is not None]) for w, row in zip(grid.widths, forgot)]
+    judged = [r for _, r, _ in rows if r is not None]
+    text = (f"without replay forgetting rises with tokens per parameter along {sum(judged)} of {len(judged)} width "
+            "rows (" + "; ".join(f"D={w}: {', '.join(f'{v:+.2f}' for v in vs)}" + ("" if r else " (not monotone)")
+                                 for w, r, vs in rows if r is not None)
+            + f"); {steepest_rise(grid, forgot)}; no-replay multiplier "
+            f"{span(values_of(matrix(grid, none, 'compute_multiplier')), '{:.2f}')}")
+    return text, judged
+
+
+def replay_sentence(grid: Grid, label: str, none: str) -> tuple[str, bool]:
+    """What one replay method did against no replay, and whether it forgot less in every cell where both
+    reached the target with its multiplier near 1 in every cell it reached."""
+    less, pairs = below(matrix(grid, label, "forgetting"), matrix(grid, none, "forgetting"))
+    multipliers = values_of(matrix(grid, label, "compute_multiplier"))
+    near = sum(m >= NEAR_ONE for m in multipliers)
+    text = (f"{label}: forgets less than no replay in {less} of {pairs} cells where both reached the target "
+            f"(forgetting {span(values_of(matrix(grid, label, 'forgetting')), '{:+.3f}')}), multiplier "
+            f"{span(multipliers, '{:.2f}')}, >= {NEAR_ONE} in {near} of {len(multipliers)} cells, "
+            f"{missed(grid, label)} of {len(grid.methods[label])} cells missed the target")
+    return text, pairs > 0 and less == pairs and near == len(multipliers)
+
+
 def grid_summary(grid: Grid) -> tuple[str, bool | None]:
-    """(the caption's measured sentences, whether the claim holds) from the grid's numbers."""
+    """(the caption's measured sentences, whether the claim holds: judged on no replay's rows and the first
+    fixed-coefficient replay method) from the grid's numbers."""
     none, kl = plain_label(grid), fixed_label(grid)
     if none is None:
         return "no run without replay finished", None
-    forgot = matrix(grid, none, "forgetting")
-    rows = [(w, row_rise(row), [v for v in row if v is not None]) for w, row in zip(grid.widths, forgot)]
-    rising = [w for w, r, _ in rows if r]
-    text = [f"without replay forgetting rises with tokens per parameter along {len(rising)} of "
-            f"{sum(r is not None for _, r, _ in rows)} width rows ("
-            + "; ".join(f"D={w}: {', '.join(f'{v:+.2f}' for v in vs)}" + ("" if r else " (not monotone)")
-                        for w, r, vs in rows if r is not None) + ")",
-            f"no-replay multiplier {span(values_of(matrix(grid, none, 'compute_multiplier')), '{:.2f}')}"]
+    text, judged = plain_sentence(grid, none)
+    sentences, holds = [text], None
     for label in grid.methods:
-        if label == none:
-            continue
-        less, pairs = below(matrix(grid, label, "forgetting"), forgot)
-        multipliers = values_of(matrix(grid, label, "compute_multiplier"))
-        near = sum(m >= NEAR_ONE for m in multipliers)
-        text.append(f"{label}: forgets less than no replay in {less} of {pairs} cells where both reached the target "
-                    f"(forgetting {span(values_of(matrix(grid, label, 'forgetting')), '{:+.3f}')}), multiplier "
-                    f"{span(multipliers, '{:.2f}')}, >= {NEAR_ONE} in {near} of {len(multipliers)} cells, "
-                    f"{missed(grid, label)} of {len(grid.methods[label])} cells missed the target")
-    if kl is None:
-        return "; ".join(text), None
-    less, pairs = below(matrix(grid, kl, "forgetting"), forgot)
-    multipliers = values_of(matrix(grid, kl, "compute_multiplier"))
-    judged = [r for _, r, _ in rows if r is not None]
-    holds = bool(judged) and all(judged) and pairs > 0 and less == pairs and all(m >= NEAR_ONE for m in multipliers)
-    return "; ".join(text), holds
+        if label != none:
+            text, kept = replay_sentence(grid, label, none)
+            sentences.append(text)
+            if label == kl:
+                holds = bool(judged) and all(judged) and kept
+    return "; ".join(sentences), holds
 
 
 def missed(grid: Grid, label: str) -> int:
