@@ -188,11 +188,17 @@ def hf_real_text(load: Results) -> list[str]:
 
 
 REAL_MODEL_LABELS = {
-    "plain": "plain", "kl_chat": "self-replay KL c=10, chat samples", "kl_bos": "self-replay KL c=10, BOS samples",
-    "kl_chat_c100": "self-replay KL c=100, chat samples", "kl_bos_c100": "self-replay KL c=100, BOS samples",
-    "kl_chat_once": "the same, chat, drawn once (256)", "auto_chat_b0.01": "c=auto, budget 0.01, chat",
-    "auto_chat_b0.003": "c=auto, budget 0.003, chat", "lora": "LoRA r16 (lr 1e-3)",
-    "lora_kl_chat": "LoRA r16 + KL c=10, chat (lr 1e-3)", "kl_new_c1": "KL on the task batch, c=1",
+    "plain": "plain",
+    "default": "**self-replay KL c=10, BOS samples, 2 rows a step, 64 drawn once** (the default)",
+    "kl_bos": "self-replay KL c=10, BOS samples, 4 rows a step, fresh draws",
+    "kl_chat": "self-replay KL c=10, chat samples, 4 rows a step, fresh draws",
+    "kl_bos_short": "the same, BOS samples of 64 tokens",
+    "default_c3": "the default at c=3",
+    "auto_b0.03": "the default held to a budget of 0.03 (c=auto)",
+    "auto_b0.01": "the default held to a budget of 0.01 (c=auto)",
+    "lora": "LoRA r16 (lr 1e-3)",
+    "lora_kl": "LoRA r16 + the default's KL (lr 1e-3)",
+    "kl_new_c1": "KL on the task batch, c=1",
 }
 
 
@@ -200,7 +206,7 @@ def real_model(load: Results) -> list[str]:
     """docs/results.md, "A real chat model": SmolLM2-135M-Instruct at the common Spanish loss."""
     record = load("real_model.json")
     lines = header(["run", "seeds", "chat_kl", "% of plain's", "old_kl", "% of plain's", "English loss change",
-                    "s to the loss", "answer agreement (end)", "tokens/s", "peak MiB"])
+                    "steps to the loss", "s to the loss", "answer agreement (end)", "peak MiB"])
     methods = record["methods"]
     plain = methods.get("plain", {}).get("mean")
     for name, label in REAL_MODEL_LABELS.items():
@@ -208,13 +214,14 @@ def real_model(load: Results) -> list[str]:
             continue
         m = methods[name]
         mean, std, seeds = m["mean"], m["std"], m["seeds"]
-        pm = (lambda key: f" ± {std[key]:.4f}" if seeds > 1 else "")  # noqa: E731
+        pm = (lambda key, digits=4: f" ± {std[key]:.{digits}f}" if seeds > 1 else "")  # noqa: E731
         share = (lambda key: f"{100 * mean[key] / plain[key]:.0f}" if plain else "")  # noqa: E731
         agreement = m["answer_agreement"]
         agree = "" if agreement is None else f"{agreement['mean']:.2f}" + (f" ± {agreement['std']:.2f}" if seeds > 1 else "")
+        seconds = "shared CPU" if mean["seconds"] is None else f"{mean['seconds']:.0f}"
         lines.append(row([label, str(seeds), f"{mean['chat_kl']:.4f}{pm('chat_kl')}", share("chat_kl"),
                           f"{mean['old_kl']:.4f}{pm('old_kl')}", share("old_kl"), minus(f"{mean['forgetting']:+.3f}"),
-                          f"{mean['seconds']:.0f}", agree, whole(m["tokens_per_second"]), whole(m["peak_memory_mib"])]))
+                          f"{mean['steps']:.1f}{pm('steps', 1)}", seconds, agree, whole(m["peak_memory_mib"])]))
     return lines
 
 

