@@ -71,7 +71,10 @@ def main() -> None:
     model.train()
     lm = CausalLM(model)
     weights = tensor_mib(model.parameters())
-    stages.append((f"θ loaded ({weights:.0f} MiB of float32 weights)", resident_mib()))
+    stages.append((f"θ loaded ({weights:.0f} MiB of float32 weights, memory-mapped from the file)", resident_mib()))
+    with torch.no_grad():  # a mapped page is resident once read: the first forward pass reads them all
+        sum(float(p.sum()) for p in model.parameters())
+    stages.append(("θ's weights read once", resident_mib()))
     reference = frozen_reference(lm)
     stages.append(("π0's frozen copy", resident_mib()))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
