@@ -189,7 +189,8 @@ def hf_real_text(load: Results) -> list[str]:
 
 REAL_MODEL_LABELS = {
     "plain": "plain",
-    "default": "**self-replay KL c=10, BOS samples, 2 rows a step, 64 drawn once** (the default)",
+    "default": "**self-replay KL c=10, BOS samples, 2 rows a step, 64 drawn once** (the default's replay)",
+    "default_lr3e-5": "**the same at lr 3e-5** (the default for a chat model)",
     "kl_bos": "self-replay KL c=10, BOS samples, 4 rows a step, fresh draws",
     "kl_chat": "self-replay KL c=10, chat samples, 4 rows a step, fresh draws",
     "kl_bos_short": "the same, BOS samples of 64 tokens",
@@ -199,6 +200,9 @@ REAL_MODEL_LABELS = {
     "lora": "LoRA r16 (lr 1e-3)",
     "lora_kl": "LoRA r16 + the default's KL (lr 1e-3)",
     "kl_new_c1": "KL on the task batch, c=1",
+    "plain_warm": "plain, 4 warmup steps",
+    "default_warm": "the default, 4 warmup steps",
+    "plain_lr3e-5": "plain at lr 3e-5",
 }
 
 
