@@ -89,6 +89,7 @@ class OptimConfig:
     weight_decay: float = 0.02
     beta1: float = 0.9
     beta2: float = 0.999
+    eps: float = 1e-8  # AdamW's epsilon (TrainingArguments' adam_epsilon)
     warmup_steps: int = 100  # linear warmup from 0
     schedule: str = "constant"  # after warmup: constant, or cosine decay to zero at the stop budget
     grad_clip: float | None = 1.0  # max gradient norm; null to disable
@@ -413,7 +414,7 @@ RANGES = {
     "model.rope_base": Range(1, low_open=True),
     "data.mix_fraction": Range(0, 1), "data.val_sequences": AT_LEAST_0, "data.seed": AT_LEAST_0,
     "optim.lr": ABOVE_0, "optim.batch_size": AT_LEAST_1, "optim.weight_decay": AT_LEAST_0,
-    "optim.beta1": BETA, "optim.beta2": BETA, "optim.warmup_steps": AT_LEAST_0, "optim.grad_clip": ABOVE_0,
+    "optim.beta1": BETA, "optim.beta2": BETA, "optim.eps": ABOVE_0, "optim.warmup_steps": AT_LEAST_0, "optim.grad_clip": ABOVE_0,
     "replay.coeff": AT_LEAST_0, "replay.budget": ABOVE_0, "replay.coeff_start": ABOVE_0, "replay.coeff_min": ABOVE_0,
     "replay.coeff_max": ABOVE_0, "replay.horizon": AT_LEAST_1, "replay.reuse": AT_LEAST_0, "replay.draw_once": AT_LEAST_0, "replay.fraction": Range(0, 1, high_open=True), "replay.batch_size": AT_LEAST_1, "replay.buffer": AT_LEAST_1, "replay.decode_batch": AT_LEAST_1,
     "replay.temperature": ABOVE_0, "replay.length": Range(2), "replay.top_p": Range(0, 1, low_open=True),

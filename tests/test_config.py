@@ -100,6 +100,7 @@ VALID = ["out=runs/x", "data.train=x.bin", "data.tokenizer=tok", "stop.tokens=10
     ("optim.beta1=1.5", "optim.beta1 must be in [0, 1), got 1.5"),
     ("optim.beta2=1", "optim.beta2 must be in [0, 1)"),
     ("optim.beta1=-0.1", "optim.beta1 must be in [0, 1)"),
+    ("optim.eps=0", "optim.eps must be > 0, got 0.0"),
     ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
     ("optim.grad_clip=-1", "optim.grad_clip must be > 0"),
     ("optim.grad_clip=0", "optim.grad_clip must be > 0"),

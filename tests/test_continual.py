@@ -16,7 +16,8 @@ from selfreplay.model.transformer import Transformer
 from selfreplay.replay import pool
 from selfreplay.training.replay_run import ReplayRun
 from selfreplay.experiments.continual import (TASKS, Exam, accuracy, average_accuracy, backward_transfer, examples,
-                                              load_continual_config, retention, train_continual, write_task_files)
+                                              load_continual_config, replay_tasks, retention, train_continual,
+                                              write_task_files)
 
 
 def test_every_generator_gives_the_right_answer_at_a_fixed_width():
@@ -90,7 +91,26 @@ def test_config_errors_name_the_fix():
         load_continual_config(None, ["out=x", "replay.method=ntp", "replay.domains=addition"])
     with pytest.raises(SelfReplayError, match="replay.coeff must be >= 0"):
         load_continual_config(None, ["out=x", "replay.coeff=-1"])
+    with pytest.raises(SelfReplayError, match="tasks.replay_weighting='oldest': choose equal or age"):
+        load_continual_config(None, ["out=x", "tasks.replay_weighting=oldest"])
     assert load_continual_config(None, ["out=x", "model.D=64"]).model.L == 2  # section defaults survive an override
+
+
+def test_age_weighting_gives_the_oldest_task_the_largest_share_of_the_replay_rows():
+    names = ["addition", "reversal", "sorting", "modular_addition"]
+    assert replay_tasks(names, 3) == ["addition", "reversal", "sorting"]
+    assert replay_tasks(names, 3, "age") == ["addition"] * 3 + ["reversal"] * 2 + ["sorting"]
+    assert replay_tasks(names, 1, "age") == ["addition"]
+    # the draw starts its samples at the domains in turn: a repeated task takes that share of the rows
+    from selfreplay.config import ReplayConfig
+    from selfreplay.model.transformer import ModelConfig
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(D=16, L=1, H=8, T=8, V=32)).eval()
+    ids = [5, 5, 5, 6, 6, 7]  # the ids of replay_tasks(names, 3, "age")
+    drawn = pool.builtin_draw(model, ids, ReplayConfig(decode_batch=12), keep_hidden=False)(
+        24, torch.Generator().manual_seed(0), 0)
+    first = drawn.tokens[:, 0].tolist()
+    assert (first.count(5), first.count(6), first.count(7)) == (12, 8, 4)
 
 
 TINY = ["tasks.names=reversal,sorting,addition", "tasks.steps=3", "tasks.train_examples=60", "tasks.eval_examples=8",

@@ -339,3 +339,17 @@ def test_a_run_draws_its_own_pool_once_and_a_resumed_run_does_not_draw_it_again(
     with pytest.raises(SelfReplayError, match="replay.draw_once draws the run's own pool"):
         train(finetune_config(corpus, pretrained, tmp_path / "both", *common, "replay.draw_once=4",
                               f"replay.pool={tmp_path / 'pool'}"), "finetune")
+
+
+def test_the_optimizer_takes_adams_settings_from_the_config(corpus, pretrained, tmp_path, monkeypatch, one_thread):
+    made = []
+
+    class Spy(torch.optim.AdamW):
+        def __init__(self, params, **settings):
+            made.append(settings)
+            super().__init__(params, **settings)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    train(finetune_config(corpus, pretrained, tmp_path / "run", "stop.tokens=512", "optim.eps=1e-6",
+                          "optim.beta2=0.99"), "finetune")
+    assert len(made) == 1 and made[0]["eps"] == 1e-6 and made[0]["betas"][1] == 0.99

@@ -100,6 +100,9 @@ DEFAULTS = {"model": {"D": 128, "L": 2, "H": 32, "T": 64, "V": 265},
             "optim": {"lr": 1e-3, "batch_size": 32, "warmup_steps": 50}}
 
 
+WEIGHTINGS = ("equal", "age")  # tasks.replay_weighting: how task i's replay rows are shared among the earlier tasks
+
+
 @dataclass
 class TaskConfig:
     names: str = ",".join(TASKS)  # tasks in training order, comma-separated
@@ -107,6 +110,7 @@ class TaskConfig:
     train_examples: int = 20000  # examples generated per task
     eval_examples: int = 256  # held-out questions per task for accuracy
     val_sequences: int = 256  # sequences held out of each task's token file for the validation losses
+    replay_weighting: str = "equal"  # each earlier task's share of the replay rows: equal, or age (task j of i: i - j)
 
 
 @dataclass
@@ -150,6 +154,8 @@ def load_continual_config(path: str | None, overrides: list[str]) -> ContinualCo
          f"{', '.join(m.name for m in REPLAY_METHODS.values() if m.needs_replay or m is NO_REPLAY)}"),
         (r.source != "self", "replay here is self-replay from the snapshot at each task's start: set replay.source=self"),
         (r.domains is not None, "replay.domains is set by continual (every earlier task): drop it"),
+        (t.replay_weighting not in WEIGHTINGS, f"tasks.replay_weighting={t.replay_weighting!r}: choose "
+                                               f"{' or '.join(WEIGHTINGS)}"),
         (min(t.steps, t.train_examples, t.eval_examples) < 1,
          "tasks.steps, tasks.train_examples and tasks.eval_examples must be at least 1"),
         (config.log.every_steps < 1, "log.every_steps must be at least 1"),
@@ -269,8 +275,17 @@ def task_run(config: ContinualConfig, out: Path, i: int, files: dict[str, Path])
         return "pretrain", RunConfig().updated(**settings, model=vars(config.model))
     settings["data"]["old"] = str(files[names[i - 1]])
     if replay_method(config.replay.method).needs_replay or config.replay.fraction > 0:
-        settings["replay"] = {**vars(config.replay), "domains": ",".join(names[:i])}
+        settings["replay"] = {**vars(config.replay), "domains": ",".join(replay_tasks(names, i, t.replay_weighting))}
     return "finetune", RunConfig.finetune_from(out / run_name(names, i - 1), **settings)
+
+
+def replay_tasks(names: list[str], i: int, weighting: str = "equal") -> list[str]:
+    """The earlier tasks task i's replay samples start from, in turn (replay.domains): each once
+    (equal), or task j i - j times (age), so the oldest task, which every later snapshot has
+    drifted on a little more, takes the largest share of the replay rows."""
+    if weighting == "age":
+        return [name for j, name in enumerate(names[:i]) for _ in range(i - j)]
+    return names[:i]
 
 
 def open_continual_dir(out: Path, settings: dict) -> bool:

@@ -204,7 +204,7 @@ def setup(config: RunConfig, mode: str, data: Data, directory: RunDirectory,
     trunk = processes.trunk(model) if processes.many else \
         torch.compile(model.hidden, dynamic=False) if config.compile else model.hidden
     optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=(config.optim.beta1, config.optim.beta2),
-                                  weight_decay=config.optim.weight_decay)
+                                  eps=config.optim.eps, weight_decay=config.optim.weight_decay)
     loader = BatchLoader(SequenceStream(data.train, config.data.seed), config.optim.batch_size,
                          SequenceStream(data.mix, config.data.seed + 1) if data.mix else None,
                          config.data.mix_fraction)
