@@ -66,6 +66,8 @@ RUNS = {  # name -> settings
     # step whatever c is, so the drift the KL can hold θ to scales with the learning rate
     "plain_lr3e-5": ["replay.method=none", "optim.lr=3e-5"],
     "default_lr3e-5": [*DEFAULT, "optim.lr=3e-5"],
+    # as many replay rows as new ones, a pool for one pass: does covering more of π0's text keep more?
+    "default_lr3e-5_rows8": [*DEFAULT, "optim.lr=3e-5", "replay.batch_size=8", "replay.draw_once=256"],
 }
 TARGET = 3.3  # the Spanish loss the runs are read at, where every one reached it (else the lowest all reached)
 READ = ("chat_kl", "old_kl", "forgetting", "train_seconds", "step")

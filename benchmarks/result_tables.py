@@ -191,6 +191,7 @@ REAL_MODEL_LABELS = {
     "plain": "plain",
     "default": "**self-replay KL c=10, BOS samples, 2 rows a step, 64 drawn once** (the default's replay)",
     "default_lr3e-5": "**the same at lr 3e-5** (the default for a chat model)",
+    "default_lr3e-5_rows8": "the same, 8 replay rows a step (256 drawn once)",
     "kl_bos": "self-replay KL c=10, BOS samples, 4 rows a step, fresh draws",
     "kl_chat": "self-replay KL c=10, chat samples, 4 rows a step, fresh draws",
     "kl_bos_short": "the same, BOS samples of 64 tokens",
