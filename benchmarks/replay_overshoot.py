@@ -5,7 +5,8 @@
 
 A standalone copy of the finetuning step of the real-model study's default (benchmarks/real_model.py:
 AdamW, weight decay 0.02, gradient norm clipped to 1, batch 8 × 128 of the new text, loss = its
-next-token loss + c · KL(π0 ‖ πθ) on 2 of the pool's samples a step, each sample once). Before and
+next-token loss + c · KL(π0 ‖ πθ) on 2 of the pool's samples a step, each sample once, the KL's mean
+taken over their positions together). Before and
 after every step it measures KL(π0 ‖ πθ) on the two samples the step trains on, and on eight samples no
 step trains on (the control: how far a step moves θ on π0's samples it is not given). A step
 *overshoots* a sample when the KL on it after the step is higher than before, by more than the
@@ -80,7 +81,9 @@ def main() -> None:
         control_before = [float(kl_on(model, reference, r)) for r in control]
         optimizer.zero_grad()
         new_loss = model(batch, labels=batch).loss
-        replay_kl = sum(kl_on(model, reference, r, grad=True) for r in replayed) / len(replayed)
+        # the mean over every predicted position of the two samples, as the objective takes it
+        positions = [len(r) - 1 for r in replayed]
+        replay_kl = sum(kl_on(model, reference, r, grad=True) * n for r, n in zip(replayed, positions)) / sum(positions)
         (new_loss + args.coeff * replay_kl).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
