@@ -3,16 +3,16 @@
     selfreplay sample init=hf:MODEL --out runs/pool -n 64 --length 128
     python benchmarks/replay_overshoot.py --model MODEL --pool runs/pool --new ../shared/data/fortunes/es.jsonl
 
-A standalone copy of the finetuning step of the real-model study's default (benchmarks/real_model.py:
-AdamW, weight decay 0.02, gradient norm clipped to 1, batch 8 × 128 of the new text, loss = its
-next-token loss + c · KL(π0 ‖ πθ) on 2 of the pool's samples a step, each sample once, the KL's mean
-taken over their positions together). Before and
+The finetuning step of the real-model study's default (benchmarks/real_model.py), its loss the
+training objective itself (`selfreplay.objective.methods.training_loss`, with the pool's stored π0
+hidden states): AdamW, weight decay 0.02, gradient norm clipped to 1, batch 8 × 128 of the new text,
+loss = its next-token loss + c · KL(π0 ‖ πθ) on 2 of the pool's samples a step, each sample once. Before and
 after every step it measures KL(π0 ‖ πθ) on the two samples the step trains on, and on eight samples no
 step trains on (the control: how far a step moves θ on π0's samples it is not given). A step
 *overshoots* a sample when the KL on it after the step is higher than before, by more than the
 control moved. Prints a line a step; writes --json (default benchmarks/results/replay_overshoot.json).
-The KL is `selfreplay.objective.losses.kl_divergence` on full logits, as the tests check the
-training objective against.
+The KL measured is `selfreplay.objective.losses.kl_divergence` on full logits, the direct
+computation the tests check the objective against.
 """
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from selfreplay.data.text import pack_text  # noqa: E402
+from selfreplay.model.hf import CausalLM  # noqa: E402
+from selfreplay.objective.methods import training_loss  # noqa: E402
 from selfreplay.objective.losses import kl_divergence  # noqa: E402
 from selfreplay.replay.store import StoredPool  # noqa: E402
 
 CONTROL = 8  # samples no step trains on: the pool's last eight
 
 
-def kl_on(model, reference, tokens: torch.Tensor, grad: bool = False) -> torch.Tensor:
+def kl_on(model, reference, tokens: torch.Tensor) -> torch.Tensor:
     """KL(π0 ‖ πθ) averaged over the positions of one sample [t] (its padding cut off)."""
     x = tokens[None]
     with torch.no_grad():
-        ref_logits = reference(x).logits[0, :-1]
-    with torch.set_grad_enabled(grad):
-        return kl_divergence(ref_logits, model(x).logits[0, :-1])
+        return kl_divergence(reference(x).logits[0, :-1], model(x).logits[0, :-1])
 
 
 def main() -> None:
@@ -62,6 +62,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     reference = AutoModelForCausalLM.from_pretrained(args.model).eval().requires_grad_(False)
     model = AutoModelForCausalLM.from_pretrained(args.model).train()
+    lm, pi0 = CausalLM(model), CausalLM(reference)
     new = torch.tensor([row["input_ids"] for row in pack_text(args.new, tokenizer, 128)])
     pool = StoredPool(args.pool)
     samples, _ = pool.take(torch.arange(len(pool)))
@@ -80,11 +81,9 @@ def main() -> None:
         before = [float(kl_on(model, reference, r)) for r in replayed]
         control_before = [float(kl_on(model, reference, r)) for r in control]
         optimizer.zero_grad()
-        new_loss = model(batch, labels=batch).loss
-        # the mean over every predicted position of the two samples, as the objective takes it
-        positions = [len(r) - 1 for r in replayed]
-        replay_kl = sum(kl_on(model, reference, r, grad=True) * n for r, n in zip(replayed, positions)) / sum(positions)
-        (new_loss + args.coeff * replay_kl).backward()
+        replay = pool.take(torch.arange(2 * step, 2 * step + 2))[0].trimmed()
+        loss, new_loss, _ = training_loss(lm, pi0, batch, replay, "kl", args.coeff)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         after = [float(kl_on(model, reference, r)) for r in replayed]
