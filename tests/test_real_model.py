@@ -3,6 +3,7 @@ registry cannot be reached), the drift table and the answers side by side."""
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,8 @@ pytest.importorskip("transformers")
 
 from selfreplay.errors import SelfReplayError  # noqa: E402
 from selfreplay.experiments import real_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_an_unreachable_registry_is_said_in_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -46,3 +49,36 @@ def test_the_demo_prints_the_drift_and_the_answers_side_by_side(tmp_path):
     side = real_model.answers_side_by_side(rows)
     assert side.splitlines()[:4] == ["> Capital of France?", "  π0           The capital is Paris.",
                                      "  plain        Paris is it.", "  self-replay  The capital is Paris."]
+
+
+def test_the_benchmarks_text_pool_holds_windows_of_the_pages_and_pi0s_hidden_states(tiny_llama_dir, tmp_path):
+    import importlib.util
+
+    import torch
+
+    from selfreplay.model.fingerprint import model_fingerprint
+    from selfreplay.model.hf import CausalLM, load_causal_lm
+    from selfreplay.replay.store import StoredPool
+
+    spec = importlib.util.spec_from_file_location("real_model_bench", ROOT / "benchmarks" / "real_model.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pages = ["the cat sat on the mat and looked at the dog " * 4, "a short page"]
+    text = tmp_path / "pages.jsonl"
+    text.write_text("".join(json.dumps({"text": page}) + "\n" for page in pages))
+    pool_dir = bench.text_pool(tiny_llama_dir, text, tmp_path / "pool", seed=0, rows=6, length=16)
+
+    model, tokenizer = load_causal_lm(tiny_llama_dir, torch.float32)
+    pool = StoredPool(pool_dir, model_fingerprint(model))  # a run with this π0 accepts it
+    samples, _ = pool.rows(0, len(pool))
+    assert samples.tokens.shape == (6, 16)
+    encoded = [tokenizer.encode(page, add_special_tokens=False) for page in pages]
+    for row in samples.tokens.tolist():
+        assert row[0] == tokenizer.bos_token_id
+        body = row[1:]
+        if tokenizer.eos_token_id in body:  # the short page, then EOS to the window's end
+            body = body[:body.index(tokenizer.eos_token_id)]
+        assert any(body == page[i:i + len(body)] for page in encoded for i in range(len(page)))
+    with torch.no_grad():
+        expected = CausalLM(model.eval()).hidden(samples.tokens)
+    torch.testing.assert_close(samples.hidden, expected)
