@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -32,8 +33,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # selfreplay from this checkout
 
+import torch  # noqa: E402
+
 from selfreplay.experiments.measures import interpolate_at  # noqa: E402
 from selfreplay.experiments.real_model import DEFAULT_CACHE, PROMPTS, model_directory  # noqa: E402
+from selfreplay.model.fingerprint import model_fingerprint  # noqa: E402
+from selfreplay.model.hf import CausalLM, load_causal_lm  # noqa: E402
+from selfreplay.replay.samples import ReplaySamples  # noqa: E402
+from selfreplay.replay.store import PoolWriter, holds_pool  # noqa: E402
 
 RESULTS = HERE / "results"
 DATA = HERE.parents[1] / "shared" / "data"
@@ -110,15 +117,6 @@ def data(out: Path) -> dict[str, Path]:
 def text_pool(model: Path, text: Path, out: Path, seed: int, rows: int = POOL_ROWS, length: int = 128) -> Path:
     """A replay pool of real text: `rows` windows of `length` - 1 tokens (after BOS), each from a page of
     `text` drawn at random (seeded), with π0's hidden states on them, as a drawn pool stores its samples'."""
-    import random
-
-    import torch
-
-    from selfreplay.model.fingerprint import model_fingerprint
-    from selfreplay.model.hf import CausalLM, load_causal_lm
-    from selfreplay.replay.samples import ReplaySamples
-    from selfreplay.replay.store import PoolWriter, holds_pool
-
     if holds_pool(out):
         return out
     pages = [json.loads(line)["text"] for line in text.read_text().splitlines() if line.strip()]
